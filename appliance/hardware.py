@@ -1,0 +1,73 @@
+"""What this machine has: GPUs and their memory, RAM, free disk. No ML imports at module level."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+from pydantic import BaseModel
+
+
+class Gpu(BaseModel):
+    index: int
+    name: str
+    memory_total_mb: int
+    memory_free_mb: int | None = None
+
+
+class Memory(BaseModel):
+    total_mb: int
+    available_mb: int
+
+
+def memory() -> Memory:
+    fields: dict[str, int] = {}
+    with open("/proc/meminfo", encoding="ascii") as handle:
+        for line in handle:
+            key, _, rest = line.partition(":")
+            fields[key] = int(rest.split()[0]) // 1024  # kB -> MB
+    return Memory(total_mb=fields["MemTotal"], available_mb=fields.get("MemAvailable", fields["MemFree"]))
+
+
+def disk_free_mb(path: Path) -> int:
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    return shutil.disk_usage(probe).free // (1024 * 1024)
+
+
+def nvidia_gpus(timeout_s: float = 10.0) -> list[Gpu]:
+    """GPUs as the NVIDIA driver sees them (empty without a driver); needs no torch."""
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return []
+    try:
+        out = subprocess.run(
+            [smi, "--query-gpu=index,name,memory.total,memory.free", "--format=csv,noheader,nounits"],
+            capture_output=True, text=True, timeout=timeout_s, check=True,
+        ).stdout
+    except (subprocess.SubprocessError, OSError):
+        return []
+    gpus = []
+    for line in out.strip().splitlines():
+        parts = [p.strip() for p in line.split(",")]
+        if len(parts) == 4 and parts[0].isdigit():
+            gpus.append(Gpu(index=int(parts[0]), name=parts[1], memory_total_mb=int(float(parts[2])),
+                            memory_free_mb=int(float(parts[3]))))
+    return gpus
+
+
+def torch_gpus() -> list[Gpu]:
+    """CUDA devices as torch sees them (what training will actually use)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return []
+    gpus = []
+    for index in range(torch.cuda.device_count()):
+        props = torch.cuda.get_device_properties(index)
+        free, _total = torch.cuda.mem_get_info(index)
+        gpus.append(Gpu(index=index, name=props.name, memory_total_mb=props.total_memory // 2**20,
+                        memory_free_mb=free // 2**20))
+    return gpus

@@ -1,0 +1,193 @@
+"""Run a stage as a child process, follow its events, cancel it, explain how it ended.
+
+A stage can run out of memory, crash in a native library or be killed by the kernel; the caller
+(CLI or TUI) must survive all of that. `start()` writes the job's spec to `job.json` and launches
+`python -m appliance.worker DIR`, which writes `events.jsonl` and `job.log` in the same folder.
+A death by signal becomes a readable `error` event appended on the child's behalf.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pydantic import BaseModel
+
+from appliance import events as ev
+from appliance.errors import ApplianceError, Cancelled, JobFailed
+from appliance.fsutil import atomic_write_text
+
+JOB_FILE = "job.json"
+LOG_FILE = "job.log"
+
+# stage name -> (config class path, run function path); resolved lazily in the child only.
+STAGES: dict[str, tuple[str, str]] = {
+    "import": ("appliance.config:ImportConfig", "appliance.importer:run"),
+}
+
+_SIGNAL_HINTS: dict[int, tuple[str, str]] = {
+    signal.SIGKILL: (
+        "killed, probably out of memory",
+        "Lower the batch size or sequence length, or close other programs; "
+        "`dmesg | grep -i oom` shows whether the kernel's OOM killer stopped it.",
+    ),
+    signal.SIGSEGV: (
+        "crashed in a native library (segmentation fault)",
+        "Run `appliance doctor`; the last lines of job.log show where it stopped.",
+    ),
+    signal.SIGABRT: (
+        "aborted by a native library",
+        "The last lines of job.log usually say why (an assertion or a CUDA error).",
+    ),
+    signal.SIGBUS: (
+        "crashed reading a file (bus error)",
+        "A model or data file may be truncated or on a failing disk; check free space.",
+    ),
+    signal.SIGTERM: ("stopped by a termination signal", "Start it again when you are ready."),
+    signal.SIGINT: ("interrupted", "Start it again when you are ready."),
+}
+
+
+def describe_exit(returncode: int) -> tuple[str, str]:
+    """A human sentence and a hint for a child that ended without reporting an error itself."""
+    if returncode < 0:
+        signum = -returncode
+        try:
+            name = signal.Signals(signum).name
+        except ValueError:
+            name = f"signal {signum}"
+        what, hint = _SIGNAL_HINTS.get(
+            signum, (f"killed by {name}", "The last lines of job.log may say why.")
+        )
+        return f"the job was {what} ({name})", hint
+    return (
+        f"the job exited with status {returncode} without reporting why",
+        "The last lines of job.log show what happened.",
+    )
+
+
+@dataclass
+class Job:
+    """A running (or finished) stage in its own process."""
+
+    stage: str
+    dir: Path
+    process: subprocess.Popen[bytes]
+    _ended_reported: bool = field(default=False, repr=False)
+
+    @property
+    def events_path(self) -> Path:
+        return self.dir / ev.EVENTS_FILE
+
+    @property
+    def log_path(self) -> Path:
+        return self.dir / LOG_FILE
+
+    def running(self) -> bool:
+        return self.process.poll() is None
+
+    def cancel(self, grace_s: float = 30.0) -> None:
+        """Ask the stage to stop at its next safe point (SIGTERM); kill it after `grace_s`."""
+        if not self.running():
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+    def kill(self) -> None:
+        if self.running():
+            self.process.kill()
+            self.process.wait()
+
+    def _report_abnormal_end(self) -> None:
+        """Append an error event when the child died without writing its own last word."""
+        if self._ended_reported:
+            return
+        self._ended_reported = True
+        returncode = self.process.returncode
+        final = [e for e in ev.read_all(self.events_path) if isinstance(e, ev.Error | ev.Done)]
+        if final:
+            return
+        message, hint = describe_exit(returncode)
+        with ev.EventWriter(self.events_path) as writer:
+            writer(ev.Error(title="Job ended unexpectedly", message=message, hint=hint))
+
+    def follow(self, poll_s: float = 0.1) -> Iterator[ev.Event]:
+        """Yield the job's events as they come, until it has ended and all are read."""
+        finished_at: float | None = None
+        for event in ev.follow(self.events_path, poll_s=poll_s):
+            if event is not None:
+                yield event
+                if isinstance(event, ev.Error | ev.Done):
+                    self.process.wait()
+                    return
+                continue
+            if finished_at is None and not self.running():
+                self._report_abnormal_end()
+                finished_at = time.monotonic()  # one more pass reads what was appended
+            elif finished_at is not None:
+                return
+
+    def wait(self, on_event: Callable[[ev.Event], None] | None = None) -> ev.Done:
+        """Follow to the end; return the `done` event or raise the job's error."""
+        last_error: ev.Error | None = None
+        for event in self.follow():
+            if on_event is not None:
+                on_event(event)
+            if isinstance(event, ev.Done):
+                return event
+            if isinstance(event, ev.Error):
+                last_error = event
+        self.process.wait()
+        if last_error is None:
+            message, hint = describe_exit(self.process.returncode)
+            raise JobFailed(message, hint)
+        error_class = Cancelled if last_error.title == Cancelled.title else JobFailed
+        raise error_class(last_error.message, last_error.hint, title=last_error.title)
+
+
+def start(stage: str, job_dir: Path, config: BaseModel, env: dict[str, str] | None = None) -> Job:
+    """Launch `stage` with `config` in its own process, writing into `job_dir`."""
+    if stage not in STAGES:
+        raise ApplianceError(f"unknown stage {stage!r}", f"Known stages: {', '.join(STAGES)}.")
+    job_dir.mkdir(parents=True, exist_ok=True)
+    spec = {"stage": stage, "config": config.model_dump(mode="json")}
+    atomic_write_text(job_dir / JOB_FILE, json.dumps(spec, indent=2) + "\n")
+    child_env = dict(os.environ)
+    if env:
+        child_env.update(env)
+    with open(job_dir / LOG_FILE, "ab") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "appliance.worker", str(job_dir)],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=child_env,
+            start_new_session=True,  # a Ctrl-C in the terminal reaches the parent, which cancels
+        )
+    return Job(stage=stage, dir=job_dir, process=process)
+
+
+def run(
+    stage: str,
+    job_dir: Path,
+    config: BaseModel,
+    on_event: Callable[[ev.Event], None] | None = None,
+) -> ev.Done:
+    """Start a job and wait for it; Ctrl-C cancels it cleanly instead of orphaning it."""
+    job = start(stage, job_dir, config)
+    try:
+        return job.wait(on_event)
+    except KeyboardInterrupt:
+        job.cancel()
+        raise

@@ -1,0 +1,148 @@
+"""The egress guard: nothing the appliance runs may reach beyond this machine.
+
+`activate()` runs first in every CLI command and every child job, before any ML library is
+imported. It sets the switches that the libraries we use read to stay offline, and replaces the
+socket layer's connect functions with versions that allow only loopback and Unix sockets. A
+refused attempt raises `EgressBlocked` and is recorded in an audit log (one JSON line per attempt).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from appliance.errors import EgressBlocked
+
+# Every switch that a library in our stack reads to stay offline or to stop reporting home.
+OFFLINE_ENV: dict[str, str] = {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+    "HF_HUB_DISABLE_IMPLICIT_TOKEN": "1",
+    "HF_HUB_DISABLE_UPDATE_CHECK": "1",
+    "DISABLE_TELEMETRY": "1",
+    "DO_NOT_TRACK": "1",
+    "UNSLOTH_DISABLE_STATISTICS": "1",
+    "UNSLOTH_DISABLE_AUTO_UPDATES": "1",
+    "WANDB_MODE": "disabled",
+    "WANDB_DISABLED": "true",
+    "COMET_MODE": "disabled",
+    "MLFLOW_TRACKING_URI": "",
+    "GRADIO_ANALYTICS_ENABLED": "False",
+    "TOKENIZERS_PARALLELISM": "false",
+    "PIP_NO_INDEX": "1",
+}
+
+_lock = threading.Lock()
+_state: dict[str, Any] = {"active": False, "log": None, "originals": None}
+
+
+def _is_local(address: Any, family: int) -> bool:
+    """True for loopback IP addresses and for Unix sockets (which never leave the machine)."""
+    if family == getattr(socket, "AF_UNIX", -1):
+        return True
+    host = address[0] if isinstance(address, tuple) and address else address
+    if not isinstance(host, str):
+        return False
+    host = host.split("%", 1)[0]  # IPv6 scope id
+    if host == "localhost":
+        return True
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return False  # an unresolved host name: resolving it would already leak a DNS query
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_loopback
+
+
+def _record(address: Any, family: int) -> None:
+    log_path: Path | None = _state["log"]
+    if log_path is None:
+        return
+    entry = {
+        "t": time.time(),
+        "event": "egress_blocked",
+        "address": repr(address),
+        "family": int(family),
+        "pid": os.getpid(),
+    }
+    try:
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(log_path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(entry) + "\n")
+    except OSError:
+        pass  # auditing must never turn a refusal into a crash; the refusal itself still stands
+
+
+def _check(sock: socket.socket, address: Any) -> None:
+    if not _is_local(address, sock.family):
+        _record(address, sock.family)
+        raise EgressBlocked(
+            f"refused a connection to {address!r}: the appliance works offline",
+            "Nothing here needs the network. If a library tried to download something, "
+            "import the model or data into the store first (appliance models import).",
+        )
+
+
+def activate(audit_log: Path | None = None) -> None:
+    """Turn the guard on for this process (idempotent). Call before importing ML libraries."""
+    for key, value in OFFLINE_ENV.items():
+        os.environ[key] = value
+    with _lock:
+        if audit_log is not None:
+            _state["log"] = Path(audit_log)
+        if _state["active"]:
+            return
+        original_connect = socket.socket.connect
+        original_connect_ex = socket.socket.connect_ex
+        original_sendto = socket.socket.sendto
+
+        def guarded_connect(self: socket.socket, address: Any) -> None:
+            _check(self, address)
+            original_connect(self, address)
+
+        def guarded_connect_ex(self: socket.socket, address: Any) -> int:
+            _check(self, address)
+            return original_connect_ex(self, address)
+
+        def guarded_sendto(self: socket.socket, data: Any, *args: Any) -> int:
+            # sendto(data, address) or sendto(data, flags, address)
+            _check(self, args[-1])
+            return original_sendto(self, data, *args)  # type: ignore[arg-type]
+
+        _state["originals"] = (original_connect, original_connect_ex, original_sendto)
+        socket.socket.connect = guarded_connect  # type: ignore[method-assign]
+        socket.socket.connect_ex = guarded_connect_ex  # type: ignore[method-assign]
+        socket.socket.sendto = guarded_sendto  # type: ignore[method-assign,assignment]
+        _state["active"] = True
+
+
+def deactivate() -> None:
+    """Restore the original socket functions (for tests of the guard itself)."""
+    with _lock:
+        originals: tuple[Callable[..., Any], ...] | None = _state["originals"]
+        if not _state["active"] or originals is None:
+            return
+        connect, connect_ex, sendto = originals
+        socket.socket.connect = connect  # type: ignore[method-assign]
+        socket.socket.connect_ex = connect_ex  # type: ignore[method-assign]
+        socket.socket.sendto = sendto  # type: ignore[method-assign]
+        _state["active"] = False
+
+
+def is_active() -> bool:
+    return bool(_state["active"])
+
+
+def audit_log_path() -> Path | None:
+    log: Path | None = _state["log"]
+    return log

