@@ -175,7 +175,6 @@ def models_import(
     """Import a base model into the store, atomically, as a child job."""
     from pydantic import ValidationError
 
-    from appliance import jobs
     from appliance.config import ImportConfig
     from appliance.errors import ConfigError
 
@@ -216,8 +215,8 @@ def follow_job(stage: str, job_dir: Path, cfg: Any, quiet: bool = False) -> Any:
 
     if quiet:
         return jobs.run(stage, job_dir, cfg)
-    columns = (TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-               TimeElapsedColumn())
+    columns = (TextColumn("[bold]{task.description}"), BarColumn(),
+               TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn())
     with Progress(*columns, console=err_console, transient=True) as bar:
         task = bar.add_task(stage, total=None)
 

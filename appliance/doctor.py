@@ -80,15 +80,16 @@ def run(store: Store) -> Report:
 
     mem = hardware.memory()
     checks.append(Check(name="memory", status="ok" if mem.total_mb >= 8000 else "warn",
-                        detail=f"{mem.total_mb / 1024:.1f} GiB RAM, {mem.available_mb / 1024:.1f} GiB available",
+                        detail=f"{mem.total_mb / 1024:.1f} GiB RAM, "
+                        f"{mem.available_mb / 1024:.1f} GiB available",
                         hint="" if mem.total_mb >= 8000 else "8 GiB or more is recommended."))
     facts["memory"] = mem.model_dump()
 
-    free = hardware.disk_free_mb(store.root)
-    checks.append(Check(name="store", status="ok" if free >= 5000 else "warn",
-                        detail=f"{store.root} ({free / 1024:.1f} GiB free)",
-                        hint="" if free >= 5000 else "Exports need several GiB; free some disk."))
-    facts["disk_free_mb"] = free
+    free_mb = hardware.disk_free_mb(store.root)
+    checks.append(Check(name="store", status="ok" if free_mb >= 5000 else "warn",
+                        detail=f"{store.root} ({free_mb / 1024:.1f} GiB free)",
+                        hint="" if free_mb >= 5000 else "Exports need several GiB; free some disk."))
+    facts["disk_free_mb"] = free_mb
 
     checks.extend(_backends(bool(gpus)))
     checks.extend(_toolchain(facts))

@@ -90,7 +90,7 @@ class EventWriter:
         self.path = path
         self.min_interval_s = min_interval_s
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._file: IO[str] = open(path, "a", encoding="utf-8")
+        self._file: IO[str] = open(path, "a", encoding="utf-8")  # noqa: SIM115 (lives with the writer)
         self._last_progress_t = 0.0
         self._pending: Progress | None = None
 

@@ -20,7 +20,7 @@ from pydantic import BaseModel
 
 from appliance import __version__, faults
 from appliance.config import ImportConfig, check_model_name
-from appliance.errors import Cancelled, StoreError, UnsafeWeightsError
+from appliance.errors import StoreError, UnsafeWeightsError
 from appliance.events import Emitter
 from appliance.fsutil import sha256_file
 from appliance.safetensors_meta import count_parameters
@@ -193,7 +193,7 @@ def _import_dir(folder: Path, staging: Path, emit: Emitter) -> None:
     skipped = [p.name for p in files if p not in chosen and p.name not in pickles]
     if skipped:
         emit.log(f"not copied (not model files): {', '.join(skipped[:10])}", "info")
-    for index, path in enumerate(chosen, 1):
+    for path in chosen:
         emit.check_cancelled()
         emit.progress(f"copying {path.name}", 2, 5)
         shutil.copyfile(path, staging / path.name)
@@ -306,7 +306,7 @@ def verify_tokenizer(folder: Path, gguf_path: Path) -> None:
     finally:
         ref_model.close()
     if list(ours) != list(reference):
-        first = next((i for i, (a, b) in enumerate(zip(ours, reference)) if a != b),
+        first = next((i for i, (a, b) in enumerate(zip(ours, reference, strict=False)) if a != b),
                      min(len(ours), len(reference)))
         raise StoreError(
             f"the tokenizer rebuilt from {gguf_path.name} differs from llama.cpp's at token "
@@ -321,7 +321,8 @@ def verify_tokenizer(folder: Path, gguf_path: Path) -> None:
 def describe(folder: Path, name: str, source: SourceInfo, license_: str | None) -> ModelInfo:
     """Everything `models show` reports, computed once from the files in `folder`."""
     config = _read_json(folder / "config.json")
-    tok_cfg = _read_json(folder / "tokenizer_config.json") if (folder / "tokenizer_config.json").is_file() else {}
+    tok_cfg_path = folder / "tokenizer_config.json"
+    tok_cfg = _read_json(tok_cfg_path) if tok_cfg_path.is_file() else {}
     weights = sorted(folder.glob("*.safetensors"))
     parameters, dtype = count_parameters(weights)
     chat_template = (folder / "chat_template.jinja").is_file() or bool(tok_cfg.get("chat_template"))
@@ -383,5 +384,3 @@ def _read_json(path: Path) -> dict[str, Any]:
         raise StoreError(f"{path} should hold a JSON object", "Copy the model files again.")
     return data
 
-
-__all__ = ["ImportResult", "run", "resolve_source", "describe", "Cancelled"]

@@ -2,7 +2,8 @@
 
 `activate()` runs first in every CLI command and every child job, before any ML library is
 imported. It sets the switches that the libraries we use read to stay offline, and replaces the
-socket layer's connect functions with versions that allow only loopback and Unix sockets. A
+socket layer's connect and name-lookup functions with versions that allow only loopback and
+Unix sockets (a DNS query for a remote name is traffic too). A
 refused attempt raises `EgressBlocked` and is recorded in an audit log (one JSON line per attempt).
 """
 
@@ -64,6 +65,19 @@ def _is_local(address: Any, family: int) -> bool:
     return ip.is_loopback
 
 
+def _local_name(host: Any) -> bool:
+    """Host names that resolve without asking a DNS server: numeric addresses, localhost, us."""
+    if host is None or isinstance(host, bytes | bytearray):
+        host = host.decode() if host else None
+    if host is None or host in ("localhost", "", socket.gethostname()) or str(host).endswith(".localhost"):
+        return True
+    try:
+        ipaddress.ip_address(str(host).split("%", 1)[0])
+    except ValueError:
+        return False
+    return True  # a numeric address: resolving it sends nothing; connect() checks it
+
+
 def _record(address: Any, family: int) -> None:
     log_path: Path | None = _state["log"]
     if log_path is None:
@@ -83,14 +97,18 @@ def _record(address: Any, family: int) -> None:
         pass  # auditing must never turn a refusal into a crash; the refusal itself still stands
 
 
+def _refuse(address: Any, family: int, what: str) -> EgressBlocked:
+    _record(address, family)
+    return EgressBlocked(
+        f"refused {what} {address!r}: the appliance works offline",
+        "Nothing here needs the network. If a library tried to download something, "
+        "import the model or data into the store first (appliance models import).",
+    )
+
+
 def _check(sock: socket.socket, address: Any) -> None:
     if not _is_local(address, sock.family):
-        _record(address, sock.family)
-        raise EgressBlocked(
-            f"refused a connection to {address!r}: the appliance works offline",
-            "Nothing here needs the network. If a library tried to download something, "
-            "import the model or data into the store first (appliance models import).",
-        )
+        raise _refuse(address, sock.family, "a connection to")
 
 
 def activate(audit_log: Path | None = None) -> None:
@@ -105,6 +123,7 @@ def activate(audit_log: Path | None = None) -> None:
         original_connect = socket.socket.connect
         original_connect_ex = socket.socket.connect_ex
         original_sendto = socket.socket.sendto
+        original_getaddrinfo = socket.getaddrinfo
 
         def guarded_connect(self: socket.socket, address: Any) -> None:
             _check(self, address)
@@ -119,10 +138,18 @@ def activate(audit_log: Path | None = None) -> None:
             _check(self, args[-1])
             return original_sendto(self, data, *args)  # type: ignore[arg-type]
 
-        _state["originals"] = (original_connect, original_connect_ex, original_sendto)
-        socket.socket.connect = guarded_connect  # type: ignore[method-assign]
-        socket.socket.connect_ex = guarded_connect_ex  # type: ignore[method-assign]
+        def guarded_getaddrinfo(host: Any, *args: Any, **kwargs: Any) -> Any:
+            # A DNS query for a remote name is itself traffic leaving the machine.
+            if not _local_name(host):
+                raise _refuse(host, 0, "a name lookup of")
+            return original_getaddrinfo(host, *args, **kwargs)
+
+        _state["originals"] = (original_connect, original_connect_ex, original_sendto,
+                               original_getaddrinfo)
+        socket.socket.connect = guarded_connect  # type: ignore[method-assign,assignment]
+        socket.socket.connect_ex = guarded_connect_ex  # type: ignore[method-assign,assignment]
         socket.socket.sendto = guarded_sendto  # type: ignore[method-assign,assignment]
+        socket.getaddrinfo = guarded_getaddrinfo
         _state["active"] = True
 
 
@@ -132,10 +159,11 @@ def deactivate() -> None:
         originals: tuple[Callable[..., Any], ...] | None = _state["originals"]
         if not _state["active"] or originals is None:
             return
-        connect, connect_ex, sendto = originals
+        connect, connect_ex, sendto, getaddrinfo = originals
         socket.socket.connect = connect  # type: ignore[method-assign]
         socket.socket.connect_ex = connect_ex  # type: ignore[method-assign]
         socket.socket.sendto = sendto  # type: ignore[method-assign]
+        socket.getaddrinfo = getaddrinfo
         _state["active"] = False
 
 

@@ -15,7 +15,7 @@ import tomllib
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -82,11 +82,11 @@ def default_root() -> Path:
 
 
 def now_iso() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 def new_id(prefix: str) -> str:
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
     return f"{prefix}-{stamp}-{uuid.uuid4().hex[:6]}"
 
 
@@ -187,7 +187,7 @@ class Store:
 
     def sweep(self) -> list[Path]:
         """Remove staging folders left by processes that no longer run (killed imports)."""
-        removed = []
+        removed: list[Path] = []
         if not self.base_dir.exists():
             return removed
         for folder in self.base_dir.iterdir():

@@ -63,7 +63,7 @@ def runtime_info() -> RuntimeInfo:
     spec = importlib.util.find_spec("llama_cpp")
     if spec is None or not spec.submodule_search_locations:
         raise ToolchainError("llama-cpp-python is not installed", REINSTALL_HINT)
-    package_dir = Path(list(spec.submodule_search_locations)[0])
+    package_dir = Path(next(iter(spec.submodule_search_locations)))
     lib_dir = package_dir / "lib"
     candidates = sorted(lib_dir.glob("libggml-base.so*")) + sorted(lib_dir.glob("libggml.so*"))
     if not candidates:

@@ -72,7 +72,7 @@ def main(argv: list[str]) -> int:
             )
         )
         return 1
-    except Exception as exc:  # the last line of defence: report, with the traceback in job.log
+    except Exception as exc:  # noqa: BLE001 (the last line of defence: the traceback goes to job.log)
         traceback.print_exc()
         writer(
             ev.Error(

@@ -1,0 +1,73 @@
+"""Shared fixtures: the real default model, throwaway stores, a tiny random model, the CLI."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from appliance.store import Store
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+def run_cli(*args: str, store: Path | None = None, env: dict[str, str] | None = None,
+            timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    """Run `python -m appliance ARGS` as a user would, in its own process."""
+    full_env = dict(os.environ)
+    if store is not None:
+        full_env["APPLIANCE_HOME"] = str(store)
+    if env:
+        full_env.update(env)
+    return subprocess.run([sys.executable, "-m", "appliance", *args], capture_output=True, text=True,
+                          env=full_env, timeout=timeout, check=False)
+
+
+@pytest.fixture(scope="session")
+def default_store() -> Store:
+    """The project's store with the embedded default imported (install.sh does that; if a test
+    run starts without it, it is imported here, through the same command)."""
+    store = Store.open()
+    if not store.has_model(DEFAULT_MODEL):
+        result = run_cli("models", "import", "default")
+        assert result.returncode == 0, result.stderr
+    return store
+
+
+@pytest.fixture(scope="session")
+def default_model_dir(default_store: Store) -> Path:
+    return default_store.model_dir(DEFAULT_MODEL)
+
+
+@pytest.fixture
+def store_dir(tmp_path: Path) -> Path:
+    return tmp_path / "store"
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, default_model_dir: Path) -> Path:
+    """A 2-layer random-weight Llama in Hugging Face layout, with the default's tokenizer."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    LlamaForCausalLM(config).save_pretrained(folder, safe_serialization=True)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        shutil.copy(default_model_dir / name, folder / name)
+    return folder
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # The whole test session runs under the egress guard, as the CLI and every job do.
+    from appliance import offline
+
+    offline.activate()
