@@ -80,3 +80,25 @@ def test_unknown_quantization_is_explained(quantized: Path, tmp_path: Path) -> N
     with pytest.raises(ToolchainError, match="unknown quantization"):
         toolchain.quantize(quantized, tmp_path / "x.gguf", "Q9_Z")
     assert not (tmp_path / "x.gguf").exists()
+
+
+def test_runtime_is_built_for_any_x86_64_with_avx2() -> None:
+    """No -march=native: the runtime has no AVX-512 or AMX instructions, so a wheelhouse build runs
+    on other x86-64 CPUs than the one that built it."""
+    import platform
+    import shutil
+    import subprocess
+
+    if platform.machine() != "x86_64" or shutil.which("objdump") is None:
+        pytest.skip("needs x86-64 and objdump")
+    lib_dir = Path(toolchain.runtime_info().path) / "lib"
+    libraries = sorted(lib_dir.glob("libggml-cpu.so")) + sorted(lib_dir.glob("libllama.so"))
+    assert libraries
+    for library in libraries:
+        disassembly = subprocess.run(["objdump", "-d", "--no-show-raw-insn", str(library)],
+                                     capture_output=True, text=True, check=True).stdout
+        assert "%zmm" not in disassembly, f"{library.name} uses AVX-512"
+        assert "tileloadd" not in disassembly and "tdpb" not in disassembly, f"{library.name} uses AMX"
+    cpu = subprocess.run(["objdump", "-d", "--no-show-raw-insn", str(lib_dir / "libggml-cpu.so")],
+                         capture_output=True, text=True, check=True).stdout
+    assert "%ymm" in cpu  # AVX2 kernels are there
