@@ -71,3 +71,14 @@ def pytest_configure(config: pytest.Config) -> None:
     from appliance import offline
 
     offline.activate()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    from appliance.hardware import nvidia_gpus
+
+    if nvidia_gpus():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU; none on this machine")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
