@@ -50,3 +50,54 @@ class ImportConfig(StageConfig):
     @classmethod
     def _valid_name(cls, value: str | None) -> str | None:
         return None if value is None else check_model_name(value)
+
+
+class DataConfig(StageConfig):
+    """Prepare training data: read, validate, clean, scrub PII, deduplicate, template, split."""
+
+    inputs: list[str] = Field(min_length=1, description="Data files (JSONL, JSON, CSV, TSV, Parquet)")
+    task: Literal["chat", "classification", "extraction"] = Field(
+        default="chat", description="chat: conversations as given; classification: text -> label; "
+        "extraction: text -> JSON matching a schema")
+    file_type: Literal["jsonl", "json", "csv", "tsv", "parquet"] | None = Field(
+        default=None, description="Override the file type detected from the extension")
+    format: Literal["auto", "openai", "sharegpt", "alpaca", "prompt_completion", "table"] = Field(
+        default="auto", description="Record convention; detected from the first valid row when auto")
+    delimiter: str | None = Field(default=None, min_length=1, max_length=1,
+                                  description="Column delimiter of CSV/TSV files")
+    text_field: str = Field(default="text", description="Column holding the input text")
+    label_field: str = Field(default="label", description="Column holding the label (classification)")
+    output_field: str = Field(default="output", description="Column holding the JSON answer (extraction)")
+    labels: list[str] | None = Field(default=None, description="Allowed labels; collected from the data when "
+                                     "not given")
+    schema_path: str | None = Field(default=None, description="JSON schema of the extraction output")
+    template_path: str | None = Field(default=None, description="YAML/JSON file with system/user/assistant "
+                                      "Jinja templates that turn a row into a conversation")
+    on_error: Literal["fail", "skip"] = Field(default="fail", description="fail: stop and list every bad row; "
+                                              "skip: leave bad rows out, each listed with its reason")
+    pii: Literal["report", "redact", "drop"] = Field(default="redact", description="What to do with PII")
+    pii_region: str = Field(default="US", min_length=2, max_length=2,
+                            description="Region for phone numbers written without a country code")
+    dedup: bool = Field(default=True, description="Remove exact duplicates")
+    near_dup: bool = Field(default=True, description="Remove near-duplicates (sentence embeddings)")
+    near_dup_threshold: float = Field(default=0.95, ge=0.5, le=1.0, description="Cosine similarity above "
+                                      "which two rows are near-duplicates")
+    contamination_threshold: float = Field(default=0.9, ge=0.5, le=1.0, description="Cosine similarity "
+                                           "above which a validation/test row repeats a training row")
+    split: tuple[float, float, float] = Field(default=(0.8, 0.1, 0.1), description="train, val, test fractions")
+    seed: int = Field(default=0, ge=0, description="Seed of the split")
+    model: str | None = Field(default=None, description="Base model whose chat template and tokenizer are "
+                              "used for lengths; the store's default when not given")
+    max_seq_len: int = Field(default=1024, ge=16, le=131072, description="Longest templated row in tokens")
+    truncate: bool = Field(default=False, description="Keep rows over max_seq_len (training truncates them) "
+                           "instead of treating them as errors")
+    templating: bool = Field(default=True, description="Apply the model's chat template and count tokens")
+    store: str = Field(description="Path of the model store")
+
+    @field_validator("split")
+    @classmethod
+    def _split_sums_to_one(cls, value: tuple[float, float, float]) -> tuple[float, float, float]:
+        if any(v < 0 for v in value) or abs(sum(value) - 1.0) > 1e-6 or value[0] <= 0:
+            raise ValueError("split needs three non-negative fractions (train, val, test) that sum to 1, "
+                             "with some training data, e.g. 0.8,0.1,0.1")
+        return value

@@ -30,6 +30,7 @@ LOG_FILE = "job.log"
 # stage name -> (config class path, run function path); resolved lazily in the child only.
 STAGES: dict[str, tuple[str, str]] = {
     "import": ("appliance.config:ImportConfig", "appliance.importer:run"),
+    "data": ("appliance.config:DataConfig", "appliance.data.prepare:run"),
 }
 
 _SIGNAL_HINTS: dict[int, tuple[str, str]] = {

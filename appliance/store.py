@@ -228,7 +228,29 @@ class Store:
             return next((e for e in entries if e.default), None)
         return next((e for e in entries if e.name == name), None)
 
-    # -- jobs --------------------------------------------------------------------------------
+    # -- runs and jobs -----------------------------------------------------------------------
+
+    def new_run_dir(self) -> Path:
+        folder = self.runs_dir / new_id("run")
+        folder.mkdir(parents=True)
+        return folder
+
+    def run_dir(self, run_id: str) -> Path:
+        folder = self.runs_dir / run_id
+        if not folder.is_dir():
+            raise StoreError(f"no run {run_id!r} in {self.runs_dir}", "List runs with `ls` of that folder, "
+                             "or leave out --run to start a new one.")
+        return folder
+
+    def record_config(self, run_dir: Path, stage: str, config: dict[str, Any]) -> None:
+        """Keep the whole validated config of every stage of a run in run.yaml."""
+        import yaml
+
+        path = run_dir / "run.yaml"
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) if path.is_file() else {}
+        data = data or {}
+        data[stage] = config
+        atomic_write_text(path, yaml.safe_dump(data, sort_keys=False, allow_unicode=True))
 
     def new_job_dir(self, kind: str) -> Path:
         folder = self.jobs_dir / new_id(kind)

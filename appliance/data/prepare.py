@@ -1,0 +1,388 @@
+"""The data stage: `appliance data prepare` as a job.
+
+One streaming pass reads every file, converts rows to conversations, cleans them, checks them,
+scrubs PII, drops exact duplicates and measures templated lengths, writing survivors to a pool
+file. Then near-duplicates are removed, the split is drawn (stratified for classification),
+evaluation rows that nearly repeat training rows move to training (so the evaluation measures
+generalisation, and no row is lost), and a second pass writes the splits. The
+output folder appears complete or not at all; every row read is accounted for in the report.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel
+
+from appliance.config import DataConfig
+from appliance.data import dedup, split
+from appliance.data.clean import clean_messages
+from appliance.data.pii import PiiSummary, Redactor, find_pii
+from appliance.data.readers import FileProblem, file_kind, read, record_format
+from appliance.data.schema import Example, Problem, Record, RowError
+from appliance.data.tasks import TaskSpec, check_messages, load_template, to_example
+from appliance.errors import ApplianceError, ConfigError, StoreError
+from appliance.events import Emitter
+from appliance.fsutil import atomic_write_text, sha256_file
+from appliance.store import Store
+
+MAX_LISTED = 10_000  # problems and duplicates listed in the report (all are counted)
+SPLITS = ("train", "val", "test")
+
+
+class DataError(ApplianceError):
+    title = "Data problems"
+
+
+class DataResult(BaseModel):
+    run_dir: str
+    data_dir: str
+    counts: dict[str, int]
+    pii: dict[str, int]
+    seconds: float
+
+
+def run(cfg: DataConfig, run_dir: Path, emit: Emitter) -> DataResult:
+    started = time.monotonic()
+    store = Store.open(cfg.store)
+    inputs = _inputs(cfg)
+    spec = _task_spec(cfg, inputs)
+    tokenizer, model_name = _tokenizer(cfg, store)
+    embedder = None
+    if cfg.near_dup:
+        emit.progress("loading the sentence encoder", 0)
+        from appliance.data.embed import Embedder, ensure_onnx
+
+        embedder = Embedder(ensure_onnx(store.root))
+    staging = run_dir / f".data-staging-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    staging.mkdir(parents=True)
+    try:
+        scan = _Scan(cfg, spec, tokenizer, embedder, emit)
+        with open(staging / "pool.jsonl", "w", encoding="utf-8") as pool:
+            for path in inputs:
+                scan.file(path, pool)
+        if scan.problems and cfg.on_error == "fail":
+            _fail(run_dir, scan)
+        emit.check_cancelled()
+        report = _finish(cfg, scan, staging, emit)
+        report.update(inputs=[{"path": str(p), "sha256": sha256_file(p), "bytes": p.stat().st_size}
+                              for p in inputs],
+                      config=cfg.model_dump(mode="json"), model=model_name,
+                      seconds=round(time.monotonic() - started, 2))
+        (staging / "pool.jsonl").unlink()
+        for name in SPLITS:
+            report["outputs"][name]["sha256"] = sha256_file(staging / f"{name}.jsonl")
+        atomic_write_text(staging / "data_report.json", json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+        final = run_dir / "data"
+        _swap_into_place(staging, final)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    for name in (*[f"{s}.jsonl" for s in SPLITS], "data_report.json"):
+        emit.artifact(final / name, kind="data")
+    counts = report["counts"]
+    emit.log(f"kept {counts['train']} train, {counts['val']} val, {counts['test']} test rows of "
+             f"{counts['rows_read']} read")
+    return DataResult(run_dir=str(run_dir), data_dir=str(final), counts=counts,
+                      pii=report["pii"]["counts"], seconds=report["seconds"])
+
+
+def _inputs(cfg: DataConfig) -> list[Path]:
+    paths = [Path(p).expanduser().resolve() for p in cfg.inputs]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise DataError(f"no such file: {', '.join(missing)}", "Check the paths of the data files.")
+    return paths
+
+
+def _task_spec(cfg: DataConfig, inputs: list[Path]) -> TaskSpec:
+    spec = TaskSpec(task=cfg.task, text_field=cfg.text_field, label_field=cfg.label_field,
+                    output_field=cfg.output_field, labels=cfg.labels)
+    if cfg.template_path:
+        try:
+            spec.template = load_template(Path(cfg.template_path))
+        except (OSError, ValueError) as exc:
+            raise ConfigError(str(exc), "A template file has user and assistant Jinja strings.") from exc
+    if cfg.task == "extraction":
+        if not cfg.schema_path:
+            raise ConfigError("extraction needs a JSON schema of the output", "Pass --schema FILE.json.")
+        try:
+            spec.schema = json.loads(Path(cfg.schema_path).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"cannot read the schema {cfg.schema_path}: {exc}", "Give a JSON schema file.") from exc
+    if cfg.task == "classification" and spec.labels is None:
+        spec.labels = _collect_labels(cfg, inputs)
+    return spec
+
+
+def _collect_labels(cfg: DataConfig, inputs: list[Path]) -> list[str]:
+    labels: set[str] = set()
+    for path in inputs:
+        try:
+            for item in read(path, file_kind(path, cfg.file_type), cfg.delimiter):
+                if isinstance(item, Record):
+                    value = item.data.get(cfg.label_field)
+                    if value is not None and str(value).strip():
+                        labels.add(str(value).strip())
+        except FileProblem:
+            continue  # reported by the main pass
+        if len(labels) > 1000:
+            raise DataError(f"more than 1000 distinct values in the label column {cfg.label_field!r}",
+                            "Check --label-field, or pass the label set with --labels.")
+    if not labels:
+        raise DataError(f"no labels found in the column {cfg.label_field!r}", "Set --label-field.")
+    return sorted(labels)
+
+
+def _tokenizer(cfg: DataConfig, store: Store) -> tuple[Any, str | None]:
+    if not cfg.templating:
+        return None, None
+    name = cfg.model
+    if name is None:
+        entry = store.catalog_entry("default")
+        name = entry.name if entry else None
+    if name is None or not store.has_model(name):
+        raise StoreError(f"the model {name!r} whose chat template the data uses is not in the store",
+                         "Import it (appliance models import default), name another with --model, "
+                         "or pass --no-templating.")
+    from appliance.data.template import load_tokenizer
+
+    tokenizer = load_tokenizer(store.model_dir(name))
+    if not tokenizer.chat_template:
+        raise StoreError(f"the model {name!r} has no chat template", "Choose a chat model with --model.")
+    return tokenizer, name
+
+
+class _Scan:
+    """The streaming first pass and everything it learns."""
+
+    def __init__(self, cfg: DataConfig, spec: TaskSpec, tokenizer: Any, embedder: Any, emit: Emitter) -> None:
+        self.cfg, self.spec, self.tokenizer, self.embedder, self.emit = cfg, spec, tokenizer, embedder, emit
+        self.rows_read = 0
+        self.problems: list[Problem] = []
+        self.problem_count = 0
+        self.file_problems: list[Problem] = []
+        self.pii = PiiSummary()
+        self.pii_dropped: list[dict[str, Any]] = []
+        self.pii_dropped_count = 0
+        self.seen: dict[bytes, str] = {}
+        self.exact_dups: list[dict[str, str]] = []
+        self.exact_dup_count = 0
+        self.sources: list[str] = []
+        self.labels: list[str | None] = []
+        self.lengths: list[int] = []
+        self.trained: list[int] = []
+        self.embeddings: list[np.ndarray] = []
+        self._texts: list[str] = []
+        self.formats: dict[str, str] = {}
+
+    def file(self, path: Path, pool: Any) -> None:
+        file_format: str | None = None if self.cfg.format == "auto" else self.cfg.format
+        first_line = 0
+        try:
+            for item in read(path, file_kind(path, self.cfg.file_type), self.cfg.delimiter):
+                self.rows_read += 1
+                if self.rows_read % 500 == 0:
+                    self.emit.progress(f"checking {path.name}", self.rows_read)
+                    self.emit.check_cancelled()
+                if isinstance(item, Problem):
+                    self._problem(item)
+                    continue
+                detected = record_format(item.data)
+                if file_format is None:
+                    file_format, first_line = detected, item.line
+                    self.formats[str(path)] = detected
+                elif (self.cfg.format == "auto" and detected != file_format and self.spec.task == "chat"
+                      and self.spec.template is None):
+                    self._problem(Problem(item.file, item.line, "", f"this row is {detected} but the file is "
+                                          f"{file_format} (from line {first_line}): one format per file"))
+                    continue
+                self._row(item, file_format, pool)
+        except FileProblem as exc:
+            self.file_problems.append(exc.problem)
+            self._problem(exc.problem, count_row=False)
+        self._flush_embeddings()
+
+    def _problem(self, problem: Problem, count_row: bool = True) -> None:
+        self.problem_count += 1 if count_row else 0
+        if len(self.problems) < MAX_LISTED:
+            self.problems.append(problem)
+
+    def _row(self, record: Record, fmt: str, pool: Any) -> None:
+        try:
+            example = to_example(record, fmt, self.spec)
+            example.messages = clean_messages(example.messages)
+            check_messages(example.messages)
+            ids_len, trained = self._measure(example)
+        except RowError as exc:
+            self._problem(Problem(record.file, record.line, exc.field, exc.reason))
+            return
+        findings = [find_pii(m["content"], self.cfg.pii_region) for m in example.messages]
+        flat = [f for per_message in findings for f in per_message]
+        self.pii.add(flat)
+        if flat and self.cfg.pii == "drop":
+            types = sorted({f.type for f in flat})
+            self.pii_dropped_count += 1
+            if len(self.pii_dropped) < MAX_LISTED:
+                self.pii_dropped.append({"source": example.source, "types": types})
+            return
+        key = dedup.exact_key(example.messages)
+        if self.cfg.dedup and key in self.seen:
+            self.exact_dup_count += 1
+            if len(self.exact_dups) < MAX_LISTED:
+                self.exact_dups.append({"source": example.source, "duplicate_of": self.seen[key]})
+            return
+        self.seen[key] = example.source
+        if flat and self.cfg.pii == "redact":
+            redactor = Redactor()
+            example.messages = [{"role": m["role"], "content": redactor.redact(m["content"], f)}
+                                for m, f in zip(example.messages, findings, strict=True)]
+            ids_len, trained = self._measure(example)  # placeholders change the length
+        self._keep(example, ids_len, trained, pool)
+
+    def _measure(self, example: Example) -> tuple[int, int]:
+        if self.tokenizer is None:
+            return 0, 0
+        from appliance.data.template import encode
+
+        ids, trained = encode(self.tokenizer, example.messages)
+        if len(ids) > self.cfg.max_seq_len and not self.cfg.truncate:
+            raise RowError("messages", f"{len(ids)} tokens after templating, over --max-seq-len "
+                           f"{self.cfg.max_seq_len}: raise it, shorten the row, or pass --truncate")
+        return len(ids), sum(trained)
+
+    def _keep(self, example: Example, length: int, trained: int, pool: Any) -> None:
+        pool.write(json.dumps(example.as_dict(), ensure_ascii=False) + "\n")
+        self.sources.append(example.source)
+        self.labels.append(example.label)
+        self.lengths.append(length)
+        self.trained.append(trained)
+        if self.embedder is not None:
+            self._texts.append(example.text())
+            if len(self._texts) >= 512:
+                self._flush_embeddings()
+
+    def _flush_embeddings(self) -> None:
+        if self.embedder is not None and self._texts:
+            self.embeddings.append(self.embedder.embed(self._texts))
+            self._texts = []
+
+
+def _fail(run_dir: Path, scan: _Scan) -> None:
+    listing = run_dir / "data_problems.json"
+    atomic_write_text(listing, json.dumps({"rows_read": scan.rows_read, "problems": scan.problem_count,
+                                           "file_problems": [p.as_dict() for p in scan.file_problems],
+                                           "rows": [p.as_dict() for p in scan.problems]}, indent=2) + "\n")
+    shown = "\n".join(f"  {p}" for p in scan.problems[:20])
+    more = len(scan.problems) - 20
+    raise DataError(
+        f"{scan.problem_count} of {scan.rows_read} rows have problems"
+        + (f", and {len(scan.file_problems)} file(s) could not be read" if scan.file_problems else "")
+        + f":\n{shown}" + (f"\n  ... and {more} more" if more > 0 else ""),
+        f"Fix the rows, or pass --on-error skip to leave them out (each is listed in the report). "
+        f"All problems: {listing}",
+    )
+
+
+def _finish(cfg: DataConfig, scan: _Scan, staging: Path, emit: Emitter) -> dict[str, Any]:
+    n = len(scan.sources)
+    if n == 0:
+        raise DataError(f"no usable rows among {scan.rows_read} read",
+                        "See the problems listed above, or check --task and the field options.")
+    embeddings = np.concatenate(scan.embeddings) if scan.embeddings else None
+    near: dict[int, tuple[int, float]] = {}
+    if embeddings is not None:
+        emit.progress("finding near-duplicates", 0, 1)
+        near = dedup.near_duplicates(embeddings, cfg.near_dup_threshold)
+    kept = [i for i in range(n) if i not in near]
+    assignment = split.assign([scan.labels[i] for i in kept], cfg.split, cfg.seed,
+                              stratify=cfg.task == "classification")
+    where = dict(zip(kept, assignment, strict=True))
+    contaminated: dict[int, float] = {}
+    if embeddings is not None:
+        train_rows = [i for i in kept if where[i] == "train"]
+        eval_rows = [i for i in kept if where[i] != "train"]
+        found = dedup.contaminated(embeddings[eval_rows], embeddings[train_rows], cfg.contamination_threshold)
+        contaminated = {eval_rows[j]: sim for j, sim in found.items()}
+        for row in contaminated:  # an evaluation row the model has nearly seen: train on it instead
+            where[row] = "train"
+    emit.progress("writing splits", 1, 1)
+    handles = {name: open(staging / f"{name}.jsonl", "w", encoding="utf-8") for name in SPLITS}  # noqa: SIM115
+    try:
+        with open(staging / "pool.jsonl", encoding="utf-8") as pool:
+            for row, line in enumerate(pool):
+                if row in where:
+                    handles[where[row]].write(line)
+    finally:
+        for handle in handles.values():
+            handle.close()
+    counts = {s: sum(1 for v in where.values() if v == s) for s in SPLITS}
+    counts = {
+        "rows_read": scan.rows_read,
+        "invalid": scan.problem_count,
+        "pii_dropped": scan.pii_dropped_count,
+        "duplicates_exact": scan.exact_dup_count,
+        "duplicates_near": len(near),
+        **counts,
+    }
+    accounted = sum(v for k, v in counts.items() if k != "rows_read")
+    counts["moved_to_train"] = len(contaminated)
+    assert accounted == scan.rows_read, f"row accounting is off: {counts}"
+    from appliance.data.template import length_stats
+
+    final_rows = sorted(where)
+    labels = [scan.labels[i] for i in final_rows]
+    report: dict[str, Any] = {
+        "counts": counts,
+        "formats": scan.formats,
+        "problems": [p.as_dict() for p in scan.problems],
+        "file_problems": [p.as_dict() for p in scan.file_problems],
+        "pii": {"mode": cfg.pii, **scan.pii.as_dict(), "dropped": scan.pii_dropped},
+        "duplicates": {
+            "exact": scan.exact_dups,
+            "near": [{"source": scan.sources[r], "duplicate_of": scan.sources[k], "cosine": round(s, 4)}
+                     for r, (k, s) in sorted(near.items())[:MAX_LISTED]],
+            "near_threshold": cfg.near_dup_threshold if cfg.near_dup else None,
+        },
+        "contamination": {
+            "checked": embeddings is not None,
+            "threshold": cfg.contamination_threshold,
+            "action": "moved to train",
+            "rows": [{"source": scan.sources[r], "cosine": round(s, 4)} for r, s in sorted(contaminated.items())],
+        },
+        "labels": ({"set": sorted({label for label in labels if label}),
+                    "distribution": {s: _label_counts([scan.labels[i] for i in final_rows if where[i] == s])
+                                     for s in SPLITS}} if cfg.task == "classification" else None),
+        "lengths": (length_stats([scan.lengths[i] for i in final_rows], [scan.trained[i] for i in final_rows],
+                                 cfg.max_seq_len) if scan.tokenizer is not None else None),
+        "outputs": {s: {"rows": counts[s], "path": f"{s}.jsonl"} for s in SPLITS},
+    }
+    if cfg.task == "classification" and scan.spec.labels:
+        report["labels"]["set"] = scan.spec.labels
+    return report
+
+
+def _label_counts(labels: list[str | None]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for label in labels:
+        out[str(label)] = out.get(str(label), 0) + 1
+    return dict(sorted(out.items()))
+
+
+def _swap_into_place(staging: Path, final: Path) -> None:
+    """Replace `final` with `staging` so that readers see the old folder or the new one, whole."""
+    staging_final = staging.with_name(staging.name + "-ready")
+    os.rename(staging, staging_final)
+    if final.exists():
+        old = final.with_name(f".data-old-{uuid.uuid4().hex[:6]}")
+        os.rename(final, old)
+        os.rename(staging_final, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(staging_final, final)

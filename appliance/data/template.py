@@ -1,0 +1,83 @@
+"""The base model's own chat template applied to conversations, with the trained-token mask
+(assistant turns only, their end-of-turn token included, so the model learns to stop), and the
+length statistics that decide sequence length, truncation and packing."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def load_tokenizer(model_dir: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(model_dir))
+
+
+def _render(tokenizer: Any, messages: list[dict[str, str]], generation_prompt: bool) -> str:
+    text: str = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    return text
+
+
+def trained_spans(tokenizer: Any, messages: list[dict[str, str]]) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered conversation and the character spans of what the model learns to write."""
+    full = _render(tokenizer, messages, False)
+    spans = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        start = len(_render(tokenizer, messages[:i], True))
+        end = len(_render(tokenizer, messages[: i + 1], False))
+        spans.append((start, end))
+    return full, spans
+
+
+def encode(tokenizer: Any, messages: list[dict[str, str]]) -> tuple[list[int], list[bool]]:
+    """Token ids of the templated conversation and, per token, whether it is trained."""
+    text, spans = trained_spans(tokenizer, messages)
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    trained = [any(s <= start < e for s, e in spans) for start, _end in encoded["offset_mapping"]]
+    return list(encoded["input_ids"]), trained
+
+
+def length_stats(lengths: list[int], trained: list[int], max_seq_len: int, batch_size: int = 4,
+                 seed: int = 0) -> dict[str, Any]:
+    """Histogram, truncation count, and the token efficiency of padded batches vs packing."""
+    if not lengths:
+        return {"rows": 0}
+    arr = np.asarray(lengths)
+    clipped = np.minimum(arr, max_seq_len)
+    edges = [0, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 10**9]
+    counts, _ = np.histogram(arr, bins=edges)
+    histogram = {f"{lo}-{hi - 1}" if hi < 10**9 else f">={lo}": int(c)
+                 for lo, hi, c in zip(edges[:-1], edges[1:], counts, strict=True) if c}
+    order = list(range(len(clipped)))
+    random.Random(seed).shuffle(order)  # training shuffles; padding goes to each batch's longest
+    padded = sum(int(clipped[order[i:i + batch_size]].max()) * len(order[i:i + batch_size])
+                 for i in range(0, len(order), batch_size))
+    bins: list[int] = []  # first-fit decreasing into max_seq_len-token sequences
+    for length in sorted(clipped.tolist(), reverse=True):
+        for b, used in enumerate(bins):
+            if used + length <= max_seq_len:
+                bins[b] += length
+                break
+        else:
+            bins.append(length)
+        if len(bins) > 20000:  # enough to estimate; the rest packs the same way
+            break
+    packed_tokens = sum(bins)
+    return {
+        "rows": len(lengths),
+        "tokens": int(arr.sum()),
+        "trained_tokens": int(sum(trained)),
+        "min": int(arr.min()), "mean": round(float(arr.mean()), 1),
+        "p50": int(np.percentile(arr, 50)), "p95": int(np.percentile(arr, 95)), "max": int(arr.max()),
+        "histogram": histogram,
+        "truncated": int((arr > max_seq_len).sum()),
+        "max_seq_len": max_seq_len,
+        "padding_efficiency": round(float(clipped.sum()) / padded, 3),
+        "packing_efficiency": round(packed_tokens / (len(bins) * max_seq_len), 3),
+    }
