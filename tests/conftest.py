@@ -45,6 +45,14 @@ def default_model_dir(default_store: Store) -> Path:
 
 
 @pytest.fixture
+def scratch_store(tmp_path: Path, default_store: Store) -> Store:
+    """An empty store that borrows the default model (a link, not a copy), for jobs that write runs."""
+    store = Store.open(tmp_path / "scratch-store")
+    os.symlink(default_store.model_dir(DEFAULT_MODEL), store.model_dir(DEFAULT_MODEL))
+    return store
+
+
+@pytest.fixture
 def store_dir(tmp_path: Path) -> Path:
     return tmp_path / "store"
 

@@ -1,0 +1,186 @@
+"""PII detection measured on a labelled sample, consistent redaction, and no raw PII anywhere
+the appliance writes besides the (redacted) data itself."""
+
+from __future__ import annotations
+
+import json
+import random
+import string
+from pathlib import Path
+
+from conftest import run_cli
+from data_helpers import run_prepare, split_rows, write_jsonl
+from stdnum import iban as stdnum_iban
+
+from appliance.data.pii import PII_TYPES, Redactor, find_pii
+from appliance.data.sample import shipped_path
+from appliance.store import Store
+
+CONTEXTS = ["Please contact {} about the outage.", "Details: {}.", "{} was in the log", "(see {})",
+            "The customer wrote: my details are {} thanks", "Forwarding {}; escalate if needed."]
+
+
+def _luhn_complete(prefix: str, length: int, rng: random.Random) -> str:
+    body = prefix + "".join(rng.choice(string.digits) for _ in range(length - len(prefix) - 1))
+    for check in string.digits:
+        digits = body + check
+        total = sum((int(d) * 2 - 9 if int(d) * 2 > 9 else int(d) * 2) if i % 2 else int(d)
+                    for i, d in enumerate(reversed(digits)))
+        if total % 10 == 0:
+            return digits
+    raise AssertionError
+
+
+def _positives(rng: random.Random) -> dict[str, list[str]]:
+    hexs = "0123456789abcdef"
+    cards = []
+    for prefix, length in [("4", 16), ("51", 16), ("37", 15), ("6011", 16)] * 5:
+        digits = _luhn_complete(prefix, length, rng)
+        cards.append(" ".join(digits[i:i + 4] for i in range(0, len(digits), 4)) if rng.random() < 0.5 else digits)
+    ibans = []
+    for country, length in [("DE", 18), ("GB", 18), ("FR", 23), ("NL", 14)] * 5:
+        if country == "GB":
+            bban = "NWBK" + "".join(rng.choice(string.digits) for _ in range(14))
+        elif country == "NL":
+            bban = "ABNA" + "".join(rng.choice(string.digits) for _ in range(10))
+        else:
+            bban = "".join(rng.choice(string.digits) for _ in range(length))
+        number = country + "00" + bban
+        number = country + stdnum_iban.calc_check_digits(number) + bban
+        ibans.append(" ".join(number[i:i + 4] for i in range(0, len(number), 4)) if rng.random() < 0.5 else number)
+    return {
+        "EMAIL": [f"{rng.choice(['ana', 'j.smith', 'ops+alerts', 'kim_lee'])}{i}@"
+                  f"{rng.choice(['corp.example.com', 'bank.de', 'hospital.org'])}" for i in range(20)],
+        "PHONE": [rng.choice(["({a}) {b}-{c}", "{a}-{b}-{c}", "+1 {a} {b} {c}", "+1-{a}-{b}-{c}"]).format(
+                      a=rng.choice(["212", "415", "312", "617", "206"]), b=rng.randint(201, 989),
+                      c=f"{rng.randint(0, 9999):04d}") for _ in range(16)]
+        + ["+44 20 7946 0958", "+49 30 901820", "+33 1 42 68 53 00", "+31 20 624 1111"],
+        "CREDIT_CARD": cards,
+        "IBAN": ibans,
+        "SSN": [f"{rng.randint(1, 665):03d}-{rng.randint(1, 99):02d}-{rng.randint(1, 9999):04d}" for _ in range(20)],
+        "IP_ADDRESS": [f"{rng.randint(1, 223)}.{rng.randint(0, 255)}.{rng.randint(0, 255)}.{rng.randint(1, 254)}"
+                       for _ in range(16)] + ["2001:db8::8a2e:370:7334", "fe80::1ff:fe23:4567:890a", "::1",
+                                              "2001:0db8:85a3:0000:0000:8a2e:0370:7334"],
+        "URL_CREDENTIALS": [f"{rng.choice(['https', 'postgres', 'ftp'])}://svc{i}:{rng.randint(10**7, 10**8)}pw@"
+                            f"host{i}.internal" for i in range(20)],
+        "API_KEY": ["AKIA" + "".join(rng.choice(string.ascii_uppercase + "234567") for _ in range(16))
+                    for _ in range(5)]
+        + ["ghp_" + "".join(rng.choice(string.ascii_letters + string.digits) for _ in range(36)) for _ in range(4)]
+        + ["xoxb-" + "".join(rng.choice(string.digits) for _ in range(12)) + "-" + "".join(
+            rng.choice(string.ascii_letters) for _ in range(24)) for _ in range(3)]
+        + ["AIza" + "".join(rng.choice(string.ascii_letters + string.digits + "_-") for _ in range(35))
+           for _ in range(3)]
+        + ["sk-proj-" + "".join(rng.choice(string.ascii_letters + string.digits) for _ in range(40)) for _ in range(3)]
+        + ["eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0NTY3ODkwIn0.dozjgNryP4J3jVmNHl0w5N_XgL0n3I9PlFUP0THsR8U",
+           "sk_live_" + "".join(rng.choice(hexs) for _ in range(24))],
+        "PRIVATE_KEY": ["-----BEGIN RSA PRIVATE KEY-----\n" + "\n".join(
+            "".join(rng.choice(string.ascii_letters + string.digits + "+/") for _ in range(64)) for _ in range(4))
+            + "\n-----END RSA PRIVATE KEY-----" for _ in range(5)],
+    }
+
+
+# Look-alikes that must not be reported: numbers with a purpose, and near misses.
+NEGATIVES = [
+    "Order 1234567890123 shipped", "invoice 2024-11-28", "build v1.2.3.4.5", "at 10:30:45 UTC",
+    "ISBN 978-3-16-148410-0", "ticket 555-1234", "zip 94103", "price $1,234.56", "colour #ff00aa",
+    "MAC 00:1A:2B:3C:4D:5E", "uuid 123e4567-e89b-12d3-a456-426614174000",
+    "commit 3f786850e387550fdab836ed7e6dc881de23001b", "card 4111 1111 1111 1112",
+    "IBAN DE00 3704 0044 0532 0130 00", "SSN 000-12-3456", "SSN 666-45-6789", "IP 999.10.10.10",
+    "module sk-learn is installed", "ratio 3:4:5", "call extension 4412", "room 4.12.1",
+    "version 2.0.1 of the tool", "see RFC 1918", "the year 1984", "account no. 00123",
+]
+
+
+def _labelled_sample() -> tuple[list[str], list[tuple[int, str, str]]]:
+    rng = random.Random(42)
+    texts: list[str] = []
+    truth: list[tuple[int, str, str]] = []
+    for kind, values in _positives(rng).items():
+        for value in values:
+            texts.append(rng.choice(CONTEXTS).format(value) + " " + rng.choice(NEGATIVES))
+            truth.append((len(texts) - 1, kind, value))
+    texts.extend(NEGATIVES)
+    return texts, truth
+
+
+def test_precision_and_recall_per_type() -> None:
+    texts, truth = _labelled_sample()
+    expected = {(i, kind): value for i, kind, value in truth}
+    tp: dict[str, int] = dict.fromkeys(PII_TYPES, 0)
+    fp = dict(tp)
+    fn = dict(tp)
+    for i, text in enumerate(texts):
+        found = find_pii(text)
+        for finding in found:
+            value = expected.get((i, finding.type))
+            if value is not None and (value in finding.value or finding.value in value):
+                tp[finding.type] += 1
+            else:
+                fp[finding.type] += 1
+        for (row, kind), value in expected.items():
+            if row == i and not any(f.type == kind and (value in f.value or f.value in value) for f in found):
+                fn[kind] += 1
+    lines = ["type             precision  recall   (tp/fp/fn)"]
+    for kind in PII_TYPES:
+        precision = tp[kind] / max(1, tp[kind] + fp[kind])
+        recall = tp[kind] / max(1, tp[kind] + fn[kind])
+        lines.append(f"{kind:16} {precision:9.2f} {recall:7.2f}   ({tp[kind]}/{fp[kind]}/{fn[kind]})")
+        assert precision >= 0.95, lines[-1]
+        assert recall >= 0.95, lines[-1]
+    print("\n" + "\n".join(lines))
+
+
+def test_redaction_is_consistent_within_a_conversation() -> None:
+    redactor = Redactor()
+    first = "Mail ana@bank.de or ANA@bank.de, not bo@bank.de. Card 4111 1111 1111 1111."
+    second = "Again: ana@bank.de and 4111-1111-1111-1111."
+    out1 = redactor.redact(first, find_pii(first))
+    out2 = redactor.redact(second, find_pii(second))
+    assert out1 == "Mail <EMAIL_1> or <EMAIL_1>, not <EMAIL_2>. Card <CREDIT_CARD_1>."
+    assert out2 == "Again: <EMAIL_1> and <CREDIT_CARD_1>."
+    fresh = Redactor()  # another conversation starts over
+    assert fresh.redact("bo@bank.de", find_pii("bo@bank.de")) == "<EMAIL_1>"
+
+
+def test_redact_mode_keeps_placeholders_per_conversation(tmp_path: Path, default_store: Store) -> None:
+    rows = [{"messages": [{"role": "user", "content": "I am ana@bank.de, call +1 212 555 0142"},
+                          {"role": "assistant", "content": "Thanks, we will email ana@bank.de."}]}]
+    path = write_jsonl(tmp_path / "p.jsonl", rows)
+    report, _ = run_prepare(tmp_path / "run", default_store.root, [path], split=(1.0, 0.0, 0.0))
+    messages = split_rows(tmp_path / "run")["train"][0]["messages"]
+    assert messages[0]["content"] == "I am <EMAIL_1>, call <PHONE_1>"
+    assert messages[1]["content"] == "Thanks, we will email <EMAIL_1>."
+    assert report["pii"]["counts"] == {"EMAIL": 2, "PHONE": 1}
+
+
+def test_drop_and_report_modes(tmp_path: Path, default_store: Store) -> None:
+    rows = [{"prompt": "My SSN is 123-45-6789", "completion": "Noted."}, {"prompt": "Hello", "completion": "Hi."}]
+    path = write_jsonl(tmp_path / "p.jsonl", rows)
+    report, _ = run_prepare(tmp_path / "drop", default_store.root, [path], pii="drop", split=(1.0, 0.0, 0.0))
+    assert report["counts"]["pii_dropped"] == 1 and report["counts"]["train"] == 1
+    assert report["pii"]["dropped"][0]["types"] == ["SSN"]
+    report, _ = run_prepare(tmp_path / "rep", default_store.root, [path], pii="report", split=(1.0, 0.0, 0.0))
+    assert report["pii"]["counts"] == {"SSN": 1}
+    assert "123-45-6789" in (tmp_path / "rep" / "data" / "train.jsonl").read_text()  # report only: kept
+    assert "123-45-6789" not in (tmp_path / "rep" / "data" / "data_report.json").read_text()
+
+
+def test_no_raw_pii_in_reports_events_or_logs(scratch_store: Store) -> None:
+    """The real job on the shipped sample: planted PII appears nowhere but was counted."""
+    from appliance.data.sample import generate
+
+    planted = set()
+    for row in generate():
+        for finding in find_pii(row["text"]):
+            planted.add(finding.value)
+    assert len(planted) > 50
+    result = run_cli("data", "prepare", str(shipped_path()), "--task", "classification", "--label-field",
+                     "category", "--on-error", "skip", "--json", store=scratch_store.root)
+    assert result.returncode == 0, result.stderr
+    output = json.loads(result.stdout)
+    run_dir = scratch_store.runs_dir / output["run"]
+    assert sum(output["pii"].values()) >= len(planted)
+    written = [result.stdout, result.stderr]
+    written += [p.read_text(encoding="utf-8") for p in run_dir.rglob("*") if p.is_file()]
+    leaks = [value for value in planted if any(value in text for text in written)]
+    assert leaks == []
