@@ -51,8 +51,8 @@ def child(mode: str, path: Path, near_dup: bool, store: Path) -> None:
     from appliance.data.clean import clean_messages
     from appliance.data.dedup import exact_key
     from appliance.data.pii import Redactor, find_pii
-    from appliance.data.tasks import TaskSpec, check_messages, to_example
     from appliance.data.schema import Record
+    from appliance.data.tasks import TaskSpec, check_messages, to_example
 
     baseline = _peak_mb()
     started = time.perf_counter()
@@ -67,7 +67,7 @@ def child(mode: str, path: Path, near_dup: bool, store: Path) -> None:
 
         frame = pd.read_csv(path)
         spec = TaskSpec(task="classification", label_field="category", labels=LABELS)
-        seen: set[bytes] = set()
+        seen: set[int] = set()
         out = []
         for line, row in enumerate(frame.to_dict("records"), 2):
             example = to_example(Record(str(path), line, row), "table", spec)

@@ -64,8 +64,8 @@ def test_on_error_fail_lists_everything_and_writes_no_splits(tmp_path: Path, def
     assert f"{path}:2: broken JSON" in message and f"{path}:3: messages: is empty" in message
     assert "--on-error skip" in excinfo.value.hint
     assert not (tmp_path / "run" / "data").exists()
-    listed = json.loads((tmp_path / "run" / "data_problems.json").read_text())
-    assert [r["line"] for r in listed["rows"]] == [2, 3]
+    listed = [json.loads(line) for line in (tmp_path / "run" / "data_problems.jsonl").read_text().splitlines()]
+    assert [r["line"] for r in listed] == [2, 3]
 
 
 def test_empty_file(tmp_path: Path, default_store: Store) -> None:
@@ -137,3 +137,12 @@ def test_too_long_after_templating(tmp_path: Path, default_store: Store) -> None
     report, _ = run_prepare(tmp_path / "run2", default_store.root, [path], templating=True, max_seq_len=128,
                             truncate=True, split=(1.0, 0.0, 0.0), on_error="skip")
     assert report["lengths"]["truncated"] == 1 and report["counts"]["train"] == 2
+
+
+def test_every_skipped_row_is_listed(tmp_path: Path, default_store: Store) -> None:
+    path = tmp_path / "many.jsonl"
+    path.write_text(json.dumps(GOOD) + "\n" + "{bad\n" * 50)
+    report, _ = run_prepare(tmp_path / "run", default_store.root, [path], on_error="skip", split=(1.0, 0.0, 0.0))
+    listed = (tmp_path / "run" / "data" / "problems.jsonl").read_text().splitlines()
+    assert len(listed) == report["counts"]["invalid"] == report["outputs"]["problems"]["rows"] == 50
+    assert [json.loads(line)["line"] for line in listed] == list(range(2, 52))

@@ -11,15 +11,15 @@ _WS = re.compile(r"\s+")
 _BLOCK = 1024
 
 
-def exact_key(messages: list[dict[str, str]]) -> bytes:
-    """Same key for conversations that differ only in case and whitespace."""
-    digest = hashlib.blake2b(digest_size=16)
+def exact_key(messages: list[dict[str, str]]) -> int:
+    """Same key for conversations that differ only in case and whitespace (a 64-bit hash)."""
+    digest = hashlib.blake2b(digest_size=8)
     for message in messages:
         digest.update(message["role"].encode())
         digest.update(b"\x00")
         digest.update(_WS.sub(" ", message["content"]).strip().casefold().encode())
         digest.update(b"\x01")
-    return digest.digest()
+    return int.from_bytes(digest.digest(), "little")
 
 
 def near_duplicates(embeddings: np.ndarray, threshold: float) -> dict[int, tuple[int, float]]:

@@ -15,6 +15,7 @@ import os
 import shutil
 import time
 import uuid
+from array import array
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +34,7 @@ from appliance.events import Emitter
 from appliance.fsutil import atomic_write_text, sha256_file
 from appliance.store import Store
 
-MAX_LISTED = 10_000  # problems and duplicates listed in the report (all are counted)
+MAX_LISTED = 10_000  # rows listed inline in the report; every problem is in problems.jsonl too
 SPLITS = ("train", "val", "test")
 
 
@@ -65,11 +66,13 @@ def run(cfg: DataConfig, run_dir: Path, emit: Emitter) -> DataResult:
     staging.mkdir(parents=True)
     try:
         scan = _Scan(cfg, spec, tokenizer, embedder, emit)
-        with open(staging / "pool.jsonl", "w", encoding="utf-8") as pool:
+        with (open(staging / "pool.jsonl", "w", encoding="utf-8") as pool,
+              open(staging / "problems.jsonl", "w", encoding="utf-8") as problems):
+            scan.problem_spool = problems
             for path in inputs:
                 scan.file(path, pool)
         if scan.problems and cfg.on_error == "fail":
-            _fail(run_dir, scan)
+            _fail(run_dir, staging, scan)
         emit.check_cancelled()
         report = _finish(cfg, scan, staging, emit)
         report.update(inputs=[{"path": str(p), "sha256": sha256_file(p), "bytes": p.stat().st_size}
@@ -79,12 +82,14 @@ def run(cfg: DataConfig, run_dir: Path, emit: Emitter) -> DataResult:
         (staging / "pool.jsonl").unlink()
         for name in SPLITS:
             report["outputs"][name]["sha256"] = sha256_file(staging / f"{name}.jsonl")
+        report["outputs"]["problems"] = {"rows": scan.problem_count + len(scan.file_problems),
+                                         "path": "problems.jsonl", "sha256": sha256_file(staging / "problems.jsonl")}
         atomic_write_text(staging / "data_report.json", json.dumps(report, indent=2, ensure_ascii=False) + "\n")
         final = run_dir / "data"
         _swap_into_place(staging, final)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    for name in (*[f"{s}.jsonl" for s in SPLITS], "data_report.json"):
+    for name in (*[f"{s}.jsonl" for s in SPLITS], "problems.jsonl", "data_report.json"):
         emit.artifact(final / name, kind="data")
     counts = report["counts"]
     emit.log(f"kept {counts['train']} train, {counts['val']} val, {counts['test']} test rows of "
@@ -159,6 +164,53 @@ def _tokenizer(cfg: DataConfig, store: Store) -> tuple[Any, str | None]:
     return tokenizer, name
 
 
+class _Rows:
+    """Per-row facts of the kept rows, in compact arrays (a few bytes a row, so memory stays flat
+    while the rows themselves stream to disk)."""
+
+    def __init__(self) -> None:
+        self.files: list[str] = []
+        self._file_index: dict[str, int] = {}
+        self.label_names: list[str] = []
+        self._label_index: dict[str, int] = {}
+        self.file_of, self.line_of = array("I"), array("I")
+        self.label_of = array("i")
+        self.length, self.trained = array("I"), array("I")
+
+    def __len__(self) -> int:
+        return len(self.line_of)
+
+    def packed_source(self, file: str, line: int) -> int:
+        index = self._file_index.setdefault(file, len(self.files))
+        if index == len(self.files):
+            self.files.append(file)
+        return index << 32 | line
+
+    def unpack(self, packed: int) -> str:
+        return f"{self.files[packed >> 32]}:{packed & 0xFFFFFFFF}"
+
+    def add(self, example: Example, length: int, trained: int) -> None:
+        packed = self.packed_source(example.file, example.line)
+        self.file_of.append(packed >> 32)
+        self.line_of.append(example.line)
+        if example.label is None:
+            self.label_of.append(-1)
+        else:
+            index = self._label_index.setdefault(example.label, len(self.label_names))
+            if index == len(self.label_names):
+                self.label_names.append(example.label)
+            self.label_of.append(index)
+        self.length.append(length)
+        self.trained.append(trained)
+
+    def source(self, row: int) -> str:
+        return f"{self.files[self.file_of[row]]}:{self.line_of[row]}"
+
+    def label(self, row: int) -> str | None:
+        index = self.label_of[row]
+        return None if index < 0 else self.label_names[index]
+
+
 class _Scan:
     """The streaming first pass and everything it learns."""
 
@@ -171,13 +223,11 @@ class _Scan:
         self.pii = PiiSummary()
         self.pii_dropped: list[dict[str, Any]] = []
         self.pii_dropped_count = 0
-        self.seen: dict[bytes, str] = {}
+        self.seen: dict[int, int] = {}  # exact key -> packed source of the first row with it
         self.exact_dups: list[dict[str, str]] = []
         self.exact_dup_count = 0
-        self.sources: list[str] = []
-        self.labels: list[str | None] = []
-        self.lengths: list[int] = []
-        self.trained: list[int] = []
+        self.rows = _Rows()
+        self.problem_spool: Any = None
         self.embeddings: list[np.ndarray] = []
         self._texts: list[str] = []
         self.formats: dict[str, str] = {}
@@ -211,6 +261,8 @@ class _Scan:
 
     def _problem(self, problem: Problem, count_row: bool = True) -> None:
         self.problem_count += 1 if count_row else 0
+        if self.problem_spool is not None:
+            self.problem_spool.write(json.dumps(problem.as_dict(), ensure_ascii=False) + "\n")
         if len(self.problems) < MAX_LISTED:
             self.problems.append(problem)
 
@@ -236,9 +288,9 @@ class _Scan:
         if self.cfg.dedup and key in self.seen:
             self.exact_dup_count += 1
             if len(self.exact_dups) < MAX_LISTED:
-                self.exact_dups.append({"source": example.source, "duplicate_of": self.seen[key]})
+                self.exact_dups.append({"source": example.source, "duplicate_of": self.rows.unpack(self.seen[key])})
             return
-        self.seen[key] = example.source
+        self.seen[key] = self.rows.packed_source(example.file, example.line)
         if flat and self.cfg.pii == "redact":
             redactor = Redactor()
             example.messages = [{"role": m["role"], "content": redactor.redact(m["content"], f)}
@@ -259,10 +311,7 @@ class _Scan:
 
     def _keep(self, example: Example, length: int, trained: int, pool: Any) -> None:
         pool.write(json.dumps(example.as_dict(), ensure_ascii=False) + "\n")
-        self.sources.append(example.source)
-        self.labels.append(example.label)
-        self.lengths.append(length)
-        self.trained.append(trained)
+        self.rows.add(example, length, trained)
         if self.embedder is not None:
             self._texts.append(example.text())
             if len(self._texts) >= 512:
@@ -274,11 +323,9 @@ class _Scan:
             self._texts = []
 
 
-def _fail(run_dir: Path, scan: _Scan) -> None:
-    listing = run_dir / "data_problems.json"
-    atomic_write_text(listing, json.dumps({"rows_read": scan.rows_read, "problems": scan.problem_count,
-                                           "file_problems": [p.as_dict() for p in scan.file_problems],
-                                           "rows": [p.as_dict() for p in scan.problems]}, indent=2) + "\n")
+def _fail(run_dir: Path, staging: Path, scan: _Scan) -> None:
+    listing = run_dir / "data_problems.jsonl"
+    os.replace(staging / "problems.jsonl", listing)
     shown = "\n".join(f"  {p}" for p in scan.problems[:20])
     more = len(scan.problems) - 20
     raise DataError(
@@ -291,7 +338,8 @@ def _fail(run_dir: Path, scan: _Scan) -> None:
 
 
 def _finish(cfg: DataConfig, scan: _Scan, staging: Path, emit: Emitter) -> dict[str, Any]:
-    n = len(scan.sources)
+    rows = scan.rows
+    n = len(rows)
     if n == 0:
         raise DataError(f"no usable rows among {scan.rows_read} read",
                         "See the problems listed above, or check --task and the field options.")
@@ -301,7 +349,7 @@ def _finish(cfg: DataConfig, scan: _Scan, staging: Path, emit: Emitter) -> dict[
         emit.progress("finding near-duplicates", 0, 1)
         near = dedup.near_duplicates(embeddings, cfg.near_dup_threshold)
     kept = [i for i in range(n) if i not in near]
-    assignment = split.assign([scan.labels[i] for i in kept], cfg.split, cfg.seed,
+    assignment = split.assign([rows.label(i) for i in kept], cfg.split, cfg.seed,
                               stratify=cfg.task == "classification")
     where = dict(zip(kept, assignment, strict=True))
     contaminated: dict[int, float] = {}
@@ -337,16 +385,16 @@ def _finish(cfg: DataConfig, scan: _Scan, staging: Path, emit: Emitter) -> dict[
     from appliance.data.template import length_stats
 
     final_rows = sorted(where)
-    labels = [scan.labels[i] for i in final_rows]
+    labels = [rows.label(i) for i in final_rows]
     report: dict[str, Any] = {
         "counts": counts,
         "formats": scan.formats,
-        "problems": [p.as_dict() for p in scan.problems],
+        "problems": [p.as_dict() for p in scan.problems],  # the first MAX_LISTED; all in problems.jsonl
         "file_problems": [p.as_dict() for p in scan.file_problems],
         "pii": {"mode": cfg.pii, **scan.pii.as_dict(), "dropped": scan.pii_dropped},
         "duplicates": {
             "exact": scan.exact_dups,
-            "near": [{"source": scan.sources[r], "duplicate_of": scan.sources[k], "cosine": round(s, 4)}
+            "near": [{"source": rows.source(r), "duplicate_of": rows.source(k), "cosine": round(s, 4)}
                      for r, (k, s) in sorted(near.items())[:MAX_LISTED]],
             "near_threshold": cfg.near_dup_threshold if cfg.near_dup else None,
         },
@@ -354,12 +402,12 @@ def _finish(cfg: DataConfig, scan: _Scan, staging: Path, emit: Emitter) -> dict[
             "checked": embeddings is not None,
             "threshold": cfg.contamination_threshold,
             "action": "moved to train",
-            "rows": [{"source": scan.sources[r], "cosine": round(s, 4)} for r, s in sorted(contaminated.items())],
+            "rows": [{"source": rows.source(r), "cosine": round(s, 4)} for r, s in sorted(contaminated.items())],
         },
         "labels": ({"set": sorted({label for label in labels if label}),
-                    "distribution": {s: _label_counts([scan.labels[i] for i in final_rows if where[i] == s])
+                    "distribution": {s: _label_counts([rows.label(i) for i in final_rows if where[i] == s])
                                      for s in SPLITS}} if cfg.task == "classification" else None),
-        "lengths": (length_stats([scan.lengths[i] for i in final_rows], [scan.trained[i] for i in final_rows],
+        "lengths": (length_stats([rows.length[i] for i in final_rows], [rows.trained[i] for i in final_rows],
                                  cfg.max_seq_len) if scan.tokenizer is not None else None),
         "outputs": {s: {"rows": counts[s], "path": f"{s}.jsonl"} for s in SPLITS},
     }
