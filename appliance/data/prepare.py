@@ -351,7 +351,9 @@ def _finish(cfg: DataConfig, scan: _Scan, staging: Path, emit: Emitter) -> dict[
     kept = [i for i in range(n) if i not in near]
     assignment = split.assign([rows.label(i) for i in kept], cfg.split, cfg.seed,
                               stratify=cfg.task == "classification")
-    where = dict(zip(kept, assignment, strict=True))
+    where: list[str | None] = [None] * n  # the split of each row; None for a near-duplicate
+    for row, split_name in zip(kept, assignment, strict=True):
+        where[row] = split_name
     contaminated: dict[int, float] = {}
     if embeddings is not None:
         train_rows = [i for i in kept if where[i] == "train"]
@@ -365,12 +367,13 @@ def _finish(cfg: DataConfig, scan: _Scan, staging: Path, emit: Emitter) -> dict[
     try:
         with open(staging / "pool.jsonl", encoding="utf-8") as pool:
             for row, line in enumerate(pool):
-                if row in where:
-                    handles[where[row]].write(line)
+                target = where[row]
+                if target is not None:
+                    handles[target].write(line)
     finally:
         for handle in handles.values():
             handle.close()
-    counts = {s: sum(1 for v in where.values() if v == s) for s in SPLITS}
+    counts = {s: where.count(s) for s in SPLITS}
     counts = {
         "rows_read": scan.rows_read,
         "invalid": scan.problem_count,
@@ -384,7 +387,7 @@ def _finish(cfg: DataConfig, scan: _Scan, staging: Path, emit: Emitter) -> dict[
     assert accounted == scan.rows_read, f"row accounting is off: {counts}"
     from appliance.data.template import length_stats
 
-    final_rows = sorted(where)
+    final_rows = [row for row in range(n) if where[row] is not None]
     labels = [rows.label(i) for i in final_rows]
     report: dict[str, Any] = {
         "counts": counts,
