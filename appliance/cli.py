@@ -242,9 +242,12 @@ def main() -> None:
     try:
         app()
     except ApplianceError as exc:
-        err_console.print(f"[bold red]{exc.title}:[/] {exc.message}")
+        # soft_wrap: an error is one logical line however narrow the terminal, so it can be grepped
+        from rich.markup import escape
+
+        err_console.print(f"[bold red]{escape(exc.title)}:[/] {escape(exc.message)}", soft_wrap=True)
         if exc.hint:
-            err_console.print(f"[dim]hint:[/] {exc.hint}")
+            err_console.print(f"[dim]hint:[/] {escape(exc.hint)}", soft_wrap=True)
         sys.exit(1)
     except KeyboardInterrupt:
         err_console.print("[yellow]Interrupted.[/]")
