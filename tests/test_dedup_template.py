@@ -46,6 +46,13 @@ def test_near_duplicates_find_planted_paraphrases(default_store: Store) -> None:
     assert {row: partner for row, (partner, _) in found.items()} == {start: 0, start + 1: 1, start + 2: 2}
 
 
+def test_embeddings_do_not_depend_on_batch_padding(default_store: Store) -> None:
+    embedder = Embedder(ensure_onnx(default_store.root))
+    alone = embedder.embed(["printer jam"])[0]
+    padded = embedder.embed(["printer jam", "a much longer sentence about a printer jam on the third floor today"])[0]
+    assert float(alone @ padded) > 0.9999
+
+
 def test_contamination_is_found_and_moved_to_train(tmp_path: Path, default_store: Store) -> None:
     rows = [{"prompt": t, "completion": "Ticket logged."} for t in ORIGINALS + UNRELATED + PARAPHRASES]
     path = write_jsonl(tmp_path / "tickets.jsonl", rows)

@@ -72,8 +72,10 @@ def _export(source: Path, out: Path) -> None:
 
     wrapper = Pooled(AutoModel.from_pretrained(source).eval()).eval()
     dummy = torch.ones((2, 8), dtype=torch.long)
+    mask = dummy.clone()
+    mask[1, 5:] = 0  # trace the padded path too, so the mask is part of the graph
     torch.onnx.export(
-        wrapper, (dummy, dummy, torch.zeros_like(dummy)), str(out),
+        wrapper, (dummy, mask, torch.zeros_like(dummy)), str(out),
         input_names=["input_ids", "attention_mask", "token_type_ids"], output_names=["embedding"],
         dynamic_axes={"input_ids": {0: "batch", 1: "tokens"}, "attention_mask": {0: "batch", 1: "tokens"},
                       "token_type_ids": {0: "batch", 1: "tokens"}, "embedding": {0: "batch"}},
