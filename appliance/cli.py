@@ -217,6 +217,19 @@ def _validated(cls: Any, **values: Any) -> Any:
         raise ConfigError(problems, "See --help for the allowed values.") from exc
 
 
+def _describe_progress(event: Any) -> str:
+    parts = [event.phase]
+    if event.loss is not None:
+        parts.append(f"loss {event.loss:.4f}")
+    if event.tokens_per_s is not None:
+        parts.append(f"{event.tokens_per_s:,.0f} tok/s")
+    if event.mem_mb is not None:
+        parts.append(f"{event.mem_mb / 1024:.1f} GiB")
+    if event.eta_s is not None:
+        parts.append(f"eta {int(event.eta_s) // 60}:{int(event.eta_s) % 60:02d}")
+    return " · ".join(parts)
+
+
 def follow_job(stage: str, job_dir: Path, cfg: Any, quiet: bool = False) -> Any:
     """Run a stage as a child job, rendering its events as a rich progress bar."""
     from appliance import events as ev
@@ -231,7 +244,7 @@ def follow_job(stage: str, job_dir: Path, cfg: Any, quiet: bool = False) -> Any:
 
         def on_event(event: ev.Event) -> None:
             if isinstance(event, ev.Progress):
-                bar.update(task, description=event.phase, completed=event.step, total=event.total)
+                bar.update(task, description=_describe_progress(event), completed=event.step, total=event.total)
             elif isinstance(event, ev.Log) and event.level in ("warning", "error"):
                 bar.console.print(f"[yellow]{event.level}:[/] {event.message}")
 
@@ -364,3 +377,56 @@ def data_sample(
     shutil.copyfile(shipped_path(), out)
     console.print(f"Wrote {out}: columns ticket_id, text, category. Try: appliance data prepare {out} "
                   "--task classification --text-field text --label-field category")
+
+
+# -- train ---------------------------------------------------------------------------------
+
+
+@app.command()
+def train(
+    run: Annotated[str | None, typer.Option(help="Run whose prepared data to train on")] = None,
+    resume: Annotated[str | None, typer.Option(help="Continue this run from its last checkpoint")] = None,
+    recipe: Annotated[Path | None, typer.Option(help="YAML recipe with training settings")] = None,
+    base_model: Annotated[str | None, typer.Option(help="Base model in the store (default: the default)")] = None,
+    method: Annotated[str | None, typer.Option(help="lora, qlora or full")] = None,
+    max_steps: Annotated[int | None, typer.Option(help="Stop after this many optimizer steps")] = None,
+    epochs: Annotated[float | None, typer.Option(help="Passes over the training data")] = None,
+    learning_rate: Annotated[float | None, typer.Option(help="Peak learning rate")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Rows per forward pass")] = None,
+    max_seq_len: Annotated[int | None, typer.Option(help="Longest row in tokens")] = None,
+    backend: Annotated[str | None, typer.Option(help="auto, unsloth or hf")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Fine-tune on a run's prepared data, as a resumable job with checkpoints."""
+    import yaml
+
+    from appliance.config import TrainConfig
+
+    st = store()
+    if (run is None) == (resume is None):
+        from appliance.errors import ConfigError
+
+        raise ConfigError("give either --run RUN (a new training) or --resume RUN", "See appliance train --help.")
+    run_dir = st.run_dir(resume or run or "")
+    settings: dict[str, Any] = {}
+    recorded = run_dir / "run.yaml"
+    if resume and recorded.is_file():
+        settings = dict((yaml.safe_load(recorded.read_text(encoding="utf-8")) or {}).get("train", {}))
+    if recipe is not None:
+        settings.update(yaml.safe_load(recipe.read_text(encoding="utf-8")) or {})
+    overrides = {"base_model": base_model, "method": method, "max_steps": max_steps, "epochs": epochs,
+                 "learning_rate": learning_rate, "batch_size": batch_size, "max_seq_len": max_seq_len,
+                 "backend": backend}
+    settings.update({k: v for k, v in overrides.items() if v is not None})
+    settings.update(store=str(st.root), resume=resume is not None)
+    cfg = _validated(TrainConfig, **settings)
+    st.record_config(run_dir, "train", cfg.model_dump(mode="json", exclude={"resume"}))
+    done = follow_job("train", run_dir, cfg, quiet=as_json)
+    if as_json:
+        _print_json({"run": run_dir.name, **done.result})
+        return
+    r = done.result
+    eval_text = f", validation loss {r['eval_loss']:.4f}" if r.get("eval_loss") is not None else ""
+    console.print(f"[green]Trained[/] {r['steps']} steps ({r['backend']}, {r['method']}): train loss "
+                  f"{r['train_loss']:.4f}{eval_text}, {r['real_tokens']:,} tokens in {r['seconds']} s "
+                  f"-> {r['adapter']}")

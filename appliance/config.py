@@ -101,3 +101,42 @@ class DataConfig(StageConfig):
             raise ValueError("split needs three non-negative fractions (train, val, test) that sum to 1, "
                              "with some training data, e.g. 0.8,0.1,0.1")
         return value
+
+
+class TrainConfig(StageConfig):
+    """Fine-tune a base model on a run's prepared data (LoRA, QLoRA or full)."""
+
+    base_model: str | None = Field(default=None, description="Store name of the base model; the store's "
+                                   "default when not given")
+    method: Literal["lora", "qlora", "full"] = Field(default="lora", description="lora: 16/32-bit base + "
+                                                     "adapter; qlora: 4-bit NF4 base (CUDA); full: every weight")
+    rank: int = Field(default=16, ge=1, le=1024, description="LoRA rank")
+    alpha: int = Field(default=32, ge=1, le=4096, description="LoRA alpha (scale = alpha / rank)")
+    dropout: float = Field(default=0.0, ge=0.0, le=0.5, description="LoRA dropout")
+    target_modules: list[str] | Literal["all-linear"] = Field(default="all-linear", description="Layers that get "
+                                                             "adapters: all linear layers, or a list of names")
+    learning_rate: float = Field(default=2e-4, gt=0, le=1.0, description="Peak learning rate")
+    scheduler: Literal["cosine", "linear", "constant"] = Field(default="cosine", description="Decay after warmup")
+    warmup_ratio: float = Field(default=0.05, ge=0.0, le=0.5, description="Share of steps spent warming up")
+    weight_decay: float = Field(default=0.0, ge=0.0, le=1.0, description="AdamW weight decay")
+    epochs: float = Field(default=1.0, gt=0, le=100, description="Passes over the training split")
+    max_steps: int | None = Field(default=None, ge=1, le=10_000_000, description="Stop after this many "
+                                  "optimizer steps (overrides epochs)")
+    batch_size: int = Field(default=4, ge=1, le=1024, description="Rows per forward pass")
+    grad_accum: int = Field(default=1, ge=1, le=1024, description="Forward passes per optimizer step")
+    max_seq_len: int = Field(default=1024, ge=16, le=131072, description="Longer rows are truncated")
+    batching: Literal["length_grouped", "random"] = Field(default="length_grouped", description="Group rows of "
+                                                         "similar length into a batch (less padding) or not")
+    gradient_checkpointing: bool = Field(default=False, description="Recompute activations: less memory, "
+                                         "about 30% slower")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(default="auto", description="Compute "
+                                                                     "precision of the base weights")
+    seed: int = Field(default=0, ge=0, description="Seed of initialisation and data order")
+    eval_every: int = Field(default=50, ge=1, description="Validation loss every this many steps")
+    save_every: int = Field(default=50, ge=1, description="Checkpoint every this many steps")
+    keep_checkpoints: int = Field(default=2, ge=1, le=100, description="How many recent checkpoints to keep")
+    early_stopping_patience: int | None = Field(default=None, ge=1, description="Stop after this many "
+                                                "evaluations without a better validation loss")
+    backend: Literal["auto", "unsloth", "hf"] = Field(default="auto", description="Training library")
+    resume: bool = Field(default=False, description="Continue from the run's last complete checkpoint")
+    store: str = Field(description="Path of the model store")

@@ -128,12 +128,16 @@ class EventWriter:
         self.close()
 
 
-def read_all(path: Path) -> list[Event]:
-    """Every complete event in a file (a torn last line, from a killed writer, is skipped)."""
+def read_all(path: Path, offset: int = 0) -> list[Event]:
+    """Every complete event in a file from byte `offset` on (a torn last line, from a killed
+    writer, is skipped)."""
     if not path.exists():
         return []
     events = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    with open(path, encoding="utf-8") as handle:
+        handle.seek(offset)
+        text = handle.read()
+    for line in text.splitlines():
         if line.strip():
             try:
                 events.append(parse(line))
@@ -142,10 +146,9 @@ def read_all(path: Path) -> list[Event]:
     return events
 
 
-def follow(path: Path, poll_s: float = 0.1) -> Iterator[Event | None]:
-    """Yield events as they are appended, forever; yields None when there is nothing new, so the
-    caller can check on the writer (is the process still alive?) and stop by leaving the loop."""
-    offset = 0
+def follow(path: Path, poll_s: float = 0.1, offset: int = 0) -> Iterator[Event | None]:
+    """Yield events as they are appended after byte `offset`, forever; yields None when there is
+    nothing new, so the caller can check on the writer and stop by leaving the loop."""
     buffer = ""
     while True:
         if path.exists():
@@ -195,6 +198,10 @@ class Emitter:
         digest = sha256_file(path)
         self._sink(Artifact(path=str(path), sha256=digest, size=path.stat().st_size, kind=kind))
         return digest
+
+    def cancelled(self) -> bool:
+        """Whether the job was asked to stop (for stages that save before stopping)."""
+        return self._cancelled()
 
     def check_cancelled(self) -> None:
         if self._cancelled():

@@ -31,6 +31,7 @@ LOG_FILE = "job.log"
 STAGES: dict[str, tuple[str, str]] = {
     "import": ("appliance.config:ImportConfig", "appliance.importer:run"),
     "data": ("appliance.config:DataConfig", "appliance.data.prepare:run"),
+    "train": ("appliance.config:TrainConfig", "appliance.train.loop:run"),
 }
 
 _SIGNAL_HINTS: dict[int, tuple[str, str]] = {
@@ -81,6 +82,7 @@ class Job:
     stage: str
     dir: Path
     process: subprocess.Popen[bytes]
+    offset: int = 0  # where this job's events begin: a run's earlier stages wrote before it
     _ended_reported: bool = field(default=False, repr=False)
 
     @property
@@ -116,7 +118,7 @@ class Job:
             return
         self._ended_reported = True
         returncode = self.process.returncode
-        final = [e for e in ev.read_all(self.events_path) if isinstance(e, ev.Error | ev.Done)]
+        final = [e for e in ev.read_all(self.events_path, self.offset) if isinstance(e, ev.Error | ev.Done)]
         if final:
             return
         message, hint = describe_exit(returncode)
@@ -126,7 +128,7 @@ class Job:
     def follow(self, poll_s: float = 0.1) -> Iterator[ev.Event]:
         """Yield the job's events as they come, until it has ended and all are read."""
         finished_at: float | None = None
-        for event in ev.follow(self.events_path, poll_s=poll_s):
+        for event in ev.follow(self.events_path, poll_s=poll_s, offset=self.offset):
             if event is not None:
                 yield event
                 if isinstance(event, ev.Error | ev.Done):
@@ -162,6 +164,8 @@ def start(stage: str, job_dir: Path, config: BaseModel, env: dict[str, str] | No
     if stage not in STAGES:
         raise ApplianceError(f"unknown stage {stage!r}", f"Known stages: {', '.join(STAGES)}.")
     job_dir.mkdir(parents=True, exist_ok=True)
+    events_path = job_dir / ev.EVENTS_FILE
+    offset = events_path.stat().st_size if events_path.exists() else 0
     spec = {"stage": stage, "config": config.model_dump(mode="json")}
     atomic_write_text(job_dir / JOB_FILE, json.dumps(spec, indent=2) + "\n")
     child_env = dict(os.environ)
@@ -176,7 +180,7 @@ def start(stage: str, job_dir: Path, config: BaseModel, env: dict[str, str] | No
             env=child_env,
             start_new_session=True,  # a Ctrl-C in the terminal reaches the parent, which cancels
         )
-    return Job(stage=stage, dir=job_dir, process=process)
+    return Job(stage=stage, dir=job_dir, process=process, offset=offset)
 
 
 def run(

@@ -1,0 +1,317 @@
+"""The training stage: `appliance train` as a job.
+
+A plain, inspectable loop: AdamW over the trainable parameters, warmup then decay, gradient
+accumulation with token-weighted loss (every answer token counts the same however batches are
+cut), validation loss at intervals, early stopping, atomic checkpoints, and a stop at the next
+step boundary on SIGTERM that saves first. Resuming reloads weights, optimizer, scheduler, RNG
+and the position in the epoch, so the loss curve continues instead of restarting.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import resource
+import shutil
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+from appliance.config import TrainConfig
+from appliance.errors import ApplianceError, Cancelled, ConfigError, StoreError
+from appliance.events import Emitter
+from appliance.fsutil import fsync_dir
+from appliance.store import Store
+from appliance.train import checkpoint
+from appliance.train.data import IGNORE, Encoded, collate, epoch_batches, load_split
+
+
+class TrainError(ApplianceError):
+    title = "Training problem"
+
+
+class TrainResult(BaseModel):
+    adapter: str
+    sha256: str
+    backend: str
+    method: str
+    steps: int
+    train_loss: float
+    eval_loss: float | None
+    real_tokens: int
+    seconds: float
+    resumed_from: int | None = None
+
+
+def run(cfg: TrainConfig, run_dir: Path, emit: Emitter) -> TrainResult:
+    import torch
+
+    started = time.monotonic()
+    store = Store.open(cfg.store)
+    model_dir, _name = _base_model(cfg, store)
+    data_dir = run_dir / "data"
+    if not (data_dir / "train.jsonl").is_file():
+        raise TrainError(f"run {run_dir.name} has no prepared data", f"Run `appliance data prepare FILES --run "
+                         f"{run_dir.name}` first.")
+    torch.manual_seed(cfg.seed)
+    from appliance.data.template import load_tokenizer
+
+    tokenizer = load_tokenizer(model_dir)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    emit.progress("tokenizing the prepared data", 0)
+    train_rows, truncated = load_split(data_dir / "train.jsonl", tokenizer, cfg.max_seq_len)
+    val_rows, _ = load_split(data_dir / "val.jsonl", tokenizer, cfg.max_seq_len)
+    if not train_rows:
+        raise TrainError("the training split has no row with an answer to learn",
+                         "Check the prepared data (runs/<run>/data/train.jsonl) and --max-seq-len.")
+    if truncated:
+        emit.log(f"{truncated} training rows were truncated to {cfg.max_seq_len} tokens", "warning")
+    batches_per_epoch = math.ceil(len(train_rows) / cfg.batch_size)
+    steps_per_epoch = math.ceil(batches_per_epoch / cfg.grad_accum)
+    total_steps = cfg.max_steps or max(1, math.ceil(steps_per_epoch * cfg.epochs))
+
+    emit.progress("loading the base model", 0, total_steps)
+    model, backend, dtype = _load_model(cfg, model_dir)
+    device = next(model.parameters()).device
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    from transformers import get_scheduler
+
+    scheduler = get_scheduler(cfg.scheduler, optimizer, num_warmup_steps=int(total_steps * cfg.warmup_ratio),
+                              num_training_steps=total_steps)
+    state: dict[str, Any] = {"step": 0, "epoch": 0, "batch": 0, "losses": [], "evals": [], "best_eval": None,
+                             "bad_evals": 0, "real_tokens": 0, "seconds": 0.0, "total_steps": total_steps}
+    resumed_from = None
+    last = checkpoint.latest(run_dir) if cfg.resume else None
+    if cfg.resume and last is None:
+        emit.log("no complete checkpoint to resume from: starting from the beginning", "warning")
+    if last is not None:
+        _load_weights(model, last / "model", cfg.method)
+        checkpoint.load_optimizer(last, optimizer, scheduler)
+        state = checkpoint.load_state(last)
+        resumed_from = state["step"]
+        emit.log(f"resumed from checkpoint step {resumed_from}")
+    emit.log(f"training {sum(p.numel() for p in params):,} parameters ({backend}, {cfg.method}, {dtype}) for "
+             f"{total_steps} steps on {len(train_rows)} rows, {len(val_rows)} validation rows")
+
+    model.train()
+    window_tokens, window_start = 0, time.monotonic()
+    seconds_before = state["seconds"]
+    session_start = time.monotonic()
+    saved_at = state["step"]
+    stop_reason = None
+    while state["step"] < total_steps and stop_reason is None:
+        batches = epoch_batches(train_rows, cfg.batch_size, cfg.seed, state["epoch"],
+                                cfg.batching == "length_grouped")
+        while state["batch"] < len(batches) and state["step"] < total_steps:
+            micro = [collate([train_rows[i] for i in b], pad_id) for b in
+                     batches[state["batch"]:state["batch"] + cfg.grad_accum]]
+            loss, tokens = _optimizer_step(model, micro, params, optimizer, scheduler, device)
+            state["step"] += 1
+            state["batch"] += len(micro)
+            state["real_tokens"] += tokens
+            state["losses"].append([state["step"], round(loss, 5)])
+            window_tokens += tokens
+            now = time.monotonic()
+            state["seconds"] = seconds_before + now - session_start
+            rate = window_tokens / max(1e-6, now - window_start)
+            per_step = (now - session_start) / max(1, state["step"] - (resumed_from or 0))
+            emit.progress("training", state["step"], total_steps, loss=loss, lr=scheduler.get_last_lr()[0],
+                          tokens_per_s=round(rate, 1), eta_s=round(per_step * (total_steps - state["step"]), 1),
+                          mem_mb=_peak_mb(device))
+            if now - window_start > 30:
+                window_tokens, window_start = 0, now
+            if val_rows and (state["step"] % cfg.eval_every == 0 or state["step"] == total_steps):
+                stop_reason = _evaluate(model, val_rows, cfg, pad_id, device, state, emit)
+            if state["step"] % cfg.save_every == 0:
+                _save(run_dir, model, optimizer, scheduler, state, cfg, emit)
+                saved_at = state["step"]
+            if emit.cancelled() and state["step"] < total_steps:
+                if saved_at != state["step"]:
+                    _save(run_dir, model, optimizer, scheduler, state, cfg, emit)
+                raise Cancelled(f"training stopped at step {state['step']} of {total_steps}; a checkpoint is saved",
+                                f"Continue with `appliance train --resume {run_dir.name}`.")
+            if stop_reason:
+                break
+        if state["batch"] >= len(batches):
+            state["epoch"] += 1
+            state["batch"] = 0
+    if val_rows and (not state["evals"] or state["evals"][-1][0] != state["step"]):
+        _evaluate(model, val_rows, cfg, pad_id, device, state, emit)
+    if stop_reason:
+        emit.log(stop_reason)
+    adapter_dir = _save_final(model, tokenizer, run_dir)
+    weights = adapter_dir / ("model.safetensors" if cfg.method == "full" else "adapter_model.safetensors")
+    digest = emit.artifact(weights, kind="adapter" if cfg.method != "full" else "model")
+    evals = state["evals"]
+    return TrainResult(adapter=str(adapter_dir), sha256=digest, backend=backend, method=cfg.method,
+                       steps=state["step"], train_loss=state["losses"][-1][1],
+                       eval_loss=evals[-1][1] if evals else None, real_tokens=state["real_tokens"],
+                       seconds=round(time.monotonic() - started, 2), resumed_from=resumed_from)
+
+
+def _base_model(cfg: TrainConfig, store: Store) -> tuple[Path, str]:
+    name = cfg.base_model
+    if name is None:
+        entry = store.catalog_entry("default")
+        name = entry.name if entry else None
+    if name is None or not store.has_model(name):
+        raise StoreError(f"the base model {name!r} is not in the store",
+                         "Import it first (appliance models import ...), or name another with --base-model.")
+    return store.model_dir(name), name
+
+
+def _dtype(cfg: TrainConfig) -> Any:
+    import torch
+
+    if cfg.dtype != "auto":
+        return getattr(torch, cfg.dtype)
+    if torch.cuda.is_available():
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    # On CPUs with native bf16 (AVX512-BF16 / AMX) bf16 is faster and halves memory.
+    return torch.bfloat16 if torch.backends.mkldnn.is_available() and _cpu_has_bf16() else torch.float32
+
+
+def _cpu_has_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def _load_model(cfg: TrainConfig, model_dir: Path) -> tuple[Any, str, str]:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    if cfg.backend == "unsloth":
+        raise ConfigError("the unsloth backend is not wired into training yet", "Use --backend hf (or auto).")
+    dtype = _dtype(cfg)
+    kwargs: dict[str, Any] = {"dtype": dtype}
+    if cfg.method == "qlora":
+        if not torch.cuda.is_available():
+            raise ConfigError("qlora loads the base in 4-bit with bitsandbytes, which needs a CUDA GPU",
+                              "Use --method lora on this machine.")
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                           bnb_4bit_use_double_quant=True,
+                                                           bnb_4bit_compute_dtype=dtype)
+        kwargs["device_map"] = {"": 0}
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), **kwargs)
+    if torch.cuda.is_available() and cfg.method != "qlora":
+        model = model.to("cuda")
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    if cfg.method == "full":
+        return model, "hf", str(dtype).removeprefix("torch.")
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if cfg.method == "qlora":
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
+    lora = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, task_type="CAUSAL_LM",
+                      target_modules=cfg.target_modules)
+    model = get_peft_model(model, lora)
+    if cfg.gradient_checkpointing:
+        model.enable_input_require_grads()
+    return model, "hf", str(dtype).removeprefix("torch.")
+
+
+def _optimizer_step(model: Any, micro: list[dict[str, Any]], params: list[Any], optimizer: Any, scheduler: Any,
+                    device: Any) -> tuple[float, int]:
+    import torch
+
+    counts = [int((b["labels"][:, 1:] != IGNORE).sum()) for b in micro]
+    total = max(1, sum(counts))
+    loss_sum = 0.0
+    tokens = 0
+    for batch, count in zip(micro, counts, strict=True):
+        batch = {k: v.to(device) for k, v in batch.items()}
+        out = model(**batch)
+        (out.loss * (count / total)).backward()
+        loss_sum += float(out.loss.detach()) * count
+        tokens += int(batch["attention_mask"].sum())
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_sum / total, tokens
+
+
+def _evaluate(model: Any, rows: list[Encoded], cfg: TrainConfig, pad_id: int, device: Any,
+              state: dict[str, Any], emit: Emitter) -> str | None:
+    import torch
+
+    model.eval()
+    loss_sum, count_sum = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(rows), cfg.batch_size):
+            batch = {k: v.to(device) for k, v in collate(rows[start:start + cfg.batch_size], pad_id).items()}
+            count = int((batch["labels"][:, 1:] != IGNORE).sum())
+            loss_sum += float(model(**batch).loss) * count
+            count_sum += count
+    model.train()
+    value = loss_sum / max(1, count_sum)
+    state["evals"].append([state["step"], round(value, 5)])
+    emit.metric("eval_loss", value, step=state["step"])
+    best = state["best_eval"]
+    if best is None or value < best:
+        state["best_eval"], state["bad_evals"] = value, 0
+        return None
+    state["bad_evals"] += 1
+    patience = cfg.early_stopping_patience
+    if patience is not None and state["bad_evals"] >= patience:
+        return (f"early stopping at step {state['step']}: validation loss has not improved for {patience} "
+                "evaluations")
+    return None
+
+
+def _save(run_dir: Path, model: Any, optimizer: Any, scheduler: Any, state: dict[str, Any], cfg: TrainConfig,
+          emit: Emitter) -> None:
+    folder = checkpoint.save(run_dir, state["step"], model, optimizer, scheduler, state, cfg.keep_checkpoints)
+    weights = next((folder / "model").glob("*.safetensors"))
+    emit.artifact(weights, kind="checkpoint")
+
+
+def _save_final(model: Any, tokenizer: Any, run_dir: Path) -> Path:
+    """The adapter (or full model) with the tokenizer, renamed into place when complete."""
+    final = run_dir / "adapter"
+    tmp = run_dir / f".adapter-{uuid.uuid4().hex[:6]}"
+    try:
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        tokenizer.save_pretrained(str(tmp))
+        fsync_dir(tmp)
+        if final.exists():
+            old = run_dir / f".adapter-old-{uuid.uuid4().hex[:6]}"
+            os.rename(final, old)
+            os.rename(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def _load_weights(model: Any, folder: Path, method: str) -> None:
+    from safetensors.torch import load_file
+
+    if method == "full":
+        model.load_state_dict(load_file(str(folder / "model.safetensors")), strict=False)
+        return
+    from peft import set_peft_model_state_dict
+
+    set_peft_model_state_dict(model, load_file(str(folder / "adapter_model.safetensors")))
+
+
+def _peak_mb(device: Any) -> float:
+    import torch
+
+    if device.type == "cuda":
+        return round(float(torch.cuda.max_memory_allocated(device)) / 2**20, 1)
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
