@@ -1,0 +1,135 @@
+"""Fine-tuning the real default model on the shipped sample, on the CPU: loss falls, the adapter
+loads with peft, events are complete; a killed run resumes exactly where its checkpoint was; a
+SIGTERM stops at a step boundary and saves."""
+
+from __future__ import annotations
+
+import json
+import signal
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import DEFAULT_MODEL, run_cli
+
+from appliance import events as ev
+from appliance import jobs
+from appliance.config import TrainConfig
+from appliance.data.sample import shipped_path
+from appliance.store import Store
+
+SETTINGS: dict[str, Any] = {"max_steps": 8, "batch_size": 4, "max_seq_len": 192, "learning_rate": 5e-4,
+                            "eval_every": 4, "save_every": 2, "keep_checkpoints": 2, "rank": 8, "alpha": 16}
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory: pytest.TempPathFactory, default_store: Store) -> tuple[Store, Path]:
+    """A scratch store borrowing the default model, with one run of prepared sample data."""
+    import os
+
+    store = Store.open(tmp_path_factory.mktemp("train-store"))
+    os.symlink(default_store.model_dir(DEFAULT_MODEL), store.model_dir(DEFAULT_MODEL))
+    result = run_cli("data", "prepare", str(shipped_path()), "--task", "classification", "--label-field",
+                     "category", "--no-near-dup", "--json", store=store.root)
+    assert result.returncode == 0, result.stderr
+    return store, store.runs_dir / json.loads(result.stdout)["run"]
+
+
+def _clone_run(store: Store, source: Path, name: str) -> Path:
+    import shutil
+
+    target = store.runs_dir / name
+    shutil.copytree(source / "data", target / "data")
+    return target
+
+
+def _losses(run_dir: Path, offset: int = 0) -> dict[int, float]:
+    return {e.step: e.loss for e in ev.read_all(run_dir / ev.EVENTS_FILE, offset)
+            if isinstance(e, ev.Progress) and e.phase == "training" and e.loss is not None}
+
+
+@pytest.mark.slow
+def test_lora_training_end_to_end(prepared: tuple[Store, Path]) -> None:
+    store, run_dir = prepared
+    recipe = run_dir.parent / "recipe.yaml"
+    recipe.write_text("\n".join(f"{k}: {v}" for k, v in SETTINGS.items()) + "\n")
+    result = run_cli("train", "--run", run_dir.name, "--recipe", str(recipe), "--json", store=store.root)
+    assert result.returncode == 0, result.stderr
+    done = json.loads(result.stdout)
+    assert done["steps"] == 8 and done["backend"] == "hf" and done["method"] == "lora"
+    losses = _losses(run_dir)
+    assert sorted(losses) == list(range(1, 9))
+    first, last = sum(losses[s] for s in (1, 2, 3)) / 3, sum(losses[s] for s in (6, 7, 8)) / 3
+    assert last < first * 0.7, losses  # it learned
+    events = ev.read_all(run_dir / ev.EVENTS_FILE)
+    progress = [e for e in events if isinstance(e, ev.Progress) and e.phase == "training"]
+    assert all(p.lr is not None and p.tokens_per_s and p.eta_s is not None and p.mem_mb for p in progress)
+    evals = [e for e in events if isinstance(e, ev.Metric) and e.name == "eval_loss"]
+    assert [e.step for e in evals] == [4, 8]
+    checkpoints = [e for e in events if isinstance(e, ev.Artifact) and e.kind == "checkpoint"]
+    assert len(checkpoints) == 4
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-6", "step-8"]  # last 2 kept
+    adapter = [e for e in events if isinstance(e, ev.Artifact) and e.kind == "adapter"]
+    assert adapter and adapter[0].sha256 == done["sha256"]
+    assert yaml_train(run_dir)["max_steps"] == 8
+
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(store.model_dir(DEFAULT_MODEL), dtype=torch.float32)
+    ids = torch.tensor([[1, 9690, 198, 19556, 2]])
+    with torch.no_grad():
+        before = base(ids).logits
+        tuned = PeftModel.from_pretrained(base, done["adapter"])
+        after = tuned(ids).logits
+    assert not torch.allclose(before, after, atol=1e-3)  # the adapter changes the model
+
+
+def yaml_train(run_dir: Path) -> dict[str, Any]:
+    import yaml
+
+    data: dict[str, Any] = yaml.safe_load((run_dir / "run.yaml").read_text())["train"]
+    return data
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_continues_exactly(prepared: tuple[Store, Path]) -> None:
+    store, source = prepared
+    reference = _clone_run(store, source, "reference")
+    killed = _clone_run(store, source, "killed")
+    cfg = TrainConfig(store=str(store.root), **{**SETTINGS, "save_every": 4, "eval_every": 100})
+    jobs.start("train", reference, cfg).wait()
+    job = jobs.start("train", killed, cfg)
+    for event in job.follow():
+        if isinstance(event, ev.Artifact) and event.kind == "checkpoint":
+            job.kill()  # kill -9 right after the step-4 checkpoint is complete
+            break
+    assert job.process.returncode == -signal.SIGKILL
+    resumed = jobs.start("train", killed, cfg.model_copy(update={"resume": True}))
+    done = resumed.wait()
+    assert done.result["steps"] == 8 and done.result["resumed_from"] == 4
+    after = _losses(killed, resumed.offset)
+    assert sorted(after) == [5, 6, 7, 8]  # it continued, it did not restart at step 1
+    expected = _losses(reference)
+    for step in (5, 6, 7, 8):
+        assert after[step] == pytest.approx(expected[step], rel=0.02), (step, after, expected)
+
+
+@pytest.mark.slow
+def test_sigterm_stops_at_a_step_and_saves(prepared: tuple[Store, Path]) -> None:
+    store, source = prepared
+    run_dir = _clone_run(store, source, "stopped")
+    cfg = TrainConfig(store=str(store.root), **{**SETTINGS, "max_steps": 40, "save_every": 100})
+    job = jobs.start("train", run_dir, cfg)
+    for event in job.follow():
+        if isinstance(event, ev.Progress) and event.phase == "training" and event.step >= 2:
+            job.process.send_signal(signal.SIGTERM)
+            break
+    with pytest.raises(jobs.Cancelled) as excinfo:
+        job.wait()
+    assert job.process.returncode == 130
+    assert "checkpoint is saved" in excinfo.value.message and f"--resume {run_dir.name}" in excinfo.value.hint
+    saved = sorted((run_dir / "checkpoints").iterdir())
+    assert len(saved) == 1 and int(saved[0].name.split("-")[1]) >= 2
+    assert not (run_dir / "adapter").exists()
