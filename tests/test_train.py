@@ -49,14 +49,17 @@ def _losses(run_dir: Path, offset: int = 0) -> dict[int, float]:
 
 
 @pytest.mark.slow
-def test_lora_training_end_to_end(prepared: tuple[Store, Path]) -> None:
-    store, run_dir = prepared
+@pytest.mark.parametrize("backend", ["hf", "unsloth"])
+def test_lora_training_end_to_end(backend: str, prepared: tuple[Store, Path]) -> None:
+    store, source = prepared
+    run_dir = _clone_run(store, source, f"e2e-{backend}")
     recipe = run_dir.parent / "recipe.yaml"
     recipe.write_text("\n".join(f"{k}: {v}" for k, v in SETTINGS.items()) + "\n")
-    result = run_cli("train", "--run", run_dir.name, "--recipe", str(recipe), "--json", store=store.root)
+    result = run_cli("train", "--run", run_dir.name, "--recipe", str(recipe), "--backend", backend, "--json",
+                     store=store.root)
     assert result.returncode == 0, result.stderr
     done = json.loads(result.stdout)
-    assert done["steps"] == 8 and done["backend"] == "hf" and done["method"] == "lora"
+    assert done["steps"] == 8 and done["backend"] == backend and done["method"] == "lora"
     losses = _losses(run_dir)
     assert sorted(losses) == list(range(1, 9))
     first, last = sum(losses[s] for s in (1, 2, 3)) / 3, sum(losses[s] for s in (6, 7, 8)) / 3

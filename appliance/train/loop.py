@@ -57,6 +57,7 @@ def run(cfg: TrainConfig, run_dir: Path, emit: Emitter) -> TrainResult:
         raise TrainError(f"run {run_dir.name} has no prepared data", f"Run `appliance data prepare FILES --run "
                          f"{run_dir.name}` first.")
     torch.manual_seed(cfg.seed)
+    backend = _choose_backend(cfg, emit)  # before transformers loads: Unsloth patches it on import
     from appliance.data.template import load_tokenizer
 
     tokenizer = load_tokenizer(model_dir)
@@ -74,7 +75,7 @@ def run(cfg: TrainConfig, run_dir: Path, emit: Emitter) -> TrainResult:
     total_steps = cfg.max_steps or max(1, math.ceil(steps_per_epoch * cfg.epochs))
 
     emit.progress("loading the base model", 0, total_steps)
-    model, backend, dtype = _load_model(cfg, model_dir)
+    model, dtype = _load_model(cfg, model_dir, backend)
     device = next(model.parameters()).device
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
@@ -183,13 +184,54 @@ def _cpu_has_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def _load_model(cfg: TrainConfig, model_dir: Path) -> tuple[Any, str, str]:
+def _choose_backend(cfg: TrainConfig, emit: Emitter) -> str:
+    """`auto` takes Unsloth when it imports (its CUDA kernels, or its own CPU fallback), else hf."""
+    if cfg.backend == "hf":
+        return "hf"
+    try:
+        import unsloth  # noqa: F401
+    except Exception as exc:
+        if cfg.backend == "unsloth":
+            raise ConfigError(f"Unsloth does not load here: {type(exc).__name__}: {exc}",
+                              "Use --backend hf, or run ./install.sh again.") from exc
+        emit.log(f"Unsloth does not load here ({type(exc).__name__}); using the hf backend", "warning")
+        return "hf"
+    return "unsloth"
+
+
+def _linear_names(model: Any) -> list[str]:
+    import torch
+
+    names = {name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+             if isinstance(module, torch.nn.Linear) and "lm_head" not in name}
+    return sorted(names)
+
+
+def _load_unsloth(cfg: TrainConfig, model_dir: Path, dtype: Any) -> Any:
+    from unsloth import FastLanguageModel
+
+    model, _tokenizer = FastLanguageModel.from_pretrained(
+        model_name=str(model_dir), max_seq_length=cfg.max_seq_len, dtype=dtype,
+        load_in_4bit=cfg.method == "qlora", full_finetuning=cfg.method == "full", local_files_only=True,
+    )
+    if cfg.method == "full":
+        return model
+    targets = _linear_names(model) if cfg.target_modules == "all-linear" else cfg.target_modules
+    return FastLanguageModel.get_peft_model(
+        model, r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets,
+        use_gradient_checkpointing="unsloth" if cfg.gradient_checkpointing else False, random_state=cfg.seed,
+    )
+
+
+def _load_model(cfg: TrainConfig, model_dir: Path, backend: str) -> tuple[Any, str]:
     import torch
     from transformers import AutoModelForCausalLM
 
-    if cfg.backend == "unsloth":
-        raise ConfigError("the unsloth backend is not wired into training yet", "Use --backend hf (or auto).")
     dtype = _dtype(cfg)
+    if backend == "unsloth":
+        if cfg.method == "qlora" and not torch.cuda.is_available():
+            raise ConfigError("qlora loads the base in 4-bit, which needs a CUDA GPU", "Use --method lora here.")
+        return _load_unsloth(cfg, model_dir, dtype), str(dtype).removeprefix("torch.")
     kwargs: dict[str, Any] = {"dtype": dtype}
     if cfg.method == "qlora":
         if not torch.cuda.is_available():
@@ -208,7 +250,7 @@ def _load_model(cfg: TrainConfig, model_dir: Path) -> tuple[Any, str, str]:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     if cfg.method == "full":
-        return model, "hf", str(dtype).removeprefix("torch.")
+        return model, str(dtype).removeprefix("torch.")
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     if cfg.method == "qlora":
@@ -218,7 +260,7 @@ def _load_model(cfg: TrainConfig, model_dir: Path) -> tuple[Any, str, str]:
     model = get_peft_model(model, lora)
     if cfg.gradient_checkpointing:
         model.enable_input_require_grads()
-    return model, "hf", str(dtype).removeprefix("torch.")
+    return model, str(dtype).removeprefix("torch.")
 
 
 def _optimizer_step(model: Any, micro: list[dict[str, Any]], params: list[Any], optimizer: Any, scheduler: Any,
