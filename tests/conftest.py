@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from appliance.data.sample import shipped_path
 from appliance.store import Store
 
 REPO = Path(__file__).resolve().parents[1]
@@ -42,6 +44,24 @@ def default_store() -> Store:
 @pytest.fixture(scope="session")
 def default_model_dir(default_store: Store) -> Path:
     return default_store.model_dir(DEFAULT_MODEL)
+
+
+@pytest.fixture(scope="session")
+def prepared(tmp_path_factory: pytest.TempPathFactory, default_store: Store) -> tuple[Store, Path]:
+    """A scratch store borrowing the default model, with one run of prepared sample data."""
+    store = Store.open(tmp_path_factory.mktemp("train-store"))
+    os.symlink(default_store.model_dir(DEFAULT_MODEL), store.model_dir(DEFAULT_MODEL))
+    result = run_cli("data", "prepare", str(shipped_path()), "--task", "classification", "--label-field",
+                     "category", "--no-near-dup", "--json", store=store.root)
+    assert result.returncode == 0, result.stderr
+    return store, store.runs_dir / json.loads(result.stdout)["run"]
+
+
+def clone_run(store: Store, source: Path, name: str) -> Path:
+    """A new run in `store` with the prepared data of `source`."""
+    target = store.runs_dir / name
+    shutil.copytree(source / "data", target / "data")
+    return target
 
 
 @pytest.fixture

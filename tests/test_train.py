@@ -10,37 +10,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import DEFAULT_MODEL, run_cli
+from conftest import DEFAULT_MODEL, clone_run, run_cli
 
 from appliance import events as ev
 from appliance import jobs
 from appliance.config import TrainConfig
-from appliance.data.sample import shipped_path
 from appliance.store import Store
 
 SETTINGS: dict[str, Any] = {"max_steps": 8, "batch_size": 4, "max_seq_len": 192, "learning_rate": 5e-4,
                             "eval_every": 4, "save_every": 2, "keep_checkpoints": 2, "rank": 8, "alpha": 16}
-
-
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory: pytest.TempPathFactory, default_store: Store) -> tuple[Store, Path]:
-    """A scratch store borrowing the default model, with one run of prepared sample data."""
-    import os
-
-    store = Store.open(tmp_path_factory.mktemp("train-store"))
-    os.symlink(default_store.model_dir(DEFAULT_MODEL), store.model_dir(DEFAULT_MODEL))
-    result = run_cli("data", "prepare", str(shipped_path()), "--task", "classification", "--label-field",
-                     "category", "--no-near-dup", "--json", store=store.root)
-    assert result.returncode == 0, result.stderr
-    return store, store.runs_dir / json.loads(result.stdout)["run"]
-
-
-def _clone_run(store: Store, source: Path, name: str) -> Path:
-    import shutil
-
-    target = store.runs_dir / name
-    shutil.copytree(source / "data", target / "data")
-    return target
 
 
 def _losses(run_dir: Path, offset: int = 0) -> dict[int, float]:
@@ -52,7 +30,7 @@ def _losses(run_dir: Path, offset: int = 0) -> dict[int, float]:
 @pytest.mark.parametrize("backend", ["hf", "unsloth"])
 def test_lora_training_end_to_end(backend: str, prepared: tuple[Store, Path]) -> None:
     store, source = prepared
-    run_dir = _clone_run(store, source, f"e2e-{backend}")
+    run_dir = clone_run(store, source, f"e2e-{backend}")
     recipe = run_dir.parent / "recipe.yaml"
     recipe.write_text("\n".join(f"{k}: {v}" for k, v in SETTINGS.items()) + "\n")
     result = run_cli("train", "--run", run_dir.name, "--recipe", str(recipe), "--backend", backend, "--json",
@@ -99,8 +77,8 @@ def yaml_train(run_dir: Path) -> dict[str, Any]:
 @pytest.mark.slow
 def test_sigkill_then_resume_continues_exactly(prepared: tuple[Store, Path]) -> None:
     store, source = prepared
-    reference = _clone_run(store, source, "reference")
-    killed = _clone_run(store, source, "killed")
+    reference = clone_run(store, source, "reference")
+    killed = clone_run(store, source, "killed")
     cfg = TrainConfig(store=str(store.root), **{**SETTINGS, "save_every": 4, "eval_every": 100})
     jobs.start("train", reference, cfg).wait()
     job = jobs.start("train", killed, cfg)
@@ -122,7 +100,7 @@ def test_sigkill_then_resume_continues_exactly(prepared: tuple[Store, Path]) -> 
 @pytest.mark.slow
 def test_sigterm_stops_at_a_step_and_saves(prepared: tuple[Store, Path]) -> None:
     store, source = prepared
-    run_dir = _clone_run(store, source, "stopped")
+    run_dir = clone_run(store, source, "stopped")
     cfg = TrainConfig(store=str(store.root), **{**SETTINGS, "max_steps": 40, "save_every": 100})
     job = jobs.start("train", run_dir, cfg)
     for event in job.follow():

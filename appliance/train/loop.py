@@ -9,6 +9,7 @@ and the position in the epoch, so the loss curve continues instead of restarting
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import resource
@@ -42,6 +43,7 @@ class TrainResult(BaseModel):
     train_loss: float
     eval_loss: float | None
     real_tokens: int
+    peak_mem_mb: float
     seconds: float
     resumed_from: int | None = None
 
@@ -74,9 +76,9 @@ def run(cfg: TrainConfig, run_dir: Path, emit: Emitter) -> TrainResult:
     steps_per_epoch = math.ceil(batches_per_epoch / cfg.grad_accum)
     total_steps = cfg.max_steps or max(1, math.ceil(steps_per_epoch * cfg.epochs))
 
+    memory_plan = _check_plan(cfg, store, model_dir, max(len(r.input_ids) for r in train_rows), emit)
     emit.progress("loading the base model", 0, total_steps)
     model, dtype = _load_model(cfg, model_dir, backend)
-    device = next(model.parameters()).device
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     from transformers import get_scheduler
@@ -98,6 +100,22 @@ def run(cfg: TrainConfig, run_dir: Path, emit: Emitter) -> TrainResult:
     emit.log(f"training {sum(p.numel() for p in params):,} parameters ({backend}, {cfg.method}, {dtype}) for "
              f"{total_steps} steps on {len(train_rows)} rows, {len(val_rows)} validation rows")
 
+    try:
+        return _train(cfg, run_dir, emit, model, tokenizer, optimizer, scheduler, params, state, train_rows,
+                      val_rows, pad_id, total_steps, backend, dtype, resumed_from, started)
+    except MemoryError as exc:
+        raise _out_of_memory(cfg, memory_plan, state["step"]) from exc
+    except RuntimeError as exc:  # torch.cuda.OutOfMemoryError is a RuntimeError
+        if "out of memory" not in str(exc).lower():
+            raise
+        raise _out_of_memory(cfg, memory_plan, state["step"]) from exc
+
+
+def _train(cfg: TrainConfig, run_dir: Path, emit: Emitter, model: Any, tokenizer: Any, optimizer: Any,
+           scheduler: Any, params: list[Any], state: dict[str, Any], train_rows: list[Encoded],
+           val_rows: list[Encoded], pad_id: int, total_steps: int, backend: str, dtype: str,
+           resumed_from: int | None, started: float) -> TrainResult:
+    device = next(model.parameters()).device
     model.train()
     window_tokens, window_start = 0, time.monotonic()
     seconds_before = state["seconds"]
@@ -151,7 +169,39 @@ def run(cfg: TrainConfig, run_dir: Path, emit: Emitter) -> TrainResult:
     return TrainResult(adapter=str(adapter_dir), sha256=digest, backend=backend, method=cfg.method,
                        steps=state["step"], train_loss=state["losses"][-1][1],
                        eval_loss=evals[-1][1] if evals else None, real_tokens=state["real_tokens"],
+                       peak_mem_mb=_peak_mb(device),
                        seconds=round(time.monotonic() - started, 2), resumed_from=resumed_from)
+
+
+def _check_plan(cfg: TrainConfig, store: Store, model_dir: Path, longest: int, emit: Emitter) -> Any:
+    """Predict peak memory and refuse a run that cannot fit, naming the nearest setting that does."""
+    import torch
+
+    from appliance import hardware
+    from appliance.train import planner
+
+    info = json.loads((model_dir / "source.json").read_text(encoding="utf-8"))
+    if torch.cuda.is_available():
+        device, available = "cuda", torch.cuda.mem_get_info(0)[0] / 2**20
+    else:
+        device, available = "cpu", float(hardware.memory().available_mb)
+    predicted = planner.plan(cfg, model_dir, info["parameters"], longest, device, available)
+    emit.log(f"memory plan: about {predicted.peak_mb / 1024:.1f} GiB at peak on {device} "
+             f"({predicted.available_mb / 1024:.1f} GiB available), {predicted.disk_mb / 1024:.1f} GiB of disk")
+    emit.metric("planned_peak_mb", predicted.peak_mb)
+    if not predicted.fits:
+        fix = planner.nearest_fit(cfg, model_dir, info["parameters"], longest, device, available)
+        hint = (f"With {planner.as_flags(fix[0])} it needs about {fix[1].peak_mb / 1024:.1f} GiB."
+                if fix else "No smaller setting fits: use a smaller base model or a machine with more memory.")
+        raise TrainError(f"this run needs about {predicted.peak_mb / 1024:.1f} GiB of {device} memory but "
+                         f"{predicted.available_mb / 1024:.1f} GiB is available", hint)
+    return predicted
+
+
+def _out_of_memory(cfg: TrainConfig, memory_plan: Any, step: int) -> TrainError:
+    return TrainError(f"ran out of memory at step {step} (planned peak {memory_plan.peak_mb / 1024:.1f} GiB)",
+                      "Lower --batch-size (raise grad_accum to keep the effective batch), lower --max-seq-len, "
+                      "or enable gradient_checkpointing in the recipe; the last checkpoint is kept for --resume.")
 
 
 def _base_model(cfg: TrainConfig, store: Store) -> tuple[Path, str]:

@@ -1,0 +1,129 @@
+"""Memory and disk plan of a training run, before anything loads.
+
+Peak memory = runtime + weights at their precision + trainable state (LoRA or full weights, their
+gradients and AdamW's two fp32 moments) + activations of one micro-batch at its longest padded
+length. Activations have two parts: the transformer layers (hidden states, MLP intermediates and
+attention scores per token and layer; with gradient checkpointing only each layer's input plus
+one layer's worth) and the logits over the vocabulary, which the loss keeps in fp32 several times
+over; for small models with large vocabularies the logits dominate. The constants were measured
+on this project's default model on the CPU (see tests/test_planner.py for the check against
+measured peaks). A plan that does not fit is refused with the nearest setting that does.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from appliance.config import TrainConfig
+
+MB = 1024 * 1024
+RUNTIME_MB = {"cpu": 600.0, "cuda": 0.0}  # torch + transformers + peft in the process; CUDA counts VRAM only
+LOGIT_COPIES = 5.5  # fp32 vocabulary-sized tensors per token kept by the loss and its backward
+LAYER_FACTOR = 1.26
+ADAM_BYTES = 16  # fp32 parameter, gradient and two moments per trainable parameter
+
+
+@dataclass
+class Plan:
+    device: str
+    tokens_per_micro_batch: int
+    seq_len: int
+    weights_mb: float
+    trainable_params: int
+    trainable_state_mb: float
+    activations_mb: float
+    runtime_mb: float
+    peak_mb: float
+    available_mb: float
+    disk_mb: float
+
+    @property
+    def fits(self) -> bool:
+        return self.peak_mb <= self.available_mb * 0.95
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: (round(v, 1) if isinstance(v, float) else v) for k, v in self.__dict__.items()} | {
+            "fits": self.fits}
+
+
+def _lora_params(config: dict[str, Any], rank: int, targets: list[str] | str) -> int:
+    h = config["hidden_size"]
+    inter = config.get("intermediate_size", 4 * h)
+    heads = config["num_attention_heads"]
+    kv = config.get("num_key_value_heads", heads)
+    head_dim = config.get("head_dim") or h // heads
+    shapes = {"q_proj": (h, heads * head_dim), "k_proj": (h, kv * head_dim), "v_proj": (h, kv * head_dim),
+              "o_proj": (heads * head_dim, h), "gate_proj": (h, inter), "up_proj": (h, inter),
+              "down_proj": (inter, h)}
+    chosen = shapes if targets == "all-linear" else {k: v for k, v in shapes.items() if k in targets}
+    return int(config["num_hidden_layers"] * sum(rank * (i + o) for i, o in chosen.values()))
+
+
+def plan(cfg: TrainConfig, model_dir: Path, parameters: int, data_max_tokens: int, device: str,
+         available_mb: float) -> Plan:
+    config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    h, layers = config["hidden_size"], config["num_hidden_layers"]
+    inter = config.get("intermediate_size", 4 * h)
+    heads, vocab = config["num_attention_heads"], config["vocab_size"]
+    dtype_bytes = 4 if cfg.dtype == "float32" else 2
+    seq = max(1, min(cfg.max_seq_len, data_max_tokens))
+    tokens = cfg.batch_size * seq
+    weights = parameters * dtype_bytes
+    if cfg.method == "qlora":  # NF4 with double quantisation; embeddings and head stay 16-bit
+        weights = parameters * 0.56 + vocab * h * 2 * 2
+    trainable = parameters if cfg.method == "full" else _lora_params(config, cfg.rank, cfg.target_modules)
+    state = trainable * ADAM_BYTES
+    per_layer_token = dtype_bytes * (6 * h + 2 * inter + 2 * heads * seq) * LAYER_FACTOR
+    if cfg.gradient_checkpointing:
+        layer_act = tokens * (layers * h * dtype_bytes * 2 + per_layer_token)
+    else:
+        layer_act = tokens * layers * per_layer_token
+    logits = tokens * vocab * 4 * LOGIT_COPIES
+    runtime = RUNTIME_MB.get(device, 0.0)
+    peak = runtime + (weights + state + layer_act + logits) / MB
+    adapter = trainable * dtype_bytes
+    disk = (cfg.keep_checkpoints * (adapter + trainable * 8) + adapter + parameters * 2 * 2
+            + parameters * 1.1) / MB  # checkpoints, final adapter, merged 16-bit, GGUF f16 + Q8_0
+    return Plan(device=device, tokens_per_micro_batch=tokens, seq_len=seq, weights_mb=weights / MB,
+                trainable_params=trainable, trainable_state_mb=state / MB,
+                activations_mb=(layer_act + logits) / MB, runtime_mb=runtime, peak_mb=peak,
+                available_mb=available_mb, disk_mb=disk)
+
+
+def nearest_fit(cfg: TrainConfig, model_dir: Path, parameters: int, data_max_tokens: int, device: str,
+                available_mb: float) -> tuple[dict[str, Any], Plan] | None:
+    """The smallest change that fits: checkpointing, then smaller batches (same effective batch
+    through accumulation), then shorter sequences, then 4-bit on a GPU."""
+    candidates: list[dict[str, Any]] = []
+    if not cfg.gradient_checkpointing:
+        candidates.append({"gradient_checkpointing": True})
+    batch = cfg.batch_size
+    accum = cfg.grad_accum
+    while batch > 1:
+        batch, accum = batch // 2, accum * 2
+        candidates.append({"gradient_checkpointing": True, "batch_size": batch, "grad_accum": accum})
+    seq = min(cfg.max_seq_len, data_max_tokens)
+    while seq > 256:
+        seq //= 2
+        candidates.append({"gradient_checkpointing": True, "batch_size": 1,
+                           "grad_accum": cfg.grad_accum * cfg.batch_size, "max_seq_len": seq})
+    if device == "cuda" and cfg.method == "lora":
+        candidates.append({"method": "qlora", "gradient_checkpointing": True, "batch_size": 1,
+                           "grad_accum": cfg.grad_accum * cfg.batch_size})
+    for change in candidates:
+        trial = cfg.model_copy(update=change)
+        result = plan(trial, model_dir, parameters, data_max_tokens, device, available_mb)
+        if result.fits:
+            return change, result
+    return None
+
+
+def as_flags(change: dict[str, Any]) -> str:
+    parts = []
+    for key, value in change.items():
+        flag = "--" + key.replace("_", "-")
+        parts.append(flag if value is True else f"{flag} {value}")
+    return " ".join(parts)
