@@ -138,5 +138,18 @@ class TrainConfig(StageConfig):
     early_stopping_patience: int | None = Field(default=None, ge=1, description="Stop after this many "
                                                 "evaluations without a better validation loss")
     backend: Literal["auto", "unsloth", "hf"] = Field(default="auto", description="Training library")
+
+    @field_validator("mix")
+    @classmethod
+    def _weights_positive(cls, value: dict[str, float]) -> dict[str, float]:
+        bad = [run for run, weight in value.items() if not 0 < weight <= 100]
+        if bad:
+            raise ValueError(f"mix weights must be in (0, 100]; check {', '.join(bad)}")
+        return value
+    init_from: str | None = Field(default=None, description="Run whose trained adapter (or model) this run "
+                                  "starts from: sequential fine-tuning on new data")
+    mix: dict[str, float] = Field(default_factory=dict, description="Multi-task: other runs whose training "
+                                  "data is mixed in, each with a weight relative to this run's own data (1.0 = as "
+                                  "many rows as this run has)")
     resume: bool = Field(default=False, description="Continue from the run's last complete checkpoint")
     store: str = Field(description="Path of the model store")

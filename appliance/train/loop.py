@@ -43,6 +43,7 @@ class TrainResult(BaseModel):
     train_loss: float
     eval_loss: float | None
     real_tokens: int
+    train_seconds: float
     peak_mem_mb: float
     seconds: float
     resumed_from: int | None = None
@@ -72,11 +73,14 @@ def run(cfg: TrainConfig, run_dir: Path, emit: Emitter) -> TrainResult:
                          "Check the prepared data (runs/<run>/data/train.jsonl) and --max-seq-len.")
     if truncated:
         emit.log(f"{truncated} training rows were truncated to {cfg.max_seq_len} tokens", "warning")
+    train_rows = train_rows + _mixed_rows(cfg, store, tokenizer, len(train_rows), emit)
     batches_per_epoch = math.ceil(len(train_rows) / cfg.batch_size)
     steps_per_epoch = math.ceil(batches_per_epoch / cfg.grad_accum)
     total_steps = cfg.max_steps or max(1, math.ceil(steps_per_epoch * cfg.epochs))
 
-    memory_plan = _check_plan(cfg, store, model_dir, max(len(r.input_ids) for r in train_rows), emit)
+    longest = max(len(r.input_ids) for r in train_rows)
+    answer_share = max(sum(label != IGNORE for label in r.labels) / len(r.labels) for r in train_rows)
+    memory_plan = _check_plan(cfg, model_dir, longest, answer_share, emit)
     emit.progress("loading the base model", 0, total_steps)
     model, dtype = _load_model(cfg, model_dir, backend)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -87,6 +91,9 @@ def run(cfg: TrainConfig, run_dir: Path, emit: Emitter) -> TrainResult:
                               num_training_steps=total_steps)
     state: dict[str, Any] = {"step": 0, "epoch": 0, "batch": 0, "losses": [], "evals": [], "best_eval": None,
                              "bad_evals": 0, "real_tokens": 0, "seconds": 0.0, "total_steps": total_steps}
+    if cfg.init_from and not cfg.resume:
+        _init_from(cfg, store, model)
+        emit.log(f"starting from the trained weights of run {cfg.init_from}")
     resumed_from = None
     last = checkpoint.latest(run_dir) if cfg.resume else None
     if cfg.resume and last is None:
@@ -169,11 +176,42 @@ def _train(cfg: TrainConfig, run_dir: Path, emit: Emitter, model: Any, tokenizer
     return TrainResult(adapter=str(adapter_dir), sha256=digest, backend=backend, method=cfg.method,
                        steps=state["step"], train_loss=state["losses"][-1][1],
                        eval_loss=evals[-1][1] if evals else None, real_tokens=state["real_tokens"],
-                       peak_mem_mb=_peak_mb(device),
+                       train_seconds=round(state["seconds"], 2), peak_mem_mb=_peak_mb(device),
                        seconds=round(time.monotonic() - started, 2), resumed_from=resumed_from)
 
 
-def _check_plan(cfg: TrainConfig, store: Store, model_dir: Path, longest: int, emit: Emitter) -> Any:
+def _mixed_rows(cfg: TrainConfig, store: Store, tokenizer: Any, own: int, emit: Emitter) -> list[Encoded]:
+    """Rows of other runs' training splits, drawn in proportion to their weights (multi-task)."""
+    import random
+
+    mixed: list[Encoded] = []
+    rng = random.Random(cfg.seed)
+    for run_id, weight in sorted(cfg.mix.items()):
+        rows, _ = load_split(store.run_dir(run_id) / "data" / "train.jsonl", tokenizer, cfg.max_seq_len)
+        if not rows:
+            raise TrainError(f"run {run_id} named in mix has no prepared training data",
+                             f"Prepare it first: appliance data prepare FILES --run {run_id}.")
+        wanted = max(1, round(weight * own))
+        picked = rng.sample(rows, wanted) if wanted <= len(rows) else [rng.choice(rows) for _ in range(wanted)]
+        mixed.extend(picked)
+        emit.log(f"mixing in {wanted} rows from run {run_id} (weight {weight})")
+    return mixed
+
+
+def _init_from(cfg: TrainConfig, store: Store, model: Any) -> None:
+    """Load a previous run's trained weights (sequential fine-tuning); the shapes must agree."""
+    folder = store.run_dir(cfg.init_from or "") / "adapter"
+    if not folder.is_dir():
+        raise TrainError(f"run {cfg.init_from} has no trained adapter", "Train it first, or leave out --init-from.")
+    if cfg.method != "full":
+        saved = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
+        if saved.get("r") != cfg.rank:
+            raise TrainError(f"run {cfg.init_from} trained rank {saved.get('r')} adapters, this run asks for rank "
+                             f"{cfg.rank}", f"Use --rank {saved.get('r')} to continue from it.")
+    _load_weights(model, folder, cfg.method)
+
+
+def _check_plan(cfg: TrainConfig, model_dir: Path, longest: int, answer_share: float, emit: Emitter) -> Any:
     """Predict peak memory and refuse a run that cannot fit, naming the nearest setting that does."""
     import torch
 
@@ -185,12 +223,12 @@ def _check_plan(cfg: TrainConfig, store: Store, model_dir: Path, longest: int, e
         device, available = "cuda", torch.cuda.mem_get_info(0)[0] / 2**20
     else:
         device, available = "cpu", float(hardware.memory().available_mb)
-    predicted = planner.plan(cfg, model_dir, info["parameters"], longest, device, available)
+    predicted = planner.plan(cfg, model_dir, info["parameters"], longest, device, available, answer_share)
     emit.log(f"memory plan: about {predicted.peak_mb / 1024:.1f} GiB at peak on {device} "
              f"({predicted.available_mb / 1024:.1f} GiB available), {predicted.disk_mb / 1024:.1f} GiB of disk")
     emit.metric("planned_peak_mb", predicted.peak_mb)
     if not predicted.fits:
-        fix = planner.nearest_fit(cfg, model_dir, info["parameters"], longest, device, available)
+        fix = planner.nearest_fit(cfg, model_dir, info["parameters"], longest, device, available, answer_share)
         hint = (f"With {planner.as_flags(fix[0])} it needs about {fix[1].peak_mb / 1024:.1f} GiB."
                 if fix else "No smaller setting fits: use a smaller base model or a machine with more memory.")
         raise TrainError(f"this run needs about {predicted.peak_mb / 1024:.1f} GiB of {device} memory but "
@@ -321,17 +359,41 @@ def _optimizer_step(model: Any, micro: list[dict[str, Any]], params: list[Any], 
     total = max(1, sum(counts))
     loss_sum = 0.0
     tokens = 0
-    for batch, count in zip(micro, counts, strict=True):
+    for batch in micro:
         batch = {k: v.to(device) for k, v in batch.items()}
-        out = model(**batch)
-        (out.loss * (count / total)).backward()
-        loss_sum += float(out.loss.detach()) * count
+        summed = answer_loss_sum(model, batch)
+        (summed / total).backward()
+        loss_sum += float(summed.detach())
         tokens += int(batch["attention_mask"].sum())
     torch.nn.utils.clip_grad_norm_(params, 1.0)
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return loss_sum / total, tokens
+
+
+def answer_loss_sum(model: Any, batch: dict[str, Any]) -> Any:
+    """Summed cross-entropy over the trained (answer) tokens of a batch.
+
+    With answers a small share of each row, projecting every position onto the vocabulary (what
+    a plain forward with labels does) spends most of the time and memory on logits that carry no
+    loss. We run the decoder, then the output head on the answer positions only. Models whose
+    head is not a plain projection (logit soft-capping, scaling) take the ordinary path.
+    """
+    import torch
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    decoder, head = getattr(base, "model", None), getattr(base, "lm_head", None)
+    config = getattr(base, "config", None)
+    special_head = any(getattr(config, name, None) for name in ("final_logit_softcapping", "logit_scale"))
+    targets = batch["labels"][:, 1:]
+    keep = targets != IGNORE
+    if decoder is None or head is None or special_head:
+        out = model(**batch)
+        return out.loss * keep.sum()
+    hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    logits = head(hidden[:, :-1][keep]).float()
+    return torch.nn.functional.cross_entropy(logits, targets[keep], reduction="sum")
 
 
 def _evaluate(model: Any, rows: list[Encoded], cfg: TrainConfig, pad_id: int, device: Any,
@@ -343,9 +405,8 @@ def _evaluate(model: Any, rows: list[Encoded], cfg: TrainConfig, pad_id: int, de
     with torch.no_grad():
         for start in range(0, len(rows), cfg.batch_size):
             batch = {k: v.to(device) for k, v in collate(rows[start:start + cfg.batch_size], pad_id).items()}
-            count = int((batch["labels"][:, 1:] != IGNORE).sum())
-            loss_sum += float(model(**batch).loss) * count
-            count_sum += count
+            loss_sum += float(answer_loss_sum(model, batch))
+            count_sum += int((batch["labels"][:, 1:] != IGNORE).sum())
     model.train()
     value = loss_sum / max(1, count_sum)
     state["evals"].append([state["step"], round(value, 5)])

@@ -63,7 +63,9 @@ def _lora_params(config: dict[str, Any], rank: int, targets: list[str] | str) ->
 
 
 def plan(cfg: TrainConfig, model_dir: Path, parameters: int, data_max_tokens: int, device: str,
-         available_mb: float) -> Plan:
+         available_mb: float, trained_fraction: float = 1.0) -> Plan:
+    """`trained_fraction`: the largest share of a row's tokens that are answer tokens; the loss
+    projects only those onto the vocabulary."""
     config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
     h, layers = config["hidden_size"], config["num_hidden_layers"]
     inter = config.get("intermediate_size", 4 * h)
@@ -81,7 +83,7 @@ def plan(cfg: TrainConfig, model_dir: Path, parameters: int, data_max_tokens: in
         layer_act = tokens * (layers * h * dtype_bytes * 2 + per_layer_token)
     else:
         layer_act = tokens * layers * per_layer_token
-    logits = tokens * vocab * 4 * LOGIT_COPIES
+    logits = tokens * min(1.0, trained_fraction) * vocab * 4 * LOGIT_COPIES
     runtime = RUNTIME_MB.get(device, 0.0)
     peak = runtime + (weights + state + layer_act + logits) / MB
     adapter = trainable * dtype_bytes
@@ -94,7 +96,7 @@ def plan(cfg: TrainConfig, model_dir: Path, parameters: int, data_max_tokens: in
 
 
 def nearest_fit(cfg: TrainConfig, model_dir: Path, parameters: int, data_max_tokens: int, device: str,
-                available_mb: float) -> tuple[dict[str, Any], Plan] | None:
+                available_mb: float, trained_fraction: float = 1.0) -> tuple[dict[str, Any], Plan] | None:
     """The smallest change that fits: checkpointing, then smaller batches (same effective batch
     through accumulation), then shorter sequences, then 4-bit on a GPU."""
     candidates: list[dict[str, Any]] = []
@@ -115,7 +117,7 @@ def nearest_fit(cfg: TrainConfig, model_dir: Path, parameters: int, data_max_tok
                            "grad_accum": cfg.grad_accum * cfg.batch_size})
     for change in candidates:
         trial = cfg.model_copy(update=change)
-        result = plan(trial, model_dir, parameters, data_max_tokens, device, available_mb)
+        result = plan(trial, model_dir, parameters, data_max_tokens, device, available_mb, trained_fraction)
         if result.fits:
             return change, result
     return None
