@@ -5,9 +5,10 @@ gradients and AdamW's two fp32 moments) + activations of one micro-batch at its 
 length. Activations have two parts: the transformer layers (hidden states, MLP intermediates and
 attention scores per token and layer; with gradient checkpointing only each layer's input plus
 one layer's worth) and the logits over the vocabulary, which the loss keeps in fp32 several times
-over; for small models with large vocabularies the logits dominate. The constants were measured
-on this project's default model on the CPU (see tests/test_planner.py for the check against
-measured peaks). A plan that does not fit is refused with the nearest setting that does.
+over, but only for answer tokens (the loss projects nothing else onto the vocabulary). The
+constants were fitted to peak RSS of this project's default model on the CPU at several batch
+sizes, with and without checkpointing (tests/test_planner.py checks two settings against fresh
+measurements). A plan that does not fit is refused with the nearest setting that does.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from appliance.config import TrainConfig
 MB = 1024 * 1024
 RUNTIME_MB = {"cpu": 600.0, "cuda": 0.0}  # torch + transformers + peft in the process; CUDA counts VRAM only
 LOGIT_COPIES = 5.5  # fp32 vocabulary-sized tensors per token kept by the loss and its backward
-LAYER_FACTOR = 1.26
+LAYER_FACTOR = 3.65  # h-sized tensors per token and layer, in units of (6h + 2I): fitted on CPU RSS
+CHECKPOINTED_SHARE = 0.45  # what gradient checkpointing (non-reentrant, with peft) still kept, measured
 ADAM_BYTES = 16  # fp32 parameter, gradient and two moments per trainable parameter
 
 
@@ -78,11 +80,11 @@ def plan(cfg: TrainConfig, model_dir: Path, parameters: int, data_max_tokens: in
         weights = parameters * 0.56 + vocab * h * 2 * 2
     trainable = parameters if cfg.method == "full" else _lora_params(config, cfg.rank, cfg.target_modules)
     state = trainable * ADAM_BYTES
-    per_layer_token = dtype_bytes * (6 * h + 2 * inter + 2 * heads * seq) * LAYER_FACTOR
+    # SDPA keeps no seq x seq score matrix, so attention adds little per token beyond its projections
+    per_layer_token = dtype_bytes * ((6 * h + 2 * inter) * LAYER_FACTOR + 0.2 * heads * seq)
+    layer_act = tokens * layers * per_layer_token
     if cfg.gradient_checkpointing:
-        layer_act = tokens * (layers * h * dtype_bytes * 2 + per_layer_token)
-    else:
-        layer_act = tokens * layers * per_layer_token
+        layer_act *= CHECKPOINTED_SHARE
     logits = tokens * min(1.0, trained_fraction) * vocab * 4 * LOGIT_COPIES
     runtime = RUNTIME_MB.get(device, 0.0)
     peak = runtime + (weights + state + layer_act + logits) / MB
