@@ -139,6 +139,15 @@ class Store:
             )
         return self._read_info(self.model_dir(name))
 
+    def resolve_model(self, name: str | None, what: str, hint: str) -> str:
+        """`name`, or the catalog's default when None; raises (with `hint`) unless it is imported."""
+        if name is None:
+            entry = self.catalog_entry("default")
+            name = entry.name if entry else None
+        if name is None or not self.has_model(name):
+            raise StoreError(f"the {what} {name!r} is not in the store", hint)
+        return name
+
     def _read_info(self, folder: Path) -> ModelInfo:
         path = folder / SOURCE_FILE
         try:

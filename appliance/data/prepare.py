@@ -148,14 +148,9 @@ def _collect_labels(cfg: DataConfig, inputs: list[Path]) -> list[str]:
 def _tokenizer(cfg: DataConfig, store: Store) -> tuple[Any, str | None]:
     if not cfg.templating:
         return None, None
-    name = cfg.model
-    if name is None:
-        entry = store.catalog_entry("default")
-        name = entry.name if entry else None
-    if name is None or not store.has_model(name):
-        raise StoreError(f"the model {name!r} whose chat template the data uses is not in the store",
-                         "Import it (appliance models import default), name another with --model, "
-                         "or pass --no-templating.")
+    name = store.resolve_model(cfg.model, "model whose chat template the data uses",
+                               "Import it (appliance models import default), name another with --model, "
+                               "or pass --no-templating.")
     from appliance.data.template import load_tokenizer
 
     tokenizer = load_tokenizer(store.model_dir(name))
