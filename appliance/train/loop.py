@@ -16,6 +16,7 @@ import resource
 import shutil
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -49,12 +50,34 @@ class TrainResult(BaseModel):
     resumed_from: int | None = None
 
 
+@dataclass
+class _Session:
+    """What the step loop works with, set up by `run`."""
+
+    cfg: TrainConfig
+    run_dir: Path
+    emit: Emitter
+    model: Any
+    tokenizer: Any
+    optimizer: Any
+    scheduler: Any
+    params: list[Any]
+    train_rows: list[Encoded]
+    val_rows: list[Encoded]
+    pad_id: int
+    total_steps: int
+    backend: str
+    dtype: str
+    resumed_from: int | None
+    started: float
+
+
 def run(cfg: TrainConfig, run_dir: Path, emit: Emitter) -> TrainResult:
     import torch
 
     started = time.monotonic()
     store = Store.open(cfg.store)
-    model_dir, _name = _base_model(cfg, store)
+    model_dir = _base_model(cfg, store)
     data_dir = run_dir / "data"
     if not (data_dir / "train.jsonl").is_file():
         raise TrainError(f"run {run_dir.name} has no prepared data", f"Run `appliance data prepare FILES --run "
@@ -108,8 +131,9 @@ def run(cfg: TrainConfig, run_dir: Path, emit: Emitter) -> TrainResult:
              f"{total_steps} steps on {len(train_rows)} rows, {len(val_rows)} validation rows")
 
     try:
-        return _train(cfg, run_dir, emit, model, tokenizer, optimizer, scheduler, params, state, train_rows,
-                      val_rows, pad_id, total_steps, backend, dtype, resumed_from, started)
+        session = _Session(cfg, run_dir, emit, model, tokenizer, optimizer, scheduler, params, train_rows, val_rows,
+                           pad_id, total_steps, backend, dtype, resumed_from, started)
+        return _train(session, state)
     except MemoryError as exc:
         raise _out_of_memory(cfg, memory_plan, state["step"]) from exc
     except RuntimeError as exc:  # torch.cuda.OutOfMemoryError is a RuntimeError
@@ -118,24 +142,22 @@ def run(cfg: TrainConfig, run_dir: Path, emit: Emitter) -> TrainResult:
         raise _out_of_memory(cfg, memory_plan, state["step"]) from exc
 
 
-def _train(cfg: TrainConfig, run_dir: Path, emit: Emitter, model: Any, tokenizer: Any, optimizer: Any,
-           scheduler: Any, params: list[Any], state: dict[str, Any], train_rows: list[Encoded],
-           val_rows: list[Encoded], pad_id: int, total_steps: int, backend: str, dtype: str,
-           resumed_from: int | None, started: float) -> TrainResult:
-    device = next(model.parameters()).device
-    model.train()
+def _train(s: _Session, state: dict[str, Any]) -> TrainResult:
+    """The step loop, the final evaluation and the saved adapter."""
+    device = next(s.model.parameters()).device
+    s.model.train()
     window_tokens, window_start = 0, time.monotonic()
     seconds_before = state["seconds"]
     session_start = time.monotonic()
     saved_at = state["step"]
     stop_reason = None
-    while state["step"] < total_steps and stop_reason is None:
-        batches = epoch_batches(train_rows, cfg.batch_size, cfg.seed, state["epoch"],
-                                cfg.batching == "length_grouped")
-        while state["batch"] < len(batches) and state["step"] < total_steps:
-            micro = [collate([train_rows[i] for i in b], pad_id) for b in
-                     batches[state["batch"]:state["batch"] + cfg.grad_accum]]
-            loss, tokens = _optimizer_step(model, micro, params, optimizer, scheduler, device)
+    while state["step"] < s.total_steps and stop_reason is None:
+        batches = epoch_batches(s.train_rows, s.cfg.batch_size, s.cfg.seed, state["epoch"],
+                                s.cfg.batching == "length_grouped")
+        while state["batch"] < len(batches) and state["step"] < s.total_steps:
+            micro = [collate([s.train_rows[i] for i in b], s.pad_id) for b in
+                     batches[state["batch"]:state["batch"] + s.cfg.grad_accum]]
+            loss, tokens = _optimizer_step(s.model, micro, s.params, s.optimizer, s.scheduler, device)
             state["step"] += 1
             state["batch"] += len(micro)
             state["real_tokens"] += tokens
@@ -144,40 +166,40 @@ def _train(cfg: TrainConfig, run_dir: Path, emit: Emitter, model: Any, tokenizer
             now = time.monotonic()
             state["seconds"] = seconds_before + now - session_start
             rate = window_tokens / max(1e-6, now - window_start)
-            per_step = (now - session_start) / max(1, state["step"] - (resumed_from or 0))
-            emit.progress("training", state["step"], total_steps, loss=loss, lr=scheduler.get_last_lr()[0],
-                          tokens_per_s=round(rate, 1), eta_s=round(per_step * (total_steps - state["step"]), 1),
-                          mem_mb=_peak_mb(device))
+            per_step = (now - session_start) / max(1, state["step"] - (s.resumed_from or 0))
+            s.emit.progress("training", state["step"], s.total_steps, loss=loss, lr=s.scheduler.get_last_lr()[0],
+                            tokens_per_s=round(rate, 1), eta_s=round(per_step * (s.total_steps - state["step"]), 1),
+                            mem_mb=_peak_mb(device))
             if now - window_start > 30:
                 window_tokens, window_start = 0, now
-            if val_rows and (state["step"] % cfg.eval_every == 0 or state["step"] == total_steps):
-                stop_reason = _evaluate(model, val_rows, cfg, pad_id, device, state, emit)
-            if state["step"] % cfg.save_every == 0:
-                _save(run_dir, model, optimizer, scheduler, state, cfg, emit)
+            if s.val_rows and (state["step"] % s.cfg.eval_every == 0 or state["step"] == s.total_steps):
+                stop_reason = _evaluate(s.model, s.val_rows, s.cfg, s.pad_id, device, state, s.emit)
+            if state["step"] % s.cfg.save_every == 0:
+                _save(s.run_dir, s.model, s.optimizer, s.scheduler, state, s.cfg, s.emit)
                 saved_at = state["step"]
-            if emit.cancelled() and state["step"] < total_steps:
+            if s.emit.cancelled() and state["step"] < s.total_steps:
                 if saved_at != state["step"]:
-                    _save(run_dir, model, optimizer, scheduler, state, cfg, emit)
-                raise Cancelled(f"training stopped at step {state['step']} of {total_steps}; a checkpoint is saved",
-                                f"Continue with `appliance train --resume {run_dir.name}`.")
+                    _save(s.run_dir, s.model, s.optimizer, s.scheduler, state, s.cfg, s.emit)
+                raise Cancelled(f"training stopped at step {state['step']} of {s.total_steps}; a checkpoint is saved",
+                                f"Continue with `appliance train --resume {s.run_dir.name}`.")
             if stop_reason:
                 break
         if state["batch"] >= len(batches):
             state["epoch"] += 1
             state["batch"] = 0
-    if val_rows and (not state["evals"] or state["evals"][-1][0] != state["step"]):
-        _evaluate(model, val_rows, cfg, pad_id, device, state, emit)
+    if s.val_rows and (not state["evals"] or state["evals"][-1][0] != state["step"]):
+        _evaluate(s.model, s.val_rows, s.cfg, s.pad_id, device, state, s.emit)
     if stop_reason:
-        emit.log(stop_reason)
-    adapter_dir = _save_final(model, tokenizer, run_dir)
-    weights = adapter_dir / ("model.safetensors" if cfg.method == "full" else "adapter_model.safetensors")
-    digest = emit.artifact(weights, kind="adapter" if cfg.method != "full" else "model")
+        s.emit.log(stop_reason)
+    adapter_dir = _save_final(s.model, s.tokenizer, s.run_dir)
+    weights = adapter_dir / ("model.safetensors" if s.cfg.method == "full" else "adapter_model.safetensors")
+    digest = s.emit.artifact(weights, kind="adapter" if s.cfg.method != "full" else "model")
     evals = state["evals"]
-    return TrainResult(adapter=str(adapter_dir), sha256=digest, backend=backend, method=cfg.method,
+    return TrainResult(adapter=str(adapter_dir), sha256=digest, backend=s.backend, method=s.cfg.method,
                        steps=state["step"], train_loss=state["losses"][-1][1],
                        eval_loss=evals[-1][1] if evals else None, real_tokens=state["real_tokens"],
                        train_seconds=round(state["seconds"], 2), peak_mem_mb=_peak_mb(device),
-                       seconds=round(time.monotonic() - started, 2), resumed_from=resumed_from)
+                       seconds=round(time.monotonic() - s.started, 2), resumed_from=s.resumed_from)
 
 
 def _mixed_rows(cfg: TrainConfig, store: Store, tokenizer: Any, own: int, emit: Emitter) -> list[Encoded]:
@@ -242,10 +264,10 @@ def _out_of_memory(cfg: TrainConfig, memory_plan: Any, step: int) -> TrainError:
                       "or enable gradient_checkpointing in the recipe; the last checkpoint is kept for --resume.")
 
 
-def _base_model(cfg: TrainConfig, store: Store) -> tuple[Path, str]:
+def _base_model(cfg: TrainConfig, store: Store) -> Path:
     name = store.resolve_model(cfg.base_model, "base model", "Import it first (appliance models import ...), "
                                "or name another with --base-model.")
-    return store.model_dir(name), name
+    return store.model_dir(name)
 
 
 def _dtype(cfg: TrainConfig) -> Any:
