@@ -138,6 +138,13 @@ class TrainConfig(StageConfig):
     early_stopping_patience: int | None = Field(default=None, ge=1, description="Stop after this many "
                                                 "evaluations without a better validation loss")
     backend: Literal["auto", "unsloth", "hf"] = Field(default="auto", description="Training library")
+    init_from: str | None = Field(default=None, description="Run whose trained adapter (or model) this run "
+                                  "starts from: sequential fine-tuning on new data")
+    mix: dict[str, float] = Field(default_factory=dict, description="Multi-task: other runs whose training "
+                                  "data is mixed in, each with a weight relative to this run's own data (1.0 = as "
+                                  "many rows as this run has)")
+    resume: bool = Field(default=False, description="Continue from the run's last complete checkpoint")
+    store: str = Field(description="Path of the model store")
 
     @field_validator("mix")
     @classmethod
@@ -146,10 +153,33 @@ class TrainConfig(StageConfig):
         if bad:
             raise ValueError(f"mix weights must be in (0, 100]; check {', '.join(bad)}")
         return value
-    init_from: str | None = Field(default=None, description="Run whose trained adapter (or model) this run "
-                                  "starts from: sequential fine-tuning on new data")
-    mix: dict[str, float] = Field(default_factory=dict, description="Multi-task: other runs whose training "
-                                  "data is mixed in, each with a weight relative to this run's own data (1.0 = as "
-                                  "many rows as this run has)")
-    resume: bool = Field(default=False, description="Continue from the run's last complete checkpoint")
+
+
+class ExportConfig(StageConfig):
+    """Merge a run's adapter, convert to GGUF, quantize, verify, and sign the run's manifest."""
+
+    quants: list[str] = Field(default_factory=lambda: ["Q4_K_M"], description="Quantizations to produce beside "
+                              "the 16-bit reference: Q8_0, Q6_K, Q5_K_M, Q4_K_M, Q4_0, Q3_K_M, Q2_K")
+    outtype: Literal["f16", "bf16"] = Field(default="f16", description="Precision of the reference GGUF that "
+                                            "is verified against the merged model and quantized from")
+    lora_gguf: bool = Field(default=False, description="Also write the adapter alone as GGUF, with the base "
+                            "model as GGUF, for serving base + adapter")
+    device: Literal["auto", "cpu", "cuda"] = Field(default="auto", description="Where to merge: auto uses the "
+                                                   "GPU when it has room, else the CPU")
+    name: str | None = Field(default=None, description="Name of the exported model (file names, Ollama, "
+                             "server alias); <base model>-<run suffix> when not given")
+    ppl_tokens: int = Field(default=4096, ge=64, le=10_000_000, description="Validation tokens scored for the "
+                            "perplexity of each file (rows in order, whole rows only)")
     store: str = Field(description="Path of the model store")
+
+    @field_validator("quants")
+    @classmethod
+    def _known_quants(cls, value: list[str]) -> list[str]:
+        from appliance.export.quants import parse_quants
+
+        return parse_quants(value)
+
+    @field_validator("name")
+    @classmethod
+    def _valid_export_name(cls, value: str | None) -> str | None:
+        return None if value is None else check_model_name(value)

@@ -32,6 +32,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "import": ("appliance.config:ImportConfig", "appliance.importer:run"),
     "data": ("appliance.config:DataConfig", "appliance.data.prepare:run"),
     "train": ("appliance.config:TrainConfig", "appliance.train.loop:run"),
+    "export": ("appliance.config:ExportConfig", "appliance.export.run:run"),
 }
 
 _SIGNAL_HINTS: dict[int, tuple[str, str]] = {

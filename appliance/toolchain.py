@@ -12,8 +12,10 @@ import ctypes
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
 
@@ -110,22 +112,45 @@ def converter_env() -> dict[str, str]:
 
 def convert_to_gguf(model_dir: Path, outfile: Path, outtype: str = "f16", log: Path | None = None) -> None:
     """Convert a Hugging Face folder to GGUF with the installed converter (written atomically)."""
+    _run_converter(lambda tmp: convert_command(model_dir, tmp, outtype), outfile, f"converting {model_dir}", log,
+                   "The model may use an architecture this llama.cpp version cannot convert.")
+
+
+def convert_lora(adapter_dir: Path, base_dir: Path, outfile: Path, outtype: str = "f16",
+                 log: Path | None = None) -> None:
+    """Convert a PEFT LoRA adapter to a GGUF adapter for llama.cpp (written atomically)."""
+    def command(tmp: Path) -> list[str]:
+        return [sys.executable, str(toolchain_dir() / "convert_lora_to_gguf.py"), "--base", str(base_dir),
+                "--outfile", str(tmp), "--outtype", outtype, str(adapter_dir)]
+
+    _run_converter(command, outfile, f"converting the adapter {adapter_dir}", log,
+                   "llama.cpp converts LoRA adapters of the architectures its converter knows; merge instead.")
+
+
+_DISK_FULL = ("No space left on device", "File too large", "Disk quota exceeded")
+
+
+def _run_converter(command: Callable[[Path], list[str]], outfile: Path, doing: str, log: Path | None,
+                   hint: str) -> None:
     converter_info()
     tmp = outfile.with_name(f".{outfile.name}.partial")
     outfile.parent.mkdir(parents=True, exist_ok=True)
-    result = subprocess.run(
-        convert_command(model_dir, tmp, outtype),
-        env=converter_env(), capture_output=True, text=True, check=False,
-    )
+    try:
+        result = subprocess.run(command(tmp), env=converter_env(), capture_output=True, text=True, check=False)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     if log is not None:
         log.write_text(result.stdout + result.stderr, encoding="utf-8")
     if result.returncode != 0:
         tmp.unlink(missing_ok=True)
-        tail = "\n".join((result.stderr or result.stdout).strip().splitlines()[-5:])
-        raise ToolchainError(
-            f"converting {model_dir} to GGUF failed (exit {result.returncode}):\n{tail}",
-            "The model may use an architecture this llama.cpp version cannot convert.",
-        )
+        output = result.stderr or result.stdout
+        tail = "\n".join(output.strip().splitlines()[-5:])
+        if any(marker in output for marker in _DISK_FULL):
+            raise ToolchainError(f"{doing} to GGUF failed: the disk is full (or a file-size limit was hit)",
+                                 "Free space in the store's disk (df -h shows it) and export again; the partial "
+                                 "file was removed.")
+        raise ToolchainError(f"{doing} to GGUF failed (exit {result.returncode}):\n{tail}", hint)
     os.replace(tmp, outfile)
 
 
@@ -147,5 +172,10 @@ def quantize(src: Path, dst: Path, quant: str, threads: int = 0) -> None:
     rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), params)
     if rc != 0:
         tmp.unlink(missing_ok=True)
-        raise ToolchainError(f"quantizing {src.name} to {quant} failed (code {rc})", REINSTALL_HINT)
+        free = shutil.disk_usage(dst.parent).free
+        if free < src.stat().st_size:
+            raise ToolchainError(f"quantizing {src.name} to {quant} failed: only {free / 2**20:.0f} MiB free",
+                                 "Free space in the store's disk and export again; the partial file was removed.")
+        raise ToolchainError(f"quantizing {src.name} to {quant} failed (code {rc})",
+                             "The disk may be full or a file-size limit set (ulimit -f); otherwise " + REINSTALL_HINT)
     os.replace(tmp, dst)

@@ -1,0 +1,1 @@
+"""Export: merge the adapter, convert to GGUF, quantize, verify every file, sign the manifest."""

@@ -1,0 +1,346 @@
+"""The export stage: `appliance export` as a job.
+
+merge -> convert to the 16-bit reference GGUF -> quantize -> verification gate -> Modelfile and
+serve commands -> signed manifest. Everything is built in a hidden staging folder inside the run
+and becomes `gguf/` by one rename only when the gate passed, so `gguf/` never holds a file that
+failed it or that is half-written. Files that fail are moved to `gguf-rejected/<time>/` with
+their report, kept for inspection and never served.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel
+
+from appliance import toolchain
+from appliance.config import ExportConfig
+from appliance.events import Emitter
+from appliance.export import contract as chat_contract
+from appliance.export import gate, manifest, quants
+from appliance.export.merge import ExportError, MergeResult, disk_error, is_full_model, merge, replace_dir
+from appliance.fsutil import atomic_write_text, sha256_file
+from appliance.store import Store, now_iso
+
+GGUF_DIR = "gguf"
+REJECTED_DIR = "gguf-rejected"
+VERIFICATION = "verification.json"
+MAX_PROMPTS = 6
+
+
+class ExportedFile(BaseModel):
+    file: str
+    path: str
+    quant: str
+    bytes: int
+    predicted_bytes: int | None
+    sha256: str
+    passed: bool
+    agreement: float | None
+    ppl: float | None
+    ppl_delta: float | None
+    seconds: float  # to produce it (convert or quantize)
+    note: str | None = None
+
+
+class ExportResult(BaseModel):
+    run: str
+    name: str
+    gguf_dir: str
+    merged: MergeResult
+    files: list[ExportedFile]
+    rejected: list[str]
+    rejected_dir: str | None
+    modelfile: str | None
+    commands: dict[str, str]
+    manifest: str
+    verify_seconds: float
+    seconds: float
+
+
+def run(cfg: ExportConfig, run_dir: Path, emit: Emitter) -> ExportResult:
+    started = time.monotonic()
+    store = Store.open(cfg.store)
+    toolchain.check_versions()
+    base_name = _base_model(store, run_dir)
+    base_dir = store.model_dir(base_name)
+    name = cfg.name or f"{base_name}-{run_dir.name.rsplit('-', 1)[-1]}"
+    wanted = [q for q in cfg.quants if q not in ("F16", "BF16")]
+    reference_quant = cfg.outtype.upper()
+    merged = merge(run_dir, base_dir, emit, cfg.device)
+    merged_dir = Path(merged.merged)
+    for quant in [reference_quant, *wanted]:
+        predicted = quants.predict(merged_dir, quant)
+        emit.log(f"{quant}: {quants.QUANTS[quant].description}; predicted {predicted.bytes / 2**20:.0f} MiB")
+    emit.check_cancelled()
+
+    from appliance.data.template import load_tokenizer
+
+    tokenizer = load_tokenizer(merged_dir)
+    contract = _contract(tokenizer, run_dir)
+    staging = run_dir / f".gguf-staging-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    staging.mkdir()
+    try:
+        produced = _produce(cfg, run_dir, staging, merged, base_dir, name, reference_quant, wanted, emit)
+        emit.check_cancelled()
+        verify_started = time.monotonic()
+        reports = _verify(staging, produced, merged_dir, tokenizer, contract, run_dir, reference_quant,
+                          cfg.ppl_tokens, emit)
+        verify_seconds = round(time.monotonic() - verify_started, 1)
+        result = _register(cfg, run_dir, staging, produced, reports, contract, merged, name, base_dir, emit)
+    except OSError as exc:
+        raise disk_error(exc, "exporting") from exc
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    store.record_config(run_dir, "export", cfg.model_dump(mode="json"))
+    try:
+        manifest_path = manifest.write(store, run_dir, base_name)
+    except OSError as exc:
+        raise disk_error(exc, "writing the manifest") from exc
+    emit.artifact(manifest_path, kind="manifest")
+    return result.model_copy(update={"manifest": str(manifest_path), "verify_seconds": verify_seconds,
+                                     "seconds": round(time.monotonic() - started, 1)})
+
+
+def _base_model(store: Store, run_dir: Path) -> str:
+    recorded = run_dir / "run.yaml"
+    train = (yaml.safe_load(recorded.read_text(encoding="utf-8")) or {}).get("train", {}) if recorded.is_file() else {}
+    return store.resolve_model(train.get("base_model"), "base model of this run",
+                               "Import the base model the run was trained on (appliance models import ...).")
+
+
+def _contract(tokenizer: Any, run_dir: Path) -> chat_contract.ChatContract:
+    report_path = run_dir / "data" / "data_report.json"
+    report = json.loads(report_path.read_text(encoding="utf-8")) if report_path.is_file() else {}
+    task = (report.get("config") or {}).get("task", "chat")
+    labels = (report.get("labels") or {}).get("set")
+    rows = _rows(run_dir / "data" / "train.jsonl")
+    try:
+        return chat_contract.from_tokenizer(tokenizer, chat_contract.shared_system_prompt(rows), task, labels)
+    except ValueError as exc:
+        raise ExportError(f"the trained model's tokenizer cannot be exported for chat: {exc}",
+                          "Import a base model with a chat template (tokenizer_config.json or "
+                          "chat_template.jinja) and train again.") from exc
+
+
+def _rows(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    with open(path, encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle if line.strip()]
+
+
+# -- producing the files --------------------------------------------------------------------
+
+
+def _previous(run_dir: Path, merged: MergeResult) -> dict[str, Path]:
+    """Registered files of an earlier export of this same merged model, by quant: reused as is."""
+    record = run_dir / GGUF_DIR / VERIFICATION
+    try:
+        data = json.loads(record.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    if data.get("adapter_sha256") != merged.adapter_sha256:
+        return {}
+    files = {}
+    for entry in data.get("files", []):
+        path = run_dir / GGUF_DIR / entry["file"]
+        if entry.get("passed") and path.is_file() and entry.get("kind", "model") == "model":
+            files[entry["quant"]] = path
+    return files
+
+
+def _produce(cfg: ExportConfig, run_dir: Path, staging: Path, merged: MergeResult, base_dir: Path, name: str,
+             reference_quant: str, wanted: list[str], emit: Emitter) -> dict[str, tuple[Path, float]]:
+    """Every GGUF of this export in `staging`, by quant, with the seconds each took."""
+    previous = _previous(run_dir, merged)
+    produced: dict[str, tuple[Path, float]] = {}
+    steps = [reference_quant, *wanted] + (["LORA"] if cfg.lora_gguf else [])
+    for i, quant in enumerate(steps):
+        emit.check_cancelled()
+        target = staging / (f"{name}-lora-{reference_quant}.gguf" if quant == "LORA" else f"{name}-{quant}.gguf")
+        if quant in previous:
+            os.link(previous[quant], target)  # same bytes, already verified; a link costs nothing
+            emit.log(f"{quant}: already exported from this adapter; reusing {previous[quant].name}")
+            produced[quant] = (target, 0.0)
+            continue
+        emit.progress(f"{'converting' if i == 0 or quant == 'LORA' else 'quantizing'} {quant}", i, len(steps))
+        began = time.monotonic()
+        if quant == reference_quant:
+            toolchain.convert_to_gguf(Path(merged.merged), target, cfg.outtype, log=staging / ".convert.log")
+        elif quant == "LORA":
+            _lora(run_dir, base_dir, staging, target, reference_quant, cfg, produced)
+        else:
+            toolchain.quantize(produced[reference_quant][0], target, quant)
+        produced[quant] = (target, round(time.monotonic() - began, 2))
+    return produced
+
+
+def _lora(run_dir: Path, base_dir: Path, staging: Path, target: Path, reference_quant: str, cfg: ExportConfig,
+          produced: dict[str, tuple[Path, float]]) -> None:
+    if is_full_model(run_dir / "adapter"):
+        raise ExportError("this run trained every weight (method full); there is no adapter to export alone",
+                          "Leave out --lora-gguf: the merged GGUF is the whole model.")
+    toolchain.convert_lora(run_dir / "adapter", base_dir, target, cfg.outtype, log=staging / ".convert-lora.log")
+    base_gguf = staging / f"{base_dir.name}-{reference_quant}.gguf"
+    began = time.monotonic()
+    toolchain.convert_to_gguf(base_dir, base_gguf, cfg.outtype, log=staging / ".convert-base.log")
+    produced["BASE"] = (base_gguf, round(time.monotonic() - began, 2))
+
+
+# -- the gate -------------------------------------------------------------------------------
+
+
+def _verify(staging: Path, produced: dict[str, tuple[Path, float]], merged_dir: Path, tokenizer: Any,
+            contract: chat_contract.ChatContract, run_dir: Path, reference_quant: str, ppl_tokens: int,
+            emit: Emitter) -> dict[str, gate.FileReport]:
+    emit.progress("verification: the merged model's greedy answers", 0, len(produced) + 1)
+    rows = _rows(run_dir / "data" / "val.jsonl") or _rows(run_dir / "data" / "train.jsonl")[:16]
+    prompts = [_prompt(r["messages"]) for r in rows[:MAX_PROMPTS - 1]] + [
+        [{"role": "user", "content": "In one sentence, what is a computer?"}]]
+    ppl_rows = gate.scored_rows(tokenizer, [r["messages"] for r in rows], ppl_tokens)
+    emit.log(f"perplexity is measured on {len(ppl_rows)} of {len(rows)} validation rows "
+             f"({sum(len(ids) for ids, _ in ppl_rows):,} tokens)")
+    reference = gate.build_reference(merged_dir, tokenizer, contract, prompts, ppl_rows)
+    n_ctx = _context(reference, merged_dir)
+    architecture = _architecture(merged_dir)
+    reports: dict[str, gate.FileReport] = {}
+    reference_ppl: float | None = None
+    order = [q for q in produced if q not in ("LORA", "BASE")]
+    for i, quant in enumerate(order, 1):
+        emit.check_cancelled()
+        emit.progress(f"verification: {quant}", i, len(produced) + 1)
+        path = produced[quant][0]
+        report = gate.verify_file(path, quant, reference, contract, architecture, reference.tensor_count, n_ctx,
+                                  required_agreement=quant == reference_quant, reference_ppl=reference_ppl)
+        if quant == reference_quant:
+            reference_ppl = report.ppl
+        reports[quant] = report
+        _log_report(report, emit)
+    if "LORA" in produced:
+        emit.progress("verification: base + adapter", len(produced), len(produced) + 1)
+        reports["LORA"] = gate.verify_lora(produced["LORA"][0], produced["BASE"][0], reference, contract.stop_ids,
+                                           n_ctx)
+        _log_report(reports["LORA"], emit)
+    return reports
+
+
+def _prompt(messages: list[dict[str, str]]) -> list[dict[str, str]]:
+    """The conversation up to its last assistant turn: what the model is asked to answer."""
+    last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=len(messages))
+    return messages[:last]
+
+
+def _context(reference: gate.Reference, merged_dir: Path) -> int:
+    longest = max([len(p) + len(g) for p, g, _ in reference.continuations] + [len(i) for i, _ in reference.ppl_rows])
+    config = json.loads((merged_dir / "config.json").read_text(encoding="utf-8"))
+    limit = int(config.get("max_position_embeddings") or 4096)
+    return min(limit, max(512, longest + gate.STOP_BOUND + 8))
+
+
+def _architecture(merged_dir: Path) -> str | None:
+    config = json.loads((merged_dir / "config.json").read_text(encoding="utf-8"))
+    model_type = config.get("model_type")
+    # the GGUF architecture name equals the Hugging Face model_type for the llama family
+    return "llama" if model_type in ("llama", "mistral") else None
+
+
+def _log_report(report: gate.FileReport, emit: Emitter) -> None:
+    for check in report.checks:
+        if check.status != "pass":
+            emit.log(f"{report.file}: {check.name}: {check.detail}", "warning" if check.status == "warn" else "error")
+    if report.note:
+        emit.log(report.note)
+
+
+# -- registering ----------------------------------------------------------------------------
+
+
+def _register(cfg: ExportConfig, run_dir: Path, staging: Path, produced: dict[str, tuple[Path, float]],
+              reports: dict[str, gate.FileReport], contract: chat_contract.ChatContract, merged: MergeResult,
+              name: str, base_dir: Path, emit: Emitter) -> ExportResult:
+    reference_quant = cfg.outtype.upper()
+    reference_ok = reports[reference_quant].passed
+    rejected = [q for q, r in reports.items() if not r.passed or not reference_ok]
+    if "LORA" in rejected:
+        rejected.append("BASE")
+    final = run_dir / GGUF_DIR
+    rejected_dir = run_dir / REJECTED_DIR / time.strftime("%Y%m%d-%H%M%S") if rejected else None
+    files = [_exported(q, produced[q], reports.get(q), merged,
+                       rejected_dir if rejected_dir is not None and q in rejected else final) for q in produced]
+    if rejected_dir is not None:
+        _reject(run_dir, rejected_dir, produced, reports, rejected)
+    usable = [q for q in produced if q not in rejected]
+    modelfile_path = None
+    commands: dict[str, str] = {}
+    model_quants = [q for q in usable if q in quants.QUANTS]
+    if model_quants:
+        served = quants.RECOMMENDED if quants.RECOMMENDED in model_quants else model_quants[-1]
+        modelfile_path, commands = _write_serving_files(run_dir, staging, contract, name, produced[served][0],
+                                                        base_dir)
+    record = {"run": run_dir.name, "name": name, "created": now_iso(), "adapter_sha256": merged.adapter_sha256,
+              "reference": reference_quant, "contract": contract.model_dump(), "rejected": rejected,
+              "rejected_dir": str(rejected_dir) if rejected_dir else None}
+    atomic_write_text(staging / VERIFICATION, gate.as_json([reports[q] for q in usable if q in reports], record))
+    if usable:
+        replace_dir(staging, final)
+        for entry in files:
+            if entry.passed:
+                emit.artifact(Path(entry.path), kind="gguf")
+    if rejected:
+        emit.log(f"{len(rejected)} file(s) failed verification and were moved to {rejected_dir}", "error")
+    return ExportResult(run=run_dir.name, name=name, gguf_dir=str(final), merged=merged, files=files,
+                        rejected=[q for q in rejected if q != "BASE"],
+                        rejected_dir=str(rejected_dir) if rejected_dir else None,
+                        modelfile=str(final / "Modelfile") if modelfile_path else None, commands=commands,
+                        manifest="", verify_seconds=0.0, seconds=0.0)
+
+
+def _exported(quant: str, made: tuple[Path, float], report: gate.FileReport | None, merged: MergeResult,
+              folder: Path) -> ExportedFile:
+    path, seconds = made
+    predicted = quants.predict(Path(merged.merged), quant).bytes if quant in quants.QUANTS else None
+    return ExportedFile(file=path.name, path=str(folder / path.name), quant=quant, bytes=path.stat().st_size,
+                        predicted_bytes=predicted, sha256=sha256_file(path), passed=report.passed if report else True,
+                        agreement=report.agreement if report else None, ppl=report.ppl if report else None,
+                        ppl_delta=report.ppl_delta if report else None, seconds=seconds,
+                        note=report.note if report else None)
+
+
+def _reject(run_dir: Path, folder: Path, produced: dict[str, tuple[Path, float]],
+            reports: dict[str, gate.FileReport], rejected: list[str]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for quant in rejected:
+        path = produced[quant][0]
+        os.replace(path, folder / path.name)
+    failed = [reports[q] for q in rejected if q in reports]
+    atomic_write_text(folder / VERIFICATION, gate.as_json(failed, {"run": run_dir.name, "rejected": rejected}))
+
+
+def _write_serving_files(run_dir: Path, staging: Path, contract: chat_contract.ChatContract, name: str,
+                         served: Path, base_dir: Path) -> tuple[Path, dict[str, str]]:
+    config = json.loads((base_dir / "config.json").read_text(encoding="utf-8"))
+    num_ctx = min(int(config.get("max_position_embeddings") or 4096), 4096)
+    final = run_dir / GGUF_DIR
+    template = staging / "chat_template.jinja"
+    template.write_text(contract.template, encoding="utf-8")
+    path = staging / "Modelfile"
+    atomic_write_text(path, chat_contract.modelfile(contract, served.name, num_ctx))
+    commands = chat_contract.serve_commands(run_dir.name, final / served.name, final / template.name, num_ctx, name)
+    atomic_write_text(staging / "README.md", _readme(name, commands, served.name))
+    return path, commands
+
+
+def _readme(name: str, commands: dict[str, str], served: str) -> str:
+    return (f"# {name}\n\nEvery .gguf file here passed the verification gate (verification.json says how).\n"
+            f"The Modelfile and the commands below serve {served} with the chat template and stop tokens the "
+            "model was trained with.\n\n"
+            f"    {commands['appliance']}\n    {commands['llama-server']}\n    {commands['ollama']}\n")
+
