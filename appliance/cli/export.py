@@ -1,0 +1,133 @@
+"""`appliance export` and `appliance verify`: verified GGUF files and the signed audit manifest."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from appliance.cli import JsonOpt, app, console, follow_job, print_json, store, validated
+
+
+def _mib(size: int | None) -> str:
+    return f"{size / 2**20:,.0f} MiB" if size is not None else "?"
+
+
+def _quant_table(model_dir: Path) -> Table:
+    from appliance.export import quants
+
+    table = Table(title=f"Quantizations (sizes predicted for {model_dir.name})")
+    for column in ("quant", "size", "K-quant fallback", "what it is"):
+        table.add_column(column)
+    for q in quants.QUANTS.values():
+        predicted = quants.predict(model_dir, q.name)
+        fallback = f"{predicted.fallback_tensors}/{predicted.quantized_tensors} tensors" if predicted.fallback_tensors \
+            else ""
+        name = f"{q.name} (recommended)" if q.name == quants.RECOMMENDED else q.name
+        table.add_row(name, _mib(predicted.bytes), fallback, q.description)
+    return table
+
+
+@app.command()
+def export(
+    run: Annotated[str, typer.Option(help="Run whose trained adapter to export")],
+    quant: Annotated[list[str] | None, typer.Option(help="Quantization(s) beside the 16-bit reference, e.g. "
+                                                    "--quant Q8_0 --quant Q4_K_M or Q8_0,Q4_K_M "
+                                                    "(default Q4_K_M); --list-quants shows them all")] = None,
+    outtype: Annotated[str, typer.Option(help="Reference GGUF precision: f16 or bf16")] = "f16",
+    lora_gguf: Annotated[bool, typer.Option("--lora-gguf", help="Also write the adapter alone as GGUF, with the "
+                                            "base model as GGUF, to serve base + adapter")] = False,
+    device: Annotated[str, typer.Option(help="Where to merge: auto, cpu or cuda")] = "auto",
+    name: Annotated[str | None, typer.Option(help="Name of the exported model (files, Ollama, server alias)")]
+    = None,
+    ppl_tokens: Annotated[int, typer.Option(help="Validation tokens scored for each file's perplexity")] = 4096,
+    list_quants: Annotated[bool, typer.Option("--list-quants", help="Show the quantizations with their predicted "
+                                              "sizes for this run, and exit")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Merge the adapter, convert to GGUF, quantize, verify every file, and sign the run's manifest."""
+    from appliance.config import ExportConfig
+
+    st = store()
+    run_dir = st.run_dir(run)
+    if list_quants:
+        merged = run_dir / "merged"
+        console.print(_quant_table(merged if merged.is_dir() else _base_dir(run_dir)))
+        return
+    quants = [q for value in quant or [] for q in value.split(",") if q.strip()] or None
+    settings: dict[str, Any] = {"outtype": outtype, "lora_gguf": lora_gguf, "device": device, "name": name,
+                                "ppl_tokens": ppl_tokens, "store": str(st.root)}
+    if quants:
+        settings["quants"] = quants
+    cfg = validated(ExportConfig, **settings)
+    done = follow_job("export", run_dir, cfg, quiet=as_json)
+    result = done.result
+    if as_json:
+        print_json(result)
+    else:
+        _print_export(result)
+    if result["rejected"]:
+        raise typer.Exit(1)
+
+
+def _base_dir(run_dir: Path) -> Path:
+    from appliance.export.run import _base_model
+
+    st = store()
+    return st.model_dir(_base_model(st, run_dir))
+
+
+def _print_export(result: dict[str, Any]) -> None:
+    merged = result["merged"]
+    how = "reused" if merged["reused"] else f"{merged['seconds']} s on {merged['device']}"
+    console.print(f"merge: {how}, top-1 agreement with base + adapter {merged['top1_agreement']:.1%}")
+    table = Table(title=f"Exported {result['name']} (run {result['run']}) to {result['gguf_dir']}")
+    for column in ("quant", "gate", "size", "predicted", "agreement", "perplexity", "vs reference", "seconds"):
+        table.add_column(column)
+    for f in result["files"]:
+        agreement = f"{f['agreement']:.1%}" if f["agreement"] is not None else ""
+        ppl = f"{f['ppl']:.3f}" if f["ppl"] is not None else ""
+        delta = f"{f['ppl_delta']:+.2%}" if f["ppl_delta"] is not None else ""
+        status = "[green]pass[/]" if f["passed"] else "[red]REJECTED[/]"
+        predicted = _mib(f["predicted_bytes"]) if f["predicted_bytes"] else ""
+        table.add_row(f["quant"], status, _mib(f["bytes"]), predicted,
+                      agreement, ppl, delta, str(f["seconds"]))
+    console.print(table)
+    for f in result["files"]:
+        if f["note"]:
+            console.print(f"[dim]{f['note']}[/]")
+    if result["rejected"]:
+        console.print(f"[red]Rejected by the verification gate:[/] {', '.join(result['rejected'])} "
+                      f"(kept in {result['rejected_dir']})")
+    console.print(f"[green]Verified[/] in {result['verify_seconds']} s; files in {result['gguf_dir']}; "
+                  f"signed manifest {result['manifest']}")
+    for label, command in result["commands"].items():
+        console.print(f"  {label}: [bold]{command}[/]", soft_wrap=True)
+
+
+@app.command()
+def verify(
+    run: Annotated[str, typer.Argument(help="Run whose manifest to check")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Re-hash every file of a run's manifest and check its signature; name whatever changed."""
+    from appliance.export import manifest
+
+    st = store()
+    report = manifest.verify(st, st.run_dir(run))
+    if as_json:
+        print_json(report.model_dump())
+    else:
+        colour = "green" if report.signature == "valid" else "red"
+        console.print(f"signature: [{colour}]{report.signature}[/]; {report.checked} files checked")
+        for label, files in (("changed", report.changed), ("missing", report.missing),
+                             ("not in the manifest", report.unrecorded)):
+            for file in files:
+                console.print(f"[red]{label}:[/] {file}")
+        for file in report.unavailable:
+            console.print(f"[dim]not checked (outside the store, no longer there): {file}[/]")
+        console.print("[green]Verified: every file is as recorded.[/]" if report.ok else "[red]Verification failed.[/]")
+    if not report.ok:
+        raise typer.Exit(1)

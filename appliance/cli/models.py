@@ -1,0 +1,115 @@
+"""`appliance models`: the store's base models."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from appliance.cli import JsonOpt, app, console, follow_job, print_json, store, validated
+from appliance.store import ModelInfo
+
+models_app = typer.Typer(help="The model store: list, show, import and remove base models.",
+                         no_args_is_help=True)
+app.add_typer(models_app, name="models")
+
+# -- models --------------------------------------------------------------------------------
+
+
+def _fmt_params(count: int) -> str:
+    return f"{count / 1e9:.2f}B" if count >= 1e9 else f"{count / 1e6:.1f}M"
+
+
+@models_app.command("list")
+def models_list(as_json: JsonOpt = False) -> None:
+    """Imported base models, and catalog models that can be imported."""
+    st = store()
+    imported = st.list_models()
+    names = {m.name for m in imported}
+    available = [e for e in st.catalog() if e.name not in names]
+    if as_json:
+        print_json({"models": [m.model_dump() for m in imported],
+                     "available": [e.model_dump() for e in available]})
+        return
+    table = Table(title=f"Models in {st.root}")
+    for column in ("name", "architecture", "params", "context", "dtype", "chat", "license"):
+        table.add_column(column)
+    for m in imported:
+        table.add_row(m.name, m.architecture, _fmt_params(m.parameters), str(m.context_length or "?"),
+                      m.dtype, "yes" if m.chat_template else "no", m.license or "?")
+    console.print(table)
+    for entry in available:
+        console.print(f"[dim]available: {entry.name} ({entry.description}); "
+                      f"import with `appliance models import {entry.name}`[/]")
+
+
+@models_app.command("show")
+def models_show(name: str, as_json: JsonOpt = False) -> None:
+    """Everything known about one imported model, with the sha256 of each file."""
+    info: ModelInfo = store().get_model(name)
+    if as_json:
+        print_json(info.model_dump())
+        return
+    rows = [
+        ("name", info.name), ("architecture", f"{info.architecture} ({info.model_type})"),
+        ("layers", str(info.num_layers)), ("hidden size", str(info.hidden_size)),
+        ("parameters", f"{info.parameters:,} ({_fmt_params(info.parameters)})"),
+        ("context length", str(info.context_length)), ("vocabulary", str(info.vocab_size)),
+        ("dtype", info.dtype), ("chat template", "yes" if info.chat_template else "no"),
+        ("special tokens", ", ".join(f"{k}={v}" for k, v in info.special_tokens.items() if v)),
+        ("license", info.license or "unknown"),
+        ("source", f"{info.source.kind}: {info.source.location}"
+         + (f" ({info.source.package} {info.source.package_version})" if info.source.package else "")),
+        ("imported", f"{info.imported_at} by appliance {info.appliance_version}"),
+    ]
+    table = Table(show_header=False, title=info.name)
+    for key, value in rows:
+        table.add_row(key, value)
+    console.print(table)
+    files = Table(title="files")
+    for column in ("file", "size", "sha256"):
+        files.add_column(column)
+    for fname, f in info.files.items():
+        files.add_row(fname, f"{f.size:,}", f.sha256)
+    console.print(files)
+    for note in info.notes:
+        console.print(f"[yellow]note:[/] {note}")
+
+
+@models_app.command("import")
+def models_import(
+    source: Annotated[str, typer.Argument(help="'default', a catalog name, a model folder or a .gguf file")],
+    name: Annotated[str | None, typer.Option(help="Name in the store (default: from the source)")] = None,
+    dtype: Annotated[str, typer.Option(help="bfloat16, float16 or float32 (GGUF sources)")] = "bfloat16",
+    as_json: JsonOpt = False,
+) -> None:
+    """Import a base model into the store, atomically, as a child job."""
+    from appliance.config import ImportConfig
+
+    st = store()
+    cfg = validated(ImportConfig, source=source, name=name, dtype=dtype, store=str(st.root))
+    job_dir = st.new_job_dir("import")
+    done = follow_job("import", job_dir, cfg, quiet=as_json)
+    if as_json:
+        print_json(done.result)
+    else:
+        r = done.result
+        console.print(f"[green]Imported[/] {r['name']}: {_fmt_params(r['parameters'])} parameters, "
+                      f"{r['dtype']}, in {r['seconds']} s -> {r['path']}")
+
+
+@models_app.command("remove")
+def models_remove(
+    name: str,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
+) -> None:
+    """Remove an imported base model from the store."""
+    st = store()
+    st.get_model(name)
+    if not yes and not typer.confirm(f"Remove {name} from {st.root}?"):
+        raise typer.Exit(1)
+    st.remove_model(name)
+    console.print(f"Removed {name}.")
+
+
