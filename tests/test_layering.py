@@ -21,7 +21,8 @@ def _modules_after_import(*modules: str) -> set[str]:
 
 @pytest.mark.parametrize("module", ["tui", "appliance.config", "appliance.store", "appliance.events",
                                     "appliance.jobs", "appliance.cli", "appliance.doctor",
-                                    "appliance.toolchain", "appliance.hardware", "appliance.data.prepare"])
+                                    "appliance.toolchain", "appliance.hardware", "appliance.data.prepare",
+                                    "appliance.export.run", "appliance.export.manifest"])
 def test_light_modules_do_not_import_the_ml_stack(module: str) -> None:
     loaded = _modules_after_import(module)
     assert not {m for m in loaded if m.split(".")[0] in HEAVY}
