@@ -12,6 +12,8 @@ import ctypes
 import importlib.util
 import json
 import os
+import re
+import resource
 import shutil
 import subprocess
 import sys
@@ -128,6 +130,20 @@ def convert_lora(adapter_dir: Path, base_dir: Path, outfile: Path, outtype: str 
 
 
 _DISK_FULL = ("No space left on device", "File too large", "Disk quota exceeded")
+_SHORT_WRITE = re.compile(r"\d+ requested and \d+ written")  # numpy's tofile when the disk fills up
+
+
+def _out_of_space(output: str, partial: Path) -> bool:
+    """Whether a failed write ran out of disk, or into the file-size limit (ulimit -f)."""
+    if any(marker in output for marker in _DISK_FULL) or _SHORT_WRITE.search(output):
+        return True
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    try:
+        size = partial.stat().st_size
+        free = shutil.disk_usage(partial.parent).free
+    except OSError:
+        return False
+    return free < 2**20 or (limit != resource.RLIM_INFINITY and size >= limit - 2**20)
 
 
 def _run_converter(command: Callable[[Path], list[str]], outfile: Path, doing: str, log: Path | None,
@@ -143,10 +159,11 @@ def _run_converter(command: Callable[[Path], list[str]], outfile: Path, doing: s
     if log is not None:
         log.write_text(result.stdout + result.stderr, encoding="utf-8")
     if result.returncode != 0:
-        tmp.unlink(missing_ok=True)
         output = result.stderr or result.stdout
+        full = _out_of_space(output, tmp)
+        tmp.unlink(missing_ok=True)
         tail = "\n".join(output.strip().splitlines()[-5:])
-        if any(marker in output for marker in _DISK_FULL):
+        if full:
             raise ToolchainError(f"{doing} to GGUF failed: the disk is full (or a file-size limit was hit)",
                                  "Free space in the store's disk (df -h shows it) and export again; the partial "
                                  "file was removed.")

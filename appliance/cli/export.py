@@ -8,7 +8,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from appliance.cli import JsonOpt, app, console, follow_job, print_json, store, validated
+from appliance.cli import JsonOpt, app, console, err_console, follow_job, print_json, store, validated
 
 
 def _mib(size: int | None) -> str:
@@ -69,6 +69,9 @@ def export(
     else:
         _print_export(result)
     if result["rejected"]:
+        err_console.print(f"[bold red]Verification failed:[/] {', '.join(result['rejected'])} did not pass the gate; "
+                          f"kept for inspection in {result['rejected_dir']} (its verification.json says why). "
+                          "The files that passed are registered.", soft_wrap=True)
         raise typer.Exit(1)
 
 

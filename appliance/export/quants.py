@@ -9,6 +9,7 @@ tensor types actually written.
 
 from __future__ import annotations
 
+import json
 import math
 from collections import Counter
 from dataclasses import dataclass
@@ -135,9 +136,20 @@ def predict(model_dir: Path, quant_name: str) -> SizePrediction:
 
 
 def _metadata_bytes(model_dir: Path) -> int:
-    """The tokenizer and metadata the converter writes beside the tensors (vocabulary, merges)."""
+    """The vocabulary and metadata the converter writes beside the tensors: each token and merge as a
+    length-prefixed string, a type per token, the chat template and a few kilobytes of settings.
+    Counted from the tokenizer's content, so a pretty-printed tokenizer.json predicts the same."""
     tokenizer = model_dir / "tokenizer.json"
-    return int(tokenizer.stat().st_size * 0.8) if tokenizer.is_file() else 1 << 20
+    if not tokenizer.is_file():
+        return 1 << 20
+    data = json.loads(tokenizer.read_text(encoding="utf-8"))
+    model = data.get("model") or {}
+    tokens = set(model.get("vocab") or {}) | {t["content"] for t in data.get("added_tokens", [])}
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
+    strings = sum(8 + len(t.encode("utf-8")) for t in tokens) + sum(8 + len(m.encode("utf-8")) for m in merges)
+    template = model_dir / "chat_template.jinja"
+    extra = template.stat().st_size if template.is_file() else 0
+    return strings + 4 * len(tokens) + extra + 4096
 
 
 def fallback_note(type_counts: dict[str, int], quant_name: str) -> str | None:
