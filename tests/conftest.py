@@ -57,6 +57,22 @@ def prepared(tmp_path_factory: pytest.TempPathFactory, default_store: Store) -> 
     return store, store.runs_dir / json.loads(result.stdout)["run"]
 
 
+TRAIN_SETTINGS = {"max_steps": 8, "batch_size": 4, "max_seq_len": 192, "learning_rate": 5e-4, "eval_every": 4,
+                  "save_every": 8, "rank": 8, "alpha": 16, "backend": "hf"}
+
+
+@pytest.fixture(scope="session")
+def trained(prepared: tuple[Store, Path]) -> tuple[Store, Path]:
+    """A run of the prepared sample, fine-tuned for 8 steps (it learns to answer with a label)."""
+    store, source = prepared
+    run_dir = clone_run(store, source, "trained")
+    recipe = store.root / "trained-recipe.yaml"
+    recipe.write_text("".join(f"{k}: {v}\n" for k, v in TRAIN_SETTINGS.items()), encoding="utf-8")
+    result = run_cli("train", "--run", run_dir.name, "--recipe", str(recipe), "--json", store=store.root)
+    assert result.returncode == 0, result.stderr
+    return store, run_dir
+
+
 def clone_run(store: Store, source: Path, name: str) -> Path:
     """A new run in `store` with the prepared data of `source`."""
     target = store.runs_dir / name

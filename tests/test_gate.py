@@ -1,0 +1,103 @@
+"""The verification gate catches each failure it exists for, planted in a GGUF: the chat template
+removed, a wrong EOS id, a tokenizer that splits text differently. The untouched file passes every
+check, so each failure is the planted one and nothing else. The files come from a tiny random-weight
+Llama with the default model's tokenizer (the gate's mechanics, fast); the real model passes the
+same gate end to end in test_export."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from appliance import toolchain
+from appliance.export import contract as chat_contract
+from appliance.export import gate, gguf_meta
+
+PROMPTS = [[{"role": "user", "content": "What is the capital of France?"}],
+           [{"role": "user", "content": "Name a primary colour. One word."}]]
+VALIDATION = [[{"role": "user", "content": "Which city hosts the Louvre?"},
+               {"role": "assistant", "content": "Paris hosts the Louvre."}]]
+
+
+@pytest.fixture(scope="module")
+def reference_gguf(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("gate") / "model-F16.gguf"
+    toolchain.convert_to_gguf(tiny_model_dir, out, "f16")
+    return out
+
+
+@pytest.fixture(scope="module")
+def setting(tiny_model_dir: Path) -> tuple[gate.Reference, chat_contract.ChatContract]:
+    from appliance.data.template import load_tokenizer
+
+    tokenizer = load_tokenizer(tiny_model_dir)
+    contract = chat_contract.from_tokenizer(tokenizer)
+    rows = gate.scored_rows(tokenizer, VALIDATION, budget=512)
+    return gate.build_reference(tiny_model_dir, tokenizer, contract, PROMPTS, rows), contract
+
+
+def _verify(path: Path, setting: tuple[gate.Reference, chat_contract.ChatContract]) -> dict[str, gate.Check]:
+    reference, contract = setting
+    report = gate.verify_file(path, "F16", reference, contract, "llama", reference.tensor_count, 512,
+                              required_agreement=True)
+    return {c.name: c for c in report.checks}
+
+
+def test_the_untouched_export_passes_every_check(reference_gguf: Path,
+                                                  setting: tuple[gate.Reference, chat_contract.ChatContract]) -> None:
+    checks = _verify(reference_gguf, setting)
+    assert {name: c.status for name, c in checks.items()} == {
+        "architecture": "pass", "tensor count": "pass", "chat template": "pass", "special tokens": "pass",
+        "tokenization": "pass", "added special tokens": "pass", "end-of-turn tokens": "pass",
+        "greedy parity": "pass", "stops": "warn"}
+    # random weights never end a turn: not the export's fault, so a warning and not a failure
+    assert "did not end its turn" in checks["stops"].detail
+
+
+@pytest.mark.parametrize(("planted", "changes", "drop", "caught_by", "says"), [
+    ("no chat template", {}, ("tokenizer.chat_template",), "chat template", "missing"),
+    ("wrong eos", {"tokenizer.ggml.eos_token_id": 1}, (), "special tokens", "eos id 1 ('<|im_start|>')"),
+    ("tokenizer mismatch", {"tokenizer.ggml.pre": "llama3"}, (), "tokenization", "first difference at token"),
+])
+def test_each_planted_failure_is_caught(planted: str, changes: dict[str, object], drop: tuple[str, ...],
+                                        caught_by: str, says: str, reference_gguf: Path, tmp_path: Path,
+                                        setting: tuple[gate.Reference, chat_contract.ChatContract]) -> None:
+    damaged = tmp_path / f"{planted.replace(' ', '-')}.gguf"
+    gguf_meta.rewrite(reference_gguf, damaged, changes, drop)
+    checks = _verify(damaged, setting)
+    failed = {name for name, c in checks.items() if c.status == "fail"}
+    assert failed == {caught_by}, {n: c.detail for n, c in checks.items()}
+    assert says in checks[caught_by].detail
+
+
+def test_rewrite_refuses_a_field_the_file_lacks(reference_gguf: Path, tmp_path: Path) -> None:
+    with pytest.raises(gguf_meta.GGUFError, match=r"no fields tokenizer\.ggml\.nonsense"):
+        gguf_meta.rewrite(reference_gguf, tmp_path / "x.gguf", {"tokenizer.ggml.nonsense": 1})
+    assert list(tmp_path.iterdir()) == []  # nothing half-written left behind
+
+
+def test_a_truncated_file_is_reported_as_unreadable(reference_gguf: Path, tmp_path: Path) -> None:
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(reference_gguf.read_bytes()[:4096])
+    with pytest.raises(gguf_meta.GGUFError, match="not a readable GGUF file"):
+        gguf_meta.read(cut)
+
+
+def test_perplexity_matches_a_hand_computation(reference_gguf: Path) -> None:
+    """llama.cpp's perplexity over known tokens equals exp(mean NLL) computed from its own logits."""
+    import math
+
+    import numpy as np
+
+    ids = [1, 9690, 198, 2683, 359, 253, 5356, 2]
+    trained = [False, False, False, True, True, True, True, True]
+    with gate.loaded(reference_gguf, 64) as llm:
+        ppl, answer = gate.perplexity(llm, [(ids, trained)])
+        llm.reset()
+        llm.eval(ids)
+        logits = np.asarray(llm.scores[: len(ids) - 1], dtype=np.float64)
+    nll = [math.log(np.exp(row - row.max()).sum()) + row.max() - row[nxt] for row, nxt in zip(logits, ids[1:],
+                                                                                                  strict=True)]
+    assert ppl == pytest.approx(math.exp(sum(nll) / len(nll)), rel=1e-6)
+    assert answer == pytest.approx(math.exp(sum(nll[2:]) / len(nll[2:])), rel=1e-6)
