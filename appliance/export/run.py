@@ -86,13 +86,15 @@ def run(cfg: ExportConfig, run_dir: Path, emit: Emitter) -> ExportResult:
     tokenizer = load_tokenizer(merged_dir)
     contract = _contract(tokenizer, run_dir)
     staging = run_dir / f".gguf-staging-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    previous = _previous(run_dir, merged, cfg)
+    wanted += [q for q in previous if q != reference_quant and q not in wanted]  # earlier quants stay
     staging.mkdir()
     try:
-        produced = _produce(cfg, run_dir, staging, merged, base_dir, name, reference_quant, wanted, emit)
+        produced = _produce(cfg, run_dir, staging, merged, base_dir, name, reference_quant, wanted, previous, emit)
         emit.check_cancelled()
         verify_started = time.monotonic()
-        reports = _verify(staging, produced, merged_dir, tokenizer, contract, run_dir, reference_quant,
-                          cfg.ppl_tokens, emit)
+        carried = {q: report for q, (_path, report) in previous.items()}
+        reports = _verify(staging, produced, merged_dir, tokenizer, contract, run_dir, cfg, carried, emit)
         verify_seconds = round(time.monotonic() - verify_started, 1)
         result = _register(cfg, run_dir, staging, produced, reports, contract, merged, name, base_dir, emit)
     except OSError as exc:
@@ -140,35 +142,37 @@ def _rows(path: Path) -> list[dict[str, Any]]:
 # -- producing the files --------------------------------------------------------------------
 
 
-def _previous(run_dir: Path, merged: MergeResult) -> dict[str, Path]:
-    """Registered files of an earlier export of this same merged model, by quant: reused as is."""
-    record = run_dir / GGUF_DIR / VERIFICATION
+def _previous(run_dir: Path, merged: MergeResult, cfg: ExportConfig) -> dict[str, tuple[Path, gate.FileReport]]:
+    """Registered files of an earlier export of this same adapter and reference, by quant, with their
+    reports: kept, and not made or verified again."""
     try:
-        data = json.loads(record.read_text(encoding="utf-8"))
+        data = json.loads((run_dir / GGUF_DIR / VERIFICATION).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
-    if data.get("adapter_sha256") != merged.adapter_sha256:
+    same = (data.get("adapter_sha256"), data.get("reference"), data.get("ppl_tokens")) == (
+        merged.adapter_sha256, cfg.outtype.upper(), cfg.ppl_tokens)
+    if not same:
         return {}
     files = {}
     for entry in data.get("files", []):
         path = run_dir / GGUF_DIR / entry["file"]
-        if entry.get("passed") and path.is_file() and entry.get("kind", "model") == "model":
-            files[entry["quant"]] = path
+        if entry.get("passed") and entry.get("quant") in quants.QUANTS and path.is_file():
+            files[entry["quant"]] = (path, gate.FileReport.model_validate(entry))
     return files
 
 
 def _produce(cfg: ExportConfig, run_dir: Path, staging: Path, merged: MergeResult, base_dir: Path, name: str,
-             reference_quant: str, wanted: list[str], emit: Emitter) -> dict[str, tuple[Path, float]]:
+             reference_quant: str, wanted: list[str], previous: dict[str, tuple[Path, gate.FileReport]],
+             emit: Emitter) -> dict[str, tuple[Path, float]]:
     """Every GGUF of this export in `staging`, by quant, with the seconds each took."""
-    previous = _previous(run_dir, merged)
     produced: dict[str, tuple[Path, float]] = {}
     steps = [reference_quant, *wanted] + (["LORA"] if cfg.lora_gguf else [])
     for i, quant in enumerate(steps):
         emit.check_cancelled()
         target = staging / (f"{name}-lora-{reference_quant}.gguf" if quant == "LORA" else f"{name}-{quant}.gguf")
         if quant in previous:
-            os.link(previous[quant], target)  # same bytes, already verified; a link costs nothing
-            emit.log(f"{quant}: already exported from this adapter; reusing {previous[quant].name}")
+            os.link(previous[quant][0], target)  # same bytes, already verified; a link costs nothing
+            emit.log(f"{quant}: already exported and verified from this adapter; kept")
             produced[quant] = (target, 0.0)
             continue
         emit.progress(f"{'converting' if i == 0 or quant == 'LORA' else 'quantizing'} {quant}", i, len(steps))
@@ -199,13 +203,16 @@ def _lora(run_dir: Path, base_dir: Path, staging: Path, target: Path, reference_
 
 
 def _verify(staging: Path, produced: dict[str, tuple[Path, float]], merged_dir: Path, tokenizer: Any,
-            contract: chat_contract.ChatContract, run_dir: Path, reference_quant: str, ppl_tokens: int,
-            emit: Emitter) -> dict[str, gate.FileReport]:
+            contract: chat_contract.ChatContract, run_dir: Path, cfg: ExportConfig,
+            carried: dict[str, gate.FileReport], emit: Emitter) -> dict[str, gate.FileReport]:
+    reference_quant = cfg.outtype.upper()
+    if all(q in carried for q in produced):
+        return dict(carried)
     emit.progress("verification: the merged model's greedy answers", 0, len(produced) + 1)
     rows = _rows(run_dir / "data" / "val.jsonl") or _rows(run_dir / "data" / "train.jsonl")[:16]
     prompts = [_prompt(r["messages"]) for r in rows[:MAX_PROMPTS - 1]] + [
         [{"role": "user", "content": "In one sentence, what is a computer?"}]]
-    ppl_rows = gate.scored_rows(tokenizer, [r["messages"] for r in rows], ppl_tokens)
+    ppl_rows = gate.scored_rows(tokenizer, [r["messages"] for r in rows], cfg.ppl_tokens)
     emit.log(f"perplexity is measured on {len(ppl_rows)} of {len(rows)} validation rows "
              f"({sum(len(ids) for ids, _ in ppl_rows):,} tokens)")
     reference = gate.build_reference(merged_dir, tokenizer, contract, prompts, ppl_rows)
@@ -218,6 +225,10 @@ def _verify(staging: Path, produced: dict[str, tuple[Path, float]], merged_dir: 
         emit.check_cancelled()
         emit.progress(f"verification: {quant}", i, len(produced) + 1)
         path = produced[quant][0]
+        if quant in carried:
+            reports[quant] = carried[quant]
+            reference_ppl = carried[quant].ppl if quant == reference_quant else reference_ppl
+            continue
         report = gate.verify_file(path, quant, reference, contract, architecture, reference.tensor_count, n_ctx,
                                   required_agreement=quant == reference_quant, reference_ppl=reference_ppl)
         if quant == reference_quant:
@@ -286,8 +297,8 @@ def _register(cfg: ExportConfig, run_dir: Path, staging: Path, produced: dict[st
         modelfile_path, commands = _write_serving_files(run_dir, staging, contract, name, produced[served][0],
                                                         base_dir)
     record = {"run": run_dir.name, "name": name, "created": now_iso(), "adapter_sha256": merged.adapter_sha256,
-              "reference": reference_quant, "contract": contract.model_dump(), "rejected": rejected,
-              "rejected_dir": str(rejected_dir) if rejected_dir else None}
+              "reference": reference_quant, "ppl_tokens": cfg.ppl_tokens, "contract": contract.model_dump(),
+              "rejected": rejected, "rejected_dir": str(rejected_dir) if rejected_dir else None}
     atomic_write_text(staging / VERIFICATION, gate.as_json([reports[q] for q in usable if q in reports], record))
     if usable:
         replace_dir(staging, final)
