@@ -183,3 +183,35 @@ class ExportConfig(StageConfig):
     @classmethod
     def _valid_export_name(cls, value: str | None) -> str | None:
         return None if value is None else check_model_name(value)
+
+
+class EvalConfig(StageConfig):
+    """Evaluate a run's targets on its test split with the same prompts, and compare them."""
+
+    targets: list[str] | None = Field(default=None, description="base, fewshot, tuned, merged, gguf:QUANT "
+                                      "(or gguf for every exported file); base, fewshot, tuned and every exported "
+                                      "GGUF when not given")
+    split: Literal["test", "val"] = Field(default="test", description="Prepared split to evaluate on")
+    max_items: int | None = Field(default=None, ge=1, description="Evaluate only the first N items of the split")
+    fewshot_k: int = Field(default=3, ge=0, le=32, description="Training examples put before each question for "
+                           "the few-shot target")
+    fewshot_select: Literal["similar", "random"] = Field(default="similar", description="Choose the examples by "
+                                                         "sentence-embedding similarity to the question, or at random")
+    max_new_tokens: int | None = Field(default=None, ge=1, le=8192, description="Cap on generated tokens; set by "
+                                       "the task's longest reference when not given")
+    tolerance: float = Field(default=1.0, ge=0.0, le=100.0, description="Points of the primary metric a "
+                             "quantization may lose against the fine-tuned model and still be recommended")
+    resamples: int = Field(default=1000, ge=1, le=100_000, description="Bootstrap resamples behind every interval")
+    seed: int = Field(default=0, ge=0, description="Seed of the bootstrap and of random few-shot examples")
+    store: str = Field(description="Path of the model store")
+
+    @field_validator("targets")
+    @classmethod
+    def _known_targets(cls, value: list[str] | None) -> list[str] | None:
+        if value is None:
+            return None
+        named = ("base", "fewshot", "tuned", "merged", "gguf")
+        bad = [t for t in value if t not in named and not t.startswith("gguf:")]
+        if bad:
+            raise ValueError(f"unknown targets {', '.join(bad)}: use base, fewshot, tuned, merged, gguf or gguf:QUANT")
+        return value

@@ -33,6 +33,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "data": ("appliance.config:DataConfig", "appliance.data.prepare:run"),
     "train": ("appliance.config:TrainConfig", "appliance.train.loop:run"),
     "export": ("appliance.config:ExportConfig", "appliance.export.run:run"),
+    "eval": ("appliance.config:EvalConfig", "appliance.evaluate.run:run"),
 }
 
 _SIGNAL_HINTS: dict[int, tuple[str, str]] = {

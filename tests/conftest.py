@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -71,6 +72,16 @@ def trained(prepared: tuple[Store, Path]) -> tuple[Store, Path]:
     result = run_cli("train", "--run", run_dir.name, "--recipe", str(recipe), "--json", store=store.root)
     assert result.returncode == 0, result.stderr
     return store, run_dir
+
+
+@pytest.fixture(scope="session")
+def exported(trained: tuple[Store, Path]) -> tuple[Store, Path, dict[str, Any]]:
+    """The trained run exported to F16, Q8_0 and Q4_K_M through the verification gate."""
+    store, run_dir = trained
+    result = run_cli("export", "--run", run_dir.name, "--quant", "Q8_0,Q4_K_M", "--ppl-tokens", "1024", "--json",
+                     store=store.root)
+    assert result.returncode == 0, result.stderr
+    return store, run_dir, json.loads(result.stdout)
 
 
 def clone_run(store: Store, source: Path, name: str) -> Path:

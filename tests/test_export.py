@@ -24,15 +24,6 @@ pytestmark = pytest.mark.slow
 QUANTS = ["F16", "Q8_0", "Q4_K_M"]
 
 
-@pytest.fixture(scope="module")
-def exported(trained: tuple[Store, Path]) -> tuple[Store, Path, dict[str, Any]]:
-    store, run_dir = trained
-    result = run_cli("export", "--run", run_dir.name, "--quant", "Q8_0,Q4_K_M", "--ppl-tokens", "1024", "--json",
-                     store=store.root)
-    assert result.returncode == 0, result.stderr
-    return store, run_dir, json.loads(result.stdout)
-
-
 def _files(result: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {f["quant"]: f for f in result["files"]}
 

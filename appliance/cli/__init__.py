@@ -168,4 +168,4 @@ def main() -> None:
 
 
 # The command groups register themselves on `app` when imported.
-from appliance.cli import data, export, models, train  # noqa: E402,F401
+from appliance.cli import data, evaluate, export, models, train  # noqa: E402,F401

@@ -76,10 +76,10 @@ def export(
 
 
 def _base_dir(run_dir: Path) -> Path:
-    from appliance.export.run import _base_model
+    from appliance.export.run import base_model_of
 
     st = store()
-    return st.model_dir(_base_model(st, run_dir))
+    return st.model_dir(base_model_of(st, run_dir))
 
 
 def _print_export(result: dict[str, Any]) -> None:

@@ -69,7 +69,7 @@ def run(cfg: ExportConfig, run_dir: Path, emit: Emitter) -> ExportResult:
     started = time.monotonic()
     store = Store.open(cfg.store)
     toolchain.check_versions()
-    base_name = _base_model(store, run_dir)
+    base_name = base_model_of(store, run_dir)
     base_dir = store.model_dir(base_name)
     name = cfg.name or f"{base_name}-{run_dir.name.rsplit('-', 1)[-1]}"
     wanted = [q for q in cfg.quants if q not in ("F16", "BF16")]
@@ -111,7 +111,7 @@ def run(cfg: ExportConfig, run_dir: Path, emit: Emitter) -> ExportResult:
                                      "seconds": round(time.monotonic() - started, 1)})
 
 
-def _base_model(store: Store, run_dir: Path) -> str:
+def base_model_of(store: Store, run_dir: Path) -> str:
     recorded = run_dir / "run.yaml"
     train = (yaml.safe_load(recorded.read_text(encoding="utf-8")) or {}).get("train", {}) if recorded.is_file() else {}
     return store.resolve_model(train.get("base_model"), "base model of this run",

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-IGNORE = -100
+from appliance.modeling import IGNORE
 
 
 @dataclass(slots=True)

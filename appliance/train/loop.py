@@ -26,9 +26,10 @@ from appliance.config import TrainConfig
 from appliance.errors import ApplianceError, Cancelled, ConfigError
 from appliance.events import Emitter
 from appliance.fsutil import fsync_dir
+from appliance.modeling import IGNORE, answer_nll
 from appliance.store import Store
 from appliance.train import checkpoint
-from appliance.train.data import IGNORE, Encoded, collate, epoch_batches, load_split
+from appliance.train.data import Encoded, collate, epoch_batches, load_split
 
 
 class TrainError(ApplianceError):
@@ -385,7 +386,7 @@ def _optimizer_step(model: Any, micro: list[dict[str, Any]], params: list[Any], 
     tokens = 0
     for batch in micro:
         batch = {k: v.to(device) for k, v in batch.items()}
-        summed = answer_loss_sum(model, batch)
+        summed = answer_nll(model, batch).sum()
         (summed / total).backward()
         loss_sum += float(summed.detach())
         tokens += int(batch["attention_mask"].sum())
@@ -394,30 +395,6 @@ def _optimizer_step(model: Any, micro: list[dict[str, Any]], params: list[Any], 
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return loss_sum / total, tokens
-
-
-def answer_loss_sum(model: Any, batch: dict[str, Any]) -> Any:
-    """Summed cross-entropy over the trained (answer) tokens of a batch.
-
-    With answers a small share of each row, projecting every position onto the vocabulary (what
-    a plain forward with labels does) spends most of the time and memory on logits that carry no
-    loss. We run the decoder, then the output head on the answer positions only. Models whose
-    head is not a plain projection (logit soft-capping, scaling) take the ordinary path.
-    """
-    import torch
-
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    decoder, head = getattr(base, "model", None), getattr(base, "lm_head", None)
-    config = getattr(base, "config", None)
-    special_head = any(getattr(config, name, None) for name in ("final_logit_softcapping", "logit_scale"))
-    targets = batch["labels"][:, 1:]
-    keep = targets != IGNORE
-    if decoder is None or head is None or special_head:
-        out = model(**batch)
-        return out.loss * keep.sum()
-    hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-    logits = head(hidden[:, :-1][keep]).float()
-    return torch.nn.functional.cross_entropy(logits, targets[keep], reduction="sum")
 
 
 def _evaluate(model: Any, rows: list[Encoded], cfg: TrainConfig, pad_id: int, device: Any,
@@ -429,7 +406,7 @@ def _evaluate(model: Any, rows: list[Encoded], cfg: TrainConfig, pad_id: int, de
     with torch.no_grad():
         for start in range(0, len(rows), cfg.batch_size):
             batch = {k: v.to(device) for k, v in collate(rows[start:start + cfg.batch_size], pad_id).items()}
-            loss_sum += float(answer_loss_sum(model, batch))
+            loss_sum += float(answer_nll(model, batch).sum())
             count_sum += int((batch["labels"][:, 1:] != IGNORE).sum())
     model.train()
     value = loss_sum / max(1, count_sum)

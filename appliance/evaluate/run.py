@@ -1,0 +1,303 @@
+"""The evaluation stage: `appliance eval` as a job.
+
+Every target answers the same prompts of the run's test split: the base model zero-shot, the base
+model with k training examples (few-shot), the fine-tuned model (base + adapter), the merged model
+and every exported GGUF. Each gets the task's metrics with bootstrap intervals in
+`eval/<target>.json`; `eval/comparison.json` says whether fine-tuning beat prompting, whether each
+quantization kept the fine-tuned model's quality, and recommends the smallest one that did.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+from appliance.config import EvalConfig
+from appliance.errors import ApplianceError
+from appliance.evaluate import metrics
+from appliance.evaluate.items import Item, choose_examples, load_items, with_examples
+from appliance.evaluate.targets import GGUFTarget, HFTarget, Target
+from appliance.events import Emitter
+from appliance.fsutil import atomic_write_text
+from appliance.store import Store
+
+PRIMARY = {"classification": "accuracy", "extraction": "all_fields_match", "chat": "token_f1"}
+SPEED_TOKENS = 32
+SAMPLES_KEPT = 20
+
+
+class EvalError(ApplianceError):
+    title = "Evaluation problem"
+
+
+class TargetResult(BaseModel):
+    target: str
+    n: int
+    primary: str
+    score: metrics.Interval
+    report: dict[str, Any]
+    per_item: list[float]  # the primary metric per item, for paired comparisons
+    size_bytes: int | None
+    tokens_per_s: float
+    seconds: float
+    predictions: list[str]  # every item's answer, in the split's order
+    samples: list[dict[str, Any]]
+
+
+class Recommendation(BaseModel):
+    target: str
+    file: str
+    size_bytes: int
+    tokens_per_s: float
+    score: float
+    difference: float  # against the fine-tuned model, in points
+    reason: str
+
+
+class EvalResult(BaseModel):
+    run: str
+    task: str
+    split: str
+    n: int
+    primary: str
+    targets: list[dict[str, Any]]  # target, score interval, size, tokens/s
+    comparisons: list[dict[str, Any]]
+    recommendation: Recommendation | None
+    note: str | None
+    seconds: float
+
+
+def run(cfg: EvalConfig, run_dir: Path, emit: Emitter) -> EvalResult:
+    started = time.monotonic()
+    store = Store.open(cfg.store)
+    report = _data_report(run_dir)
+    task = (report.get("config") or {}).get("task", "chat")
+    labels: list[str] = (report.get("labels") or {}).get("set") or []
+    items = load_items(run_dir / "data" / f"{cfg.split}.jsonl", cfg.max_items)
+    if not items:
+        raise EvalError(f"the {cfg.split} split of run {run_dir.name} has no rows with an answer",
+                        "Prepare the data with a test share (--split 0.8,0.1,0.1), or evaluate --split val.")
+    base_dir = _base_dir(store, run_dir)
+    targets = _resolve_targets(cfg, run_dir)
+    from appliance.data.template import load_tokenizer
+
+    tokenizer = load_tokenizer(run_dir / "adapter" if (run_dir / "adapter").is_dir() else base_dir)
+    stop_ids = _stop_ids(tokenizer)
+    examples = choose_examples(items, load_items(run_dir / "data" / "train.jsonl"), cfg.fewshot_k,
+                               cfg.fewshot_select, store.root, cfg.seed) if "fewshot" in targets else None
+    results: list[TargetResult] = []
+    out_dir = run_dir / "eval"
+    for position, name in enumerate(targets):
+        emit.check_cancelled()
+        emit.progress(f"evaluating {name}", position, len(targets))
+        target = _open(name, run_dir, base_dir, items, tokenizer)
+        try:
+            conversations = [with_examples(i, e) for i, e in zip(items, examples, strict=True)] \
+                if name == "fewshot" and examples is not None else [i.prompt for i in items]
+            result = _evaluate(target, name, conversations, items, task, labels, tokenizer, stop_ids, cfg, emit)
+        finally:
+            target.close()
+        result.size_bytes = _size(name, run_dir, base_dir)
+        atomic_write_text(out_dir / f"{name.replace(':', '-')}.json", result.model_dump_json(indent=2) + "\n")
+        emit.metric(f"eval_{name}_{result.primary}", result.score.point)
+        results.append(result)
+    outcome = _compare(run_dir, task, cfg, results, len(items), round(time.monotonic() - started, 1))
+    atomic_write_text(out_dir / "comparison.json", outcome.model_dump_json(indent=2) + "\n")
+    _refresh_manifest(store, run_dir, base_dir.name)
+    return outcome
+
+
+def _data_report(run_dir: Path) -> dict[str, Any]:
+    path = run_dir / "data" / "data_report.json"
+    if not path.is_file():
+        raise EvalError(f"run {run_dir.name} has no prepared data", f"Prepare data first: appliance data prepare "
+                        f"FILES --run {run_dir.name}")
+    data: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+    return data
+
+
+def _base_dir(store: Store, run_dir: Path) -> Path:
+    from appliance.export.run import base_model_of
+
+    return store.model_dir(base_model_of(store, run_dir))
+
+
+def _exported(run_dir: Path) -> dict[str, Path]:
+    """Registered GGUF files (they passed the export gate), by quantization."""
+    try:
+        record = json.loads((run_dir / "gguf" / "verification.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return {f["quant"]: run_dir / "gguf" / f["file"] for f in record.get("files", [])
+            if f.get("passed") and f["quant"] not in ("LORA",) and (run_dir / "gguf" / f["file"]).is_file()}
+
+
+def _resolve_targets(cfg: EvalConfig, run_dir: Path) -> list[str]:
+    exported = _exported(run_dir)
+    trained = (run_dir / "adapter").is_dir()
+    wanted = cfg.targets or (["base", "fewshot"] + (["tuned"] if trained else []) + ["gguf"])
+    names: list[str] = []
+    for name in wanted:
+        if name == "gguf":
+            names += [f"gguf:{q}" for q in exported]
+            continue
+        if name.startswith("gguf:") and name[5:].upper() not in exported:
+            raise EvalError(f"run {run_dir.name} has no verified {name[5:].upper()} GGUF",
+                            f"Export it first: appliance export --run {run_dir.name} --quant {name[5:].upper()}")
+        if name == "tuned" and not trained:
+            raise EvalError(f"run {run_dir.name} has no trained adapter", f"Train it: appliance train --run "
+                            f"{run_dir.name}")
+        if name == "merged" and not (run_dir / "merged").is_dir():
+            raise EvalError(f"run {run_dir.name} has no merged model", f"Export it: appliance export --run "
+                            f"{run_dir.name}")
+        names.append(name if not name.startswith("gguf:") else f"gguf:{name[5:].upper()}")
+    return list(dict.fromkeys(names))
+
+
+def _stop_ids(tokenizer: Any) -> list[int]:
+    from appliance.export.contract import END_OF_TURN_CANDIDATES
+
+    vocab = tokenizer.get_vocab()
+    ids = [int(tokenizer.eos_token_id)]
+    return ids + [vocab[t] for t in END_OF_TURN_CANDIDATES if t in vocab and vocab[t] not in ids]
+
+
+def _open(name: str, run_dir: Path, base_dir: Path, items: list[Item], tokenizer: Any) -> Target:
+    if name in ("base", "fewshot"):
+        return HFTarget(name, base_dir)
+    if name == "tuned":
+        return HFTarget(name, base_dir, run_dir / "adapter")
+    if name == "merged":
+        return HFTarget(name, run_dir / "merged")
+    longest = max(len(_prompt_ids(tokenizer, i.prompt)) for i in items)
+    return GGUFTarget(name, _exported(run_dir)[name[5:]], n_ctx=min(8192, 2 * longest + 1024))
+
+
+def _size(name: str, run_dir: Path, base_dir: Path) -> int | None:
+    if name.startswith("gguf:"):
+        return _exported(run_dir)[name[5:]].stat().st_size
+    folder = run_dir / "merged" if name == "merged" else base_dir
+    return sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+
+
+def _prompt_ids(tokenizer: Any, conversation: list[dict[str, str]]) -> list[int]:
+    encoded = tokenizer.apply_chat_template(conversation, add_generation_prompt=True, return_dict=True)
+    return list(encoded["input_ids"])
+
+
+def _answer_ids(tokenizer: Any, conversation: list[dict[str, str]], answer: str) -> list[int]:
+    """The tokens the model writes for `answer` after the conversation, its end-of-turn included (as
+    trained). Earlier assistant turns (few-shot examples) belong to the prompt, not to the answer."""
+    prompt = _prompt_ids(tokenizer, conversation)
+    full = list(tokenizer.apply_chat_template([*conversation, {"role": "assistant", "content": answer}],
+                                              return_dict=True)["input_ids"])
+    if full[: len(prompt)] != prompt:
+        raise EvalError("the chat template renders an answer differently from its generation prompt",
+                        "Evaluation scores answers after the prompt; this template is not supported.")
+    answer_ids = full[len(prompt):]
+    stops = set(_stop_ids(tokenizer))
+    end = next((i for i, token in enumerate(answer_ids) if token in stops), len(answer_ids) - 1)
+    return answer_ids[: end + 1]  # up to the end of the turn: what follows it is never generated
+
+
+def _evaluate(target: Target, name: str, conversations: list[list[dict[str, str]]], items: list[Item], task: str,
+              labels: list[str], tokenizer: Any, stop_ids: list[int], cfg: EvalConfig,
+              emit: Emitter) -> TargetResult:
+    began = time.monotonic()
+    prompts = [_prompt_ids(tokenizer, c) for c in conversations]
+    predictions: list[str] = []
+    extra: dict[str, Any] = {}
+    report: BaseModel
+    if task == "classification" and labels:
+        for n, (prompt, conversation) in enumerate(zip(prompts, conversations, strict=True)):
+            emit.check_cancelled()
+            scores = target.score(prompt, [_answer_ids(tokenizer, conversation, label) for label in labels])
+            predictions.append(labels[max(range(len(labels)), key=scores.__getitem__)])
+            emit.progress(f"evaluating {name}", n + 1, len(items))
+        report = metrics.classification_report([i.label or i.reference for i in items], predictions, labels,
+                                               resamples=cfg.resamples, seed=cfg.seed)
+        per_item = [float(c) for c in report.correct]
+    else:
+        budget = cfg.max_new_tokens or min(1024, 16 + 2 * max(len(tokenizer.encode(i.reference)) for i in items))
+        generated = target.generate(prompts, budget, stop_ids)
+        predictions = [tokenizer.decode(g, skip_special_tokens=True).strip() for g in generated]
+        if task == "extraction":
+            references = [metrics.parse_json_object(i.reference) or {} for i in items]
+            extraction = metrics.extraction_report(references, predictions, None, resamples=cfg.resamples,
+                                                   seed=cfg.seed)
+            per_item = [float(x) for x in extraction.all_fields_match_items]
+            report = extraction
+        else:
+            qa = metrics.qa_report([i.reference for i in items], predictions, resamples=cfg.resamples, seed=cfg.seed)
+            per_item = list(qa.token_f1_items)
+            extra["perplexity"] = _perplexity(target, tokenizer, conversations, items)
+            report = qa
+    primary = PRIMARY.get(task, "token_f1")
+    data = report.model_dump()
+    return TargetResult(target=name, n=len(items), primary=primary, score=metrics.Interval(**data[primary]),
+                        report={**data, **extra}, per_item=per_item, size_bytes=None,
+                        tokens_per_s=round(target.speed(prompts[0], SPEED_TOKENS), 1),
+                        seconds=round(time.monotonic() - began, 1), predictions=predictions,
+                        samples=[{"reference": i.reference, "prediction": p}
+                                 for i, p in zip(items[:SAMPLES_KEPT], predictions, strict=False)])
+
+
+def _perplexity(target: Target, tokenizer: Any, conversations: list[list[dict[str, str]]], items: list[Item]) -> float:
+    nll = 0.0
+    tokens = 0
+    for conversation, item in zip(conversations, items, strict=True):
+        answer = _answer_ids(tokenizer, conversation, item.reference)
+        nll -= target.score(_prompt_ids(tokenizer, conversation), [answer])[0]
+        tokens += len(answer)
+    return round(metrics.perplexity(nll, max(tokens, 1)), 4)
+
+
+def _compare(run_dir: Path, task: str, cfg: EvalConfig, results: list[TargetResult], n: int,
+             seconds: float) -> EvalResult:
+    by_name = {r.target: r for r in results}
+    pairs = [("base", "fewshot"), ("base", "tuned"), ("fewshot", "tuned")]
+    pairs += [("tuned", r.target) for r in results if r.target.startswith("gguf:") or r.target == "merged"]
+    comparisons = []
+    for a, b in pairs:
+        if a in by_name and b in by_name:
+            comparison = metrics.compare(by_name[a].per_item, by_name[b].per_item, resamples=cfg.resamples,
+                                         seed=cfg.seed)
+            comparisons.append({"baseline": a, "target": b, "baseline_score": comparison.a,
+                                "target_score": comparison.b, "difference": comparison.difference.model_dump(),
+                                "significant": comparison.significant,
+                                "sentence": metrics.describe(comparison, a, b)})
+    recommendation, note = _recommend(by_name, cfg.tolerance)
+    primary = PRIMARY.get(task, "token_f1")
+    table = [{"target": r.target, "score": r.score.model_dump(), "size_bytes": r.size_bytes,
+              "tokens_per_s": r.tokens_per_s, "seconds": r.seconds} for r in results]
+    return EvalResult(run=run_dir.name, task=task, split=cfg.split, n=n, primary=primary, targets=table,
+                      comparisons=comparisons, recommendation=recommendation, note=note, seconds=seconds)
+
+
+def _recommend(by_name: dict[str, TargetResult], tolerance: float) -> tuple[Recommendation | None, str | None]:
+    """The smallest GGUF whose primary metric stays within `tolerance` points of the fine-tuned model."""
+    tuned = by_name.get("tuned")
+    quants = [r for name, r in by_name.items() if name.startswith("gguf:") and r.size_bytes]
+    if tuned is None or not quants:
+        return None, "evaluate the tuned model and at least one exported GGUF to get a recommendation"
+    within = [r for r in quants if (r.score.point - tuned.score.point) * 100 >= -tolerance]
+    if not within:
+        return None, f"no exported quantization stays within {tolerance:g} points of the fine-tuned model"
+    best = min(within, key=lambda r: r.size_bytes or 0)
+    difference = round((best.score.point - tuned.score.point) * 100, 2)
+    return Recommendation(target=best.target, file=best.target[5:], size_bytes=best.size_bytes or 0,
+                          tokens_per_s=best.tokens_per_s, score=best.score.point, difference=difference,
+                          reason=f"the smallest file within {tolerance:g} points of the fine-tuned model "
+                          f"({difference:+.1f} points)"), None
+
+
+def _refresh_manifest(store: Store, run_dir: Path, base_name: str) -> None:
+    """An exported run's signed manifest gains the evaluation results (and is signed again)."""
+    if (run_dir / "manifest.json").is_file():
+        from appliance.export import manifest
+
+        manifest.write(store, run_dir, base_name)

@@ -1,0 +1,124 @@
+"""Evaluation: the same prompts for every target, label scoring that always returns a valid label,
+scores that agree between transformers and llama.cpp, few-shot prompts built from training rows,
+and the comparison report with its recommendation, on the real fine-tune of the default model."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import run_cli
+
+from appliance import toolchain
+from appliance.evaluate.items import Item, choose_examples, load_items, with_examples
+from appliance.store import Store
+
+SYSTEM = {"role": "system", "content": "Answer with one word."}
+
+
+def _item(text: str, answer: str) -> Item:
+    return Item(prompt=[SYSTEM, {"role": "user", "content": text}], reference=answer, label=answer)
+
+
+def test_items_and_few_shot_prompts(tmp_path: Path) -> None:
+    split = tmp_path / "test.jsonl"
+    rows = [{"messages": [SYSTEM, {"role": "user", "content": "q1"}, {"role": "assistant", "content": "a1"}],
+             "label": "a1"},
+            {"messages": [{"role": "user", "content": "no answer"}]}]
+    split.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    items = load_items(split)
+    assert items == [Item(prompt=[SYSTEM, {"role": "user", "content": "q1"}], reference="a1", label="a1")]
+    shots = [_item("printer jams", "hardware"), _item("invoice wrong", "billing")]
+    assert with_examples(items[0], shots) == [
+        SYSTEM, {"role": "user", "content": "printer jams"}, {"role": "assistant", "content": "hardware"},
+        {"role": "user", "content": "invoice wrong"}, {"role": "assistant", "content": "billing"},
+        {"role": "user", "content": "q1"}]
+
+
+def test_similar_examples_are_the_closest_questions(default_store: Store) -> None:
+    pool = [_item("The printer on floor 2 keeps jamming paper", "hardware"), _item("I was charged twice", "billing"),
+            _item("Cannot log in to the VPN from home", "network"), _item("My password expired", "access")]
+    asked = [_item("Paper jam in the printer again", "hardware"), _item("Double charge on my invoice", "billing")]
+    chosen = choose_examples(asked, pool, 1, "similar", default_store.root)
+    assert [c[0].label for c in chosen] == ["hardware", "billing"]
+    first = choose_examples(asked, pool, 2, "random", default_store.root, seed=3)
+    assert first == choose_examples(asked, pool, 2, "random", default_store.root, seed=3)  # reproducible
+    assert choose_examples(asked, pool, 0, "random", default_store.root) == [[], []]
+
+
+@pytest.fixture(scope="module")
+def tiny_targets(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Any, Any]:
+    from appliance.data.template import load_tokenizer
+    from appliance.evaluate.targets import GGUFTarget, HFTarget
+
+    gguf = tmp_path_factory.mktemp("tiny-gguf") / "tiny-F16.gguf"
+    toolchain.convert_to_gguf(tiny_model_dir, gguf, "f16")
+    hf, llama = HFTarget("hf", tiny_model_dir), GGUFTarget("gguf", gguf, n_ctx=256)
+    yield hf, llama, load_tokenizer(tiny_model_dir)
+    hf.close()
+    llama.close()
+
+
+def test_cached_label_scores_equal_the_plain_log_likelihood(tiny_targets: tuple[Any, Any, Any]) -> None:
+    """Scoring continues each answer from the prompt's cache and crops it back; the result must be
+    the log-likelihood a plain forward over prompt + answer gives, for every answer in turn."""
+    import torch
+
+    from appliance.modeling import IGNORE, answer_nll
+    from appliance.train.data import Encoded, collate
+
+    hf, _llama, tokenizer = tiny_targets
+    prompt = tokenizer.encode("<|im_start|>user\nWhich team?<|im_end|>\n<|im_start|>assistant\n")
+    answers = [[*tokenizer.encode(a), 2] for a in ("billing", "network operations", "hardware")]
+    rows = [Encoded(prompt + a, [IGNORE] * len(prompt) + a) for a in answers]
+    with torch.no_grad():
+        plain = [-float(x) for x in answer_nll(hf.model, collate(rows, 0))]
+    assert hf.score(prompt, answers) == pytest.approx(plain, abs=1e-4)
+
+
+def test_llama_cpp_scores_agree_with_transformers(tiny_targets: tuple[Any, Any, Any]) -> None:
+    hf, llama, tokenizer = tiny_targets
+    first = tokenizer.encode("<|im_start|>user\nWhich team?<|im_end|>\n<|im_start|>assistant\n")
+    second = tokenizer.encode("<|im_start|>user\nWhich office?<|im_end|>\n<|im_start|>assistant\n")
+    answers = [[*tokenizer.encode(a), 2] for a in ("billing", "network operations")]
+    for prompt in (first, second, first):  # the second and third reuse part of the cache
+        assert llama.score(prompt, answers) == pytest.approx(hf.score(prompt, answers), abs=0.05)
+    generated = llama.generate([first], 6, [2])[0]
+    assert generated == hf.generate([first], 6, [2])[0][: len(generated)]
+    assert llama.speed(first, 8) > 0 and hf.speed(first, 4) > 0
+
+
+@pytest.mark.slow
+def test_eval_compares_every_target(exported: tuple[Store, Path, dict[str, Any]]) -> None:
+    store, run_dir, _export = exported
+    result = run_cli("eval", "--run", run_dir.name, "--targets", "base,fewshot,tuned,gguf:Q8_0", "--max-items", "12",
+                     "--fewshot-select", "random", "--json", store=store.root)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["task"] == "classification" and summary["primary"] == "accuracy" and summary["n"] == 12
+    assert [t["target"] for t in summary["targets"]] == ["base", "fewshot", "tuned", "gguf:Q8_0"]
+    labels = json.loads((run_dir / "data" / "data_report.json").read_text())["labels"]["set"]
+    reports = {}
+    for name in ("base", "fewshot", "tuned", "gguf-Q8_0"):
+        report = json.loads((run_dir / "eval" / f"{name}.json").read_text())
+        reports[name] = report
+        assert set(report["predictions"]) <= set(labels)  # label scoring: always a valid label
+        assert report["report"]["out_of_set_rate"] == 0.0
+        assert sum(map(sum, report["report"]["confusion"])) == 12
+        score = report["score"]
+        assert 0.0 <= score["low"] <= score["point"] <= score["high"] <= 1.0
+        assert report["tokens_per_s"] > 0 and report["size_bytes"] > 0
+    assert len(reports["gguf-Q8_0"]["predictions"]) == len(reports["tuned"]["predictions"]) == 12
+    pairs = {(c["baseline"], c["target"]) for c in summary["comparisons"]}
+    assert {("base", "fewshot"), ("base", "tuned"), ("fewshot", "tuned"), ("tuned", "gguf:Q8_0")} <= pairs
+    assert all(c["sentence"].endswith(("beyond noise", "within noise")) for c in summary["comparisons"])
+    recommendation = summary["recommendation"]
+    assert recommendation is None or recommendation["file"] == "Q8_0"
+    assert (recommendation is None) == (summary["note"] is not None)
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert set(manifest["evaluation"]) >= {"base", "tuned", "comparison"}
+    assert run_cli("verify", run_dir.name, store=store.root).returncode == 0
+    assert not math.isnan(summary["seconds"])
