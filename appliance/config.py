@@ -137,6 +137,9 @@ class TrainConfig(StageConfig):
     keep_checkpoints: int = Field(default=2, ge=1, le=100, description="How many recent checkpoints to keep")
     early_stopping_patience: int | None = Field(default=None, ge=1, description="Stop after this many "
                                                 "evaluations without a better validation loss")
+    early_stopping_metric: Literal["eval_loss", "task"] = Field(default="eval_loss", description="What early "
+                                                                "stopping watches: the validation loss, or the task "
+                                                                "metric (label accuracy of classification runs)")
     backend: Literal["auto", "unsloth", "hf"] = Field(default="auto", description="Training library")
     init_from: str | None = Field(default=None, description="Run whose trained adapter (or model) this run "
                                   "starts from: sequential fine-tuning on new data")

@@ -122,3 +122,16 @@ def test_eval_compares_every_target(exported: tuple[Store, Path, dict[str, Any]]
     assert set(manifest["evaluation"]) >= {"base", "tuned", "comparison"}
     assert run_cli("verify", run_dir.name, store=store.root).returncode == 0
     assert not math.isnan(summary["seconds"])
+
+
+@pytest.mark.slow
+def test_training_reports_the_task_metric(trained: tuple[Store, Path]) -> None:
+    """A classification run's training measures label accuracy on validation rows at each evaluation."""
+    from appliance import events as ev
+
+    _store, run_dir = trained
+    events = ev.read_all(run_dir / ev.EVENTS_FILE)
+    accuracy = [e for e in events if isinstance(e, ev.Metric) and e.name == "eval_accuracy"]
+    losses = [e for e in events if isinstance(e, ev.Metric) and e.name == "eval_loss"]
+    assert [e.step for e in accuracy] == [e.step for e in losses] == [4, 8]
+    assert all(0.0 <= e.value <= 1.0 for e in accuracy)

@@ -45,11 +45,14 @@ def evaluate(
         return
     table = Table(title=f"Run {result['run']}: {result['task']} on {result['n']} {result['split']} items, "
                   f"{result['primary']} (95% interval)")
-    for column in ("target", result["primary"], "size", "tokens/s", "seconds"):
+    with_f1 = result["task"] == "classification"
+    for column in ("target", result["primary"], *(["macro F1"] if with_f1 else []), "size", "tokens/s", "seconds"):
         table.add_column(column)
     for row in result["targets"]:
         size = f"{row['size_bytes'] / 2**20:,.0f} MiB" if row["size_bytes"] else ""
-        table.add_row(row["target"], _interval(row["score"]), size, f"{row['tokens_per_s']:.0f}", str(row["seconds"]))
+        f1 = [_interval(row["macro_f1"])] if with_f1 and row.get("macro_f1") else []
+        table.add_row(row["target"], _interval(row["score"]), *f1, size, f"{row['tokens_per_s']:.0f}",
+                      str(row["seconds"]))
     console.print(table)
     for comparison in result["comparisons"]:
         console.print(f"  {comparison['sentence']}")

@@ -19,6 +19,7 @@ from pydantic import BaseModel
 from appliance.config import EvalConfig
 from appliance.errors import ApplianceError
 from appliance.evaluate import metrics
+from appliance.evaluate.encoding import answer_ids, prompt_ids, stop_ids
 from appliance.evaluate.items import Item, choose_examples, load_items, with_examples
 from appliance.evaluate.targets import GGUFTarget, HFTarget, Target
 from appliance.events import Emitter
@@ -86,7 +87,7 @@ def run(cfg: EvalConfig, run_dir: Path, emit: Emitter) -> EvalResult:
     from appliance.data.template import load_tokenizer
 
     tokenizer = load_tokenizer(run_dir / "adapter" if (run_dir / "adapter").is_dir() else base_dir)
-    stop_ids = _stop_ids(tokenizer)
+    stops = stop_ids(tokenizer)
     examples = choose_examples(items, load_items(run_dir / "data" / "train.jsonl"), cfg.fewshot_k,
                                cfg.fewshot_select, store.root, cfg.seed) if "fewshot" in targets else None
     results: list[TargetResult] = []
@@ -98,14 +99,15 @@ def run(cfg: EvalConfig, run_dir: Path, emit: Emitter) -> EvalResult:
         try:
             conversations = [with_examples(i, e) for i, e in zip(items, examples, strict=True)] \
                 if name == "fewshot" and examples is not None else [i.prompt for i in items]
-            result = _evaluate(target, name, conversations, items, task, labels, tokenizer, stop_ids, cfg, emit)
+            result = _evaluate(target, name, conversations, items, task, labels, tokenizer, stops, cfg, emit)
         finally:
             target.close()
         result.size_bytes = _size(name, run_dir, base_dir)
         atomic_write_text(out_dir / f"{name.replace(':', '-')}.json", result.model_dump_json(indent=2) + "\n")
         emit.metric(f"eval_{name}_{result.primary}", result.score.point)
         results.append(result)
-    outcome = _compare(run_dir, task, cfg, results, len(items), round(time.monotonic() - started, 1))
+    references = [i.label or i.reference for i in items]
+    outcome = _compare(run_dir, task, cfg, results, references, labels, round(time.monotonic() - started, 1))
     atomic_write_text(out_dir / "comparison.json", outcome.model_dump_json(indent=2) + "\n")
     _refresh_manifest(store, run_dir, base_dir.name)
     return outcome
@@ -158,14 +160,6 @@ def _resolve_targets(cfg: EvalConfig, run_dir: Path) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def _stop_ids(tokenizer: Any) -> list[int]:
-    from appliance.export.contract import END_OF_TURN_CANDIDATES
-
-    vocab = tokenizer.get_vocab()
-    ids = [int(tokenizer.eos_token_id)]
-    return ids + [vocab[t] for t in END_OF_TURN_CANDIDATES if t in vocab and vocab[t] not in ids]
-
-
 def _open(name: str, run_dir: Path, base_dir: Path, items: list[Item], tokenizer: Any) -> Target:
     if name in ("base", "fewshot"):
         return HFTarget(name, base_dir)
@@ -173,7 +167,7 @@ def _open(name: str, run_dir: Path, base_dir: Path, items: list[Item], tokenizer
         return HFTarget(name, base_dir, run_dir / "adapter")
     if name == "merged":
         return HFTarget(name, run_dir / "merged")
-    longest = max(len(_prompt_ids(tokenizer, i.prompt)) for i in items)
+    longest = max(len(prompt_ids(tokenizer, i.prompt)) for i in items)
     return GGUFTarget(name, _exported(run_dir)[name[5:]], n_ctx=min(8192, 2 * longest + 1024))
 
 
@@ -184,38 +178,18 @@ def _size(name: str, run_dir: Path, base_dir: Path) -> int | None:
     return sum(p.stat().st_size for p in folder.glob("*.safetensors"))
 
 
-def _prompt_ids(tokenizer: Any, conversation: list[dict[str, str]]) -> list[int]:
-    encoded = tokenizer.apply_chat_template(conversation, add_generation_prompt=True, return_dict=True)
-    return list(encoded["input_ids"])
-
-
-def _answer_ids(tokenizer: Any, conversation: list[dict[str, str]], answer: str) -> list[int]:
-    """The tokens the model writes for `answer` after the conversation, its end-of-turn included (as
-    trained). Earlier assistant turns (few-shot examples) belong to the prompt, not to the answer."""
-    prompt = _prompt_ids(tokenizer, conversation)
-    full = list(tokenizer.apply_chat_template([*conversation, {"role": "assistant", "content": answer}],
-                                              return_dict=True)["input_ids"])
-    if full[: len(prompt)] != prompt:
-        raise EvalError("the chat template renders an answer differently from its generation prompt",
-                        "Evaluation scores answers after the prompt; this template is not supported.")
-    answer_ids = full[len(prompt):]
-    stops = set(_stop_ids(tokenizer))
-    end = next((i for i, token in enumerate(answer_ids) if token in stops), len(answer_ids) - 1)
-    return answer_ids[: end + 1]  # up to the end of the turn: what follows it is never generated
-
-
 def _evaluate(target: Target, name: str, conversations: list[list[dict[str, str]]], items: list[Item], task: str,
               labels: list[str], tokenizer: Any, stop_ids: list[int], cfg: EvalConfig,
               emit: Emitter) -> TargetResult:
     began = time.monotonic()
-    prompts = [_prompt_ids(tokenizer, c) for c in conversations]
+    prompts = [prompt_ids(tokenizer, c) for c in conversations]
     predictions: list[str] = []
     extra: dict[str, Any] = {}
     report: BaseModel
     if task == "classification" and labels:
         for n, (prompt, conversation) in enumerate(zip(prompts, conversations, strict=True)):
             emit.check_cancelled()
-            scores = target.score(prompt, [_answer_ids(tokenizer, conversation, label) for label in labels])
+            scores = target.score(prompt, [answer_ids(tokenizer, conversation, label) for label in labels])
             predictions.append(labels[max(range(len(labels)), key=scores.__getitem__)])
             emit.progress(f"evaluating {name}", n + 1, len(items))
         report = metrics.classification_report([i.label or i.reference for i in items], predictions, labels,
@@ -250,14 +224,14 @@ def _perplexity(target: Target, tokenizer: Any, conversations: list[list[dict[st
     nll = 0.0
     tokens = 0
     for conversation, item in zip(conversations, items, strict=True):
-        answer = _answer_ids(tokenizer, conversation, item.reference)
-        nll -= target.score(_prompt_ids(tokenizer, conversation), [answer])[0]
+        answer = answer_ids(tokenizer, conversation, item.reference)
+        nll -= target.score(prompt_ids(tokenizer, conversation), [answer])[0]
         tokens += len(answer)
     return round(metrics.perplexity(nll, max(tokens, 1)), 4)
 
 
-def _compare(run_dir: Path, task: str, cfg: EvalConfig, results: list[TargetResult], n: int,
-             seconds: float) -> EvalResult:
+def _compare(run_dir: Path, task: str, cfg: EvalConfig, results: list[TargetResult], references: list[str],
+             labels: list[str], seconds: float) -> EvalResult:
     by_name = {r.target: r for r in results}
     pairs = [("base", "fewshot"), ("base", "tuned"), ("fewshot", "tuned")]
     pairs += [("tuned", r.target) for r in results if r.target.startswith("gguf:") or r.target == "merged"]
@@ -266,16 +240,26 @@ def _compare(run_dir: Path, task: str, cfg: EvalConfig, results: list[TargetResu
         if a in by_name and b in by_name:
             comparison = metrics.compare(by_name[a].per_item, by_name[b].per_item, resamples=cfg.resamples,
                                          seed=cfg.seed)
-            comparisons.append({"baseline": a, "target": b, "baseline_score": comparison.a,
-                                "target_score": comparison.b, "difference": comparison.difference.model_dump(),
-                                "significant": comparison.significant,
-                                "sentence": metrics.describe(comparison, a, b)})
+            comparisons.append(_comparison_row(a, b, PRIMARY.get(task, "token_f1"), comparison))
+            if task == "classification" and labels:
+                f1 = metrics.compare_metric(
+                    len(references), metrics.f1_metric(references, by_name[a].predictions, labels),
+                    metrics.f1_metric(references, by_name[b].predictions, labels), resamples=cfg.resamples,
+                    seed=cfg.seed)
+                comparisons.append(_comparison_row(a, b, "macro_f1", f1))
     recommendation, note = _recommend(by_name, cfg.tolerance)
     primary = PRIMARY.get(task, "token_f1")
-    table = [{"target": r.target, "score": r.score.model_dump(), "size_bytes": r.size_bytes,
-              "tokens_per_s": r.tokens_per_s, "seconds": r.seconds} for r in results]
-    return EvalResult(run=run_dir.name, task=task, split=cfg.split, n=n, primary=primary, targets=table,
+    table = [{"target": r.target, "score": r.score.model_dump(), "macro_f1": r.report.get("macro_f1"),
+              "size_bytes": r.size_bytes, "tokens_per_s": r.tokens_per_s, "seconds": r.seconds} for r in results]
+    return EvalResult(run=run_dir.name, task=task, split=cfg.split, n=len(references), primary=primary, targets=table,
                       comparisons=comparisons, recommendation=recommendation, note=note, seconds=seconds)
+
+
+def _comparison_row(a: str, b: str, metric: str, comparison: metrics.Comparison) -> dict[str, Any]:
+    sentence = metrics.describe(comparison, a, b)
+    return {"baseline": a, "target": b, "metric": metric, "baseline_score": comparison.a,
+            "target_score": comparison.b, "difference": comparison.difference.model_dump(),
+            "significant": comparison.significant, "sentence": f"{metric.replace('_', ' ')}: {sentence}"}
 
 
 def _recommend(by_name: dict[str, TargetResult], tolerance: float) -> tuple[Recommendation | None, str | None]:

@@ -56,6 +56,14 @@ class HFTarget:
         self.model = model.eval()
         self.batch_size = batch_size
 
+    @classmethod
+    def around(cls, name: str, model: Any, batch_size: int = 8) -> HFTarget:
+        """A target over a model already in memory (the one being trained), left where it is."""
+        target = cls.__new__(cls)
+        target.name, target.model, target.batch_size = name, model, batch_size
+        target.device = next(model.parameters()).device
+        return target
+
     def score(self, prompt: list[int], answers: list[list[int]]) -> list[float]:
         """The prompt runs once; each answer continues from its cache, which is cropped back after."""
         import torch

@@ -71,6 +71,7 @@ class _Session:
     dtype: str
     resumed_from: int | None
     started: float
+    probe: Any = None  # the task metric on validation rows (classification runs)
 
 
 def run(cfg: TrainConfig, run_dir: Path, emit: Emitter) -> TrainResult:
@@ -132,8 +133,11 @@ def run(cfg: TrainConfig, run_dir: Path, emit: Emitter) -> TrainResult:
              f"{total_steps} steps on {len(train_rows)} rows, {len(val_rows)} validation rows")
 
     try:
+        from appliance.evaluate.probe import LabelProbe
+
         session = _Session(cfg, run_dir, emit, model, tokenizer, optimizer, scheduler, params, train_rows, val_rows,
-                           pad_id, total_steps, backend, dtype, resumed_from, started)
+                           pad_id, total_steps, backend, dtype, resumed_from, started,
+                           LabelProbe.from_run(run_dir, tokenizer))
         return _train(session, state)
     except MemoryError as exc:
         raise _out_of_memory(cfg, memory_plan, state["step"]) from exc
@@ -174,7 +178,7 @@ def _train(s: _Session, state: dict[str, Any]) -> TrainResult:
             if now - window_start > 30:
                 window_tokens, window_start = 0, now
             if s.val_rows and (state["step"] % s.cfg.eval_every == 0 or state["step"] == s.total_steps):
-                stop_reason = _evaluate(s.model, s.val_rows, s.cfg, s.pad_id, device, state, s.emit)
+                stop_reason = _evaluate(s.model, s.val_rows, s.cfg, s.pad_id, device, state, s.emit, s.probe)
             if state["step"] % s.cfg.save_every == 0:
                 _save(s.run_dir, s.model, s.optimizer, s.scheduler, state, s.cfg, s.emit)
                 saved_at = state["step"]
@@ -189,7 +193,7 @@ def _train(s: _Session, state: dict[str, Any]) -> TrainResult:
             state["epoch"] += 1
             state["batch"] = 0
     if s.val_rows and (not state["evals"] or state["evals"][-1][0] != state["step"]):
-        _evaluate(s.model, s.val_rows, s.cfg, s.pad_id, device, state, s.emit)
+        _evaluate(s.model, s.val_rows, s.cfg, s.pad_id, device, state, s.emit, s.probe)
     if stop_reason:
         s.emit.log(stop_reason)
     adapter_dir = _save_final(s.model, s.tokenizer, s.run_dir)
@@ -398,7 +402,7 @@ def _optimizer_step(model: Any, micro: list[dict[str, Any]], params: list[Any], 
 
 
 def _evaluate(model: Any, rows: list[Encoded], cfg: TrainConfig, pad_id: int, device: Any,
-              state: dict[str, Any], emit: Emitter) -> str | None:
+              state: dict[str, Any], emit: Emitter, probe: Any = None) -> str | None:
     import torch
 
     model.eval()
@@ -408,10 +412,16 @@ def _evaluate(model: Any, rows: list[Encoded], cfg: TrainConfig, pad_id: int, de
             batch = {k: v.to(device) for k, v in collate(rows[start:start + cfg.batch_size], pad_id).items()}
             loss_sum += float(answer_nll(model, batch).sum())
             count_sum += int((batch["labels"][:, 1:] != IGNORE).sum())
+        accuracy = probe.accuracy(model) if probe is not None else None
     model.train()
     value = loss_sum / max(1, count_sum)
     state["evals"].append([state["step"], round(value, 5)])
     emit.metric("eval_loss", value, step=state["step"])
+    if accuracy is not None:
+        emit.metric("eval_accuracy", accuracy, step=state["step"])
+        state.setdefault("task_evals", []).append([state["step"], round(accuracy, 4)])
+        if cfg.early_stopping_metric == "task":
+            value = -accuracy  # the best evaluation is the lowest value
     best = state["best_eval"]
     if best is None or value < best:
         state["best_eval"], state["bad_evals"] = value, 0
@@ -419,8 +429,9 @@ def _evaluate(model: Any, rows: list[Encoded], cfg: TrainConfig, pad_id: int, de
     state["bad_evals"] += 1
     patience = cfg.early_stopping_patience
     if patience is not None and state["bad_evals"] >= patience:
-        return (f"early stopping at step {state['step']}: validation loss has not improved for {patience} "
-                "evaluations")
+        watched = "validation accuracy" if cfg.early_stopping_metric == "task" and accuracy is not None \
+            else "validation loss"
+        return f"early stopping at step {state['step']}: {watched} has not improved for {patience} evaluations"
     return None
 
 
