@@ -220,3 +220,23 @@ def test_a_full_disk_leaves_nothing_registered(stage: str, trained: tuple[Store,
     assert not (run_dir / "gguf").exists() and not (run_dir / "manifest.json").exists()
     assert (run_dir / "merged").exists() == (stage == "convert")
     assert [p.name for p in run_dir.iterdir() if p.name.startswith(".")] == []
+
+
+def test_adapter_alone_as_gguf_serves_like_the_merged_model(trained: tuple[Store, Path],
+                                                            exported: tuple[Store, Path, dict[str, Any]]) -> None:
+    """--lora-gguf: the adapter as a GGUF adapter plus the base as GGUF, verified together: llama.cpp
+    with the adapter applied picks the merged model's greedy tokens and ends its turns."""
+    from appliance.config import ExportConfig
+    from appliance.export import run as export_run
+
+    store, source = trained
+    run_dir = _clone_trained(store, source, "lora-gguf", merged=True)
+    cfg = ExportConfig(quants=[], lora_gguf=True, ppl_tokens=256, store=str(store.root))
+    result = export_run.run(cfg, run_dir, ev.Emitter(lambda event: None))
+    files = {f.quant: f for f in result.files}
+    assert set(files) == {"F16", "LORA", "BASE"} and all(f.passed for f in files.values()) and not result.rejected
+    assert files["LORA"].bytes < files["F16"].bytes / 10  # rank-8 adapter: a small file
+    report = {f["quant"]: f for f in json.loads((run_dir / "gguf" / "verification.json").read_text())["files"]}
+    checks = {c["name"]: c["status"] for c in report["LORA"]["checks"]}
+    assert checks["adapter metadata"] == "pass" and checks["stops"] in ("pass", "warn")
+    assert report["LORA"]["agreement"] >= 0.9

@@ -15,7 +15,7 @@ from typing import Any
 from appliance.evaluate.encoding import answer_ids, prompt_ids
 from appliance.evaluate.items import load_items
 
-MAX_ITEMS = 64
+MAX_ITEMS = 32
 
 
 @dataclass
