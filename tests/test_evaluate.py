@@ -135,3 +135,41 @@ def test_training_reports_the_task_metric(trained: tuple[Store, Path]) -> None:
     losses = [e for e in events if isinstance(e, ev.Metric) and e.name == "eval_loss"]
     assert [e.step for e in accuracy] == [e.step for e in losses] == [4, 8]
     assert all(0.0 <= e.value <= 1.0 for e in accuracy)
+
+
+@pytest.mark.parametrize("task", ["extraction", "chat"])
+def test_generation_tasks_are_scored(task: str, scratch_store: Store, tmp_path: Path) -> None:
+    """Extraction (JSON validity, the run's own schema, field matches) and chat (token F1, perplexity of the
+    references) go through generation: the base model answers four held-out rows."""
+    from data_helpers import run_prepare, write_jsonl
+
+    from appliance import events as ev
+    from appliance.config import EvalConfig
+    from appliance.evaluate import run as evaluate
+
+    companies = ["ACME", "Initech", "Globex", "Umbrella", "Hooli", "Stark", "Wayne", "Wonka", "Tyrell", "Cyberdyne"]
+    options: dict[str, Any] = {"split": (0.6, 0.0, 0.4), "templating": True}
+    if task == "extraction":
+        schema = {"type": "object", "properties": {"name": {"type": "string"}, "amount": {"type": "number"}},
+                  "required": ["name", "amount"]}
+        (tmp_path / "schema.json").write_text(json.dumps(schema))
+        rows: list[Any] = [{"text": f"Invoice from {c} for {100 + 7 * i} EUR",
+                            "output": {"name": c, "amount": 100 + 7 * i}} for i, c in enumerate(companies)]
+        options.update(task="extraction", schema_path=str(tmp_path / "schema.json"))
+    else:
+        rows = [{"messages": [{"role": "user", "content": f"Who sent invoice {i}?"},
+                              {"role": "assistant", "content": f"{c} sent it."}]} for i, c in enumerate(companies)]
+    run_dir = scratch_store.runs_dir / f"eval-{task}"
+    run_prepare(run_dir, scratch_store.root, [write_jsonl(tmp_path / "rows.jsonl", rows)], **options)
+    cfg = EvalConfig(targets=["base"], max_new_tokens=40, resamples=200, store=str(scratch_store.root))
+    summary = evaluate.run(cfg, run_dir, ev.Emitter(lambda event: None))
+    saved = json.loads((run_dir / "eval" / "base.json").read_text())
+    assert summary.task == task and summary.n == 4 and len(saved["predictions"]) == 4
+    if task == "extraction":
+        assert summary.primary == "all_fields_match" and (run_dir / "data" / "schema.json").is_file()
+        report = saved["report"]
+        assert report["schema_valid"] is not None and 0.0 <= report["json_valid"]["point"] <= 1.0
+        assert set(report["fields"]) == {"name", "amount"}
+    else:
+        assert summary.primary == "token_f1" and saved["report"]["perplexity"] > 1.0
+        assert all(isinstance(p, str) for p in saved["predictions"])

@@ -85,6 +85,8 @@ def run(cfg: DataConfig, run_dir: Path, emit: Emitter) -> DataResult:
         report["outputs"]["problems"] = {"rows": scan.problem_count + len(scan.file_problems),
                                          "path": "problems.jsonl", "sha256": sha256_file(staging / "problems.jsonl")}
         atomic_write_text(staging / "data_report.json", json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+        if spec.schema is not None:  # the run keeps the schema its answers were checked against (evaluation uses it)
+            atomic_write_text(staging / "schema.json", json.dumps(spec.schema, indent=2, ensure_ascii=False) + "\n")
         final = run_dir / "data"
         _swap_into_place(staging, final)
     finally:

@@ -99,7 +99,8 @@ def run(cfg: EvalConfig, run_dir: Path, emit: Emitter) -> EvalResult:
         try:
             conversations = [with_examples(i, e) for i, e in zip(items, examples, strict=True)] \
                 if name == "fewshot" and examples is not None else [i.prompt for i in items]
-            result = _evaluate(target, name, conversations, items, task, labels, tokenizer, stops, cfg, emit)
+            result = _evaluate(target, name, conversations, items, task, labels, tokenizer, stops, cfg, emit,
+                               _schema(run_dir))
         finally:
             target.close()
         result.size_bytes = _size(name, run_dir, base_dir)
@@ -179,8 +180,8 @@ def _size(name: str, run_dir: Path, base_dir: Path) -> int | None:
 
 
 def _evaluate(target: Target, name: str, conversations: list[list[dict[str, str]]], items: list[Item], task: str,
-              labels: list[str], tokenizer: Any, stop_ids: list[int], cfg: EvalConfig,
-              emit: Emitter) -> TargetResult:
+              labels: list[str], tokenizer: Any, stop_ids: list[int], cfg: EvalConfig, emit: Emitter,
+              schema: dict[str, Any] | None = None) -> TargetResult:
     began = time.monotonic()
     prompts = [prompt_ids(tokenizer, c) for c in conversations]
     predictions: list[str] = []
@@ -201,7 +202,7 @@ def _evaluate(target: Target, name: str, conversations: list[list[dict[str, str]
         predictions = [tokenizer.decode(g, skip_special_tokens=True).strip() for g in generated]
         if task == "extraction":
             references = [metrics.parse_json_object(i.reference) or {} for i in items]
-            extraction = metrics.extraction_report(references, predictions, None, resamples=cfg.resamples,
+            extraction = metrics.extraction_report(references, predictions, schema, resamples=cfg.resamples,
                                                    seed=cfg.seed)
             per_item = [float(x) for x in extraction.all_fields_match_items]
             report = extraction
@@ -218,6 +219,12 @@ def _evaluate(target: Target, name: str, conversations: list[list[dict[str, str]
                         seconds=round(time.monotonic() - began, 1), predictions=predictions,
                         samples=[{"reference": i.reference, "prediction": p}
                                  for i, p in zip(items[:SAMPLES_KEPT], predictions, strict=False)])
+
+
+def _schema(run_dir: Path) -> dict[str, Any] | None:
+    path = run_dir / "data" / "schema.json"
+    schema: dict[str, Any] | None = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+    return schema
 
 
 def _perplexity(target: Target, tokenizer: Any, conversations: list[list[dict[str, str]]], items: list[Item]) -> float:
