@@ -137,6 +137,7 @@ def test_training_reports_the_task_metric(trained: tuple[Store, Path]) -> None:
     assert all(0.0 <= e.value <= 1.0 for e in accuracy)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("task", ["extraction", "chat"])
 def test_generation_tasks_are_scored(task: str, scratch_store: Store, tmp_path: Path) -> None:
     """Extraction (JSON validity, the run's own schema, field matches) and chat (token F1, perplexity of the
