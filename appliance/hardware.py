@@ -30,6 +30,25 @@ def memory() -> Memory:
     return Memory(total_mb=fields["MemTotal"], available_mb=fields.get("MemAvailable", fields["MemFree"]))
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident memory since it started its program.
+
+    VmHWM belongs to the process's own address space. getrusage's ru_maxrss does not: it survives
+    exec, so a worker started from a large parent (a test session holding models) reports the
+    parent's peak as its own.
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("VmHWM:"):
+                    return round(int(line.split()[1]) / 1024, 1)  # kB -> MB
+    except OSError:
+        pass
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
 def disk_free_mb(path: Path) -> int:
     probe = path
     while not probe.exists() and probe != probe.parent:

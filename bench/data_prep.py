@@ -24,11 +24,6 @@ REPO = Path(__file__).resolve().parents[1]
 LABELS = ["access", "billing", "hardware", "network", "security", "software"]
 
 
-def _peak_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def _make_data(rows: int, folder: Path) -> Path:
@@ -53,8 +48,9 @@ def child(mode: str, path: Path, near_dup: bool, store: Path) -> None:
     from appliance.data.pii import Redactor, find_pii
     from appliance.data.schema import Record
     from appliance.data.tasks import TaskSpec, check_messages, to_example
+    from appliance.hardware import peak_rss_mb
 
-    baseline = _peak_mb()
+    baseline = peak_rss_mb()
     started = time.perf_counter()
     if mode == "appliance":
         with tempfile.TemporaryDirectory() as run_dir:
@@ -84,7 +80,7 @@ def child(mode: str, path: Path, near_dup: bool, store: Path) -> None:
             out.append(example)
         kept = len(out)
     seconds = time.perf_counter() - started
-    print(json.dumps({"seconds": seconds, "peak_mb": _peak_mb(), "baseline_mb": baseline, "kept": kept}))
+    print(json.dumps({"seconds": seconds, "peak_mb": peak_rss_mb(), "baseline_mb": baseline, "kept": kept}))
 
 
 def measure(mode: str, path: Path, rows: int, near_dup: bool, store: Path) -> dict[str, float]:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -25,8 +24,6 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _patch_trl_for_cpu() -> None:
@@ -87,7 +84,9 @@ def child(mode: str, run_dir: Path, store: Path, steps: int, batch_size: int) ->
         tokens = max(h.get("num_tokens", 0) for h in trainer.state.log_history)
         losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
         out = {"tokens": tokens, "seconds": metrics.get("train_runtime", seconds), "loss": losses[-1]}
-    out["peak_mb"] = _peak_mb()
+    from appliance.hardware import peak_rss_mb
+
+    out["peak_mb"] = peak_rss_mb()
     print(json.dumps(out))
 
 

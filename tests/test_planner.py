@@ -58,3 +58,17 @@ def test_lora_parameter_count_matches_peft(default_model_dir: Path) -> None:
     config = json.loads((default_model_dir / "config.json").read_text())
     assert planner._lora_params(config, 16, "all-linear") == 4_884_480  # what peft reported for this model
     assert DEFAULT_MODEL in str(default_model_dir)
+
+
+def test_a_worker_reports_its_own_peak_memory_not_its_parents() -> None:
+    """A job worker started from a large process (a test session holding models) must not inherit
+    that process's peak: ru_maxrss survives exec, so the planner's check would compare against it."""
+    import subprocess
+    import sys
+
+    ballast = bytearray(600 * 2**20)
+    ballast[::4096] = b"\1" * len(range(0, len(ballast), 4096))  # touch every page
+    code = "from appliance.hardware import peak_rss_mb; print(peak_rss_mb())"
+    child = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    assert child < 300, child
+    del ballast

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import resource
 import shutil
 import time
 import uuid
@@ -478,5 +477,7 @@ def _peak_mb(device: Any) -> float:
 
     if device.type == "cuda":
         return round(float(torch.cuda.max_memory_allocated(device)) / 2**20, 1)
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    from appliance.hardware import peak_rss_mb
+
+    return peak_rss_mb()
 
