@@ -6,10 +6,11 @@ Every field has a description and bounds; a bad value is reported with its field
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 MODEL_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 Dtype = Literal["bfloat16", "float16", "float32"]
@@ -218,3 +219,67 @@ class EvalConfig(StageConfig):
         if bad:
             raise ValueError(f"unknown targets {', '.join(bad)}: use base, fewshot, tuned, merged, gguf or gguf:QUANT")
         return value
+
+
+class Sampling(StageConfig):
+    """How the model picks each token when it answers."""
+
+    temperature: float = Field(default=0.7, ge=0.0, le=2.0, description="0 always picks the likeliest token")
+    top_p: float = Field(default=0.95, gt=0.0, le=1.0, description="Sample only from the tokens that make up this "
+                         "much probability")
+    top_k: int = Field(default=40, ge=0, le=1000, description="Sample only from this many likeliest tokens (0: all)")
+    repeat_penalty: float = Field(default=1.1, ge=1.0, le=2.0, description="Penalty on repeating recent tokens")
+    max_tokens: int = Field(default=512, ge=1, le=32_768, description="Longest answer, in tokens")
+    seed: int | None = Field(default=None, ge=0, description="Seed of the sampler, for repeatable answers")
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+class ServeConfig(StageConfig):
+    """An exported model as a local OpenAI-compatible endpoint."""
+
+    model: str = Field(min_length=1, description="A run id, an exported model's name, or a .gguf path")
+    quant: str | None = Field(default=None, description="Which verified file of the run: the evaluation's "
+                              "recommendation, else Q4_K_M, when not given")
+    host: str = Field(default="127.0.0.1", min_length=1, description="Address to listen on; anything but "
+                      "loopback needs an API key")
+    port: int = Field(default=8000, ge=1, le=65_535, description="Port to listen on")
+    api_key: str | None = Field(default=None, min_length=16, repr=False, description="Bearer key every request "
+                                "must carry (at least 16 characters)")
+    cors_origins: list[str] = Field(default_factory=list, description="Browser origins allowed to call the "
+                                    "endpoint; none when empty")
+    n_ctx: int | None = Field(default=None, ge=256, le=131_072, description="Context window in tokens; the "
+                              "model's own, capped at 4096, when not given")
+    threads: int | None = Field(default=None, ge=1, le=1024, description="CPU threads; all cores when not given")
+    max_body_bytes: int = Field(default=1_048_576, ge=1024, le=67_108_864, description="Largest request body")
+    max_tokens: int = Field(default=1024, ge=1, le=32_768, description="Cap on max_tokens of a request, and its "
+                            "value when a request names none")
+    max_queue: int = Field(default=8, ge=0, le=1024, description="Requests that may wait while one is answered; "
+                           "more get 429")
+    constrain: bool = Field(default=True, description="Hold answers of a classification run to its labels and "
+                            "of an extraction run to its JSON schema, unless a request brings its own grammar "
+                            "or response_format")
+    system: str | None = Field(default=None, description="System prompt for requests without one; the training "
+                               "system prompt when not given")
+    log_prompts: bool = Field(default=False, description="Keep prompts and answers in the audit log, with PII "
+                              "replaced by placeholders")
+    audit_log: str | None = Field(default=None, description="Audit log (JSON lines); <store>/audit/serve.jsonl "
+                                  "when not given")
+    shutdown_timeout_s: int = Field(default=30, ge=0, le=3600, description="How long a SIGTERM waits for "
+                                      "requests in flight before closing them")
+    store: str = Field(description="Path of the model store")
+
+    @model_validator(mode="after")
+    def _key_beyond_loopback(self) -> ServeConfig:
+        if not is_loopback(self.host) and self.api_key is None:
+            raise ValueError(f"refusing to listen on {self.host} without an API key: anyone who can reach this "
+                             "machine could use the model. Set one with --api-key-file or APPLIANCE_API_KEY, or "
+                             "listen on 127.0.0.1")
+        return self

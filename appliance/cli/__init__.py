@@ -111,8 +111,15 @@ def validated(cls: Any, **values: Any) -> Any:
     try:
         return cls(**values)
     except ValidationError as exc:
-        problems = "; ".join(f"--{'.'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']}" for e in exc.errors())
+        problems = "; ".join(_problem(e) for e in exc.errors())
         raise ConfigError(problems, "See --help for the allowed values.") from exc
+
+
+def _problem(error: Any) -> str:
+    message = str(error["msg"]).removeprefix("Value error, ")
+    if not error["loc"]:  # a rule about several fields together
+        return message
+    return f"--{'.'.join(map(str, error['loc'])).replace('_', '-')}: {message}"
 
 
 def _describe_progress(event: Any) -> str:
@@ -168,4 +175,4 @@ def main() -> None:
 
 
 # The command groups register themselves on `app` when imported.
-from appliance.cli import data, evaluate, export, models, train  # noqa: E402,F401
+from appliance.cli import data, evaluate, export, models, serve, train  # noqa: E402,F401
