@@ -1,7 +1,7 @@
 """Benchmark: our endpoint under concurrent load, against bare llama-cpp-python on the same GGUF.
 
     .venv/bin/python bench/serve_load.py [--model RUN|NAME|FILE.gguf] [--clients 1,4] [--requests 16]
-                                         [--max-tokens 32] [--seconds 120] [--json]
+                                         [--max-tokens 32] [--rounds 2] [--seconds 120] [--json]
 
 Both servers run in turn on loopback (never at the same time, so they do not share the cores), on
 the same file with the same context window: `appliance serve FILE --free --system ''` (so it
@@ -85,12 +85,13 @@ async def _drive(url: str, headers: dict[str, str], clients: int, requests: int,
 
     latencies: list[float] = []
     errors: dict[str, int] = {}
-    tokens = 0
+    tokens = prompt = 0
+    answers: dict[str, str] = {}
     queue = list(range(requests))
     deadline = time.monotonic() + seconds
 
     async def client(session: httpx.AsyncClient) -> None:
-        nonlocal tokens
+        nonlocal tokens, prompt
         while queue and time.monotonic() < deadline:
             number = queue.pop()
             body = {"model": "m", "temperature": 0, "max_tokens": max_tokens,
@@ -105,7 +106,10 @@ async def _drive(url: str, headers: dict[str, str], clients: int, requests: int,
                 errors[str(reply.status_code)] = errors.get(str(reply.status_code), 0) + 1
                 continue
             latencies.append(time.monotonic() - started)
-            tokens += int(reply.json()["usage"]["completion_tokens"])
+            data = reply.json()
+            tokens += int(data["usage"]["completion_tokens"])
+            prompt += int(data["usage"]["prompt_tokens"])
+            answers[body["messages"][0]["content"]] = data["choices"][0]["message"]["content"]
 
     started = time.monotonic()
     async with httpx.AsyncClient(timeout=600) as session:
@@ -116,7 +120,8 @@ async def _drive(url: str, headers: dict[str, str], clients: int, requests: int,
     def quantile(q: float) -> float:
         return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
 
-    return {"done": len(latencies), "errors": errors, "seconds": round(wall, 2),
+    return {"done": len(latencies), "errors": errors, "seconds": round(wall, 2), "answers": answers,
+            "prompt_tokens": round(prompt / max(1, len(latencies)), 1),
             "requests_per_s": round(len(latencies) / wall, 3), "tokens_per_s": round(tokens / wall, 1),
             "p50_s": round(quantile(0.50), 3), "p95_s": round(quantile(0.95), 3), "p99_s": round(quantile(0.99), 3),
             "mean_s": round(statistics.fmean(latencies), 3) if latencies else float("nan")}
@@ -144,43 +149,53 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--ctx", type=int, default=2048)
     parser.add_argument("--seconds", type=float, default=120, help="Time limit of one pass (at most 600)")
+    parser.add_argument("--rounds", type=int, default=2, help="Passes of each server, in alternating order")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     clients = [min(32, max(1, int(c))) for c in args.clients.split(",")]
     requests, seconds = min(1000, max(1, args.requests)), min(600.0, max(1.0, args.seconds))
     gguf = _model(args.model)
+    servers = ("llama_cpp.server", "appliance")
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
-        for kind in ("llama_cpp.server", "appliance"):
-            process, url, headers = _start(kind, gguf, args.ctx, max(clients), Path(tmp) / "audit.jsonl")
-            try:
-                asyncio.run(_drive(url, headers, 1, 2, args.max_tokens, seconds))  # warm-up, not counted
-                for count in clients:
-                    result = asyncio.run(_drive(url, headers, count, requests, args.max_tokens, seconds))
-                    rows.append({"server": kind, "clients": count, **result})
-            finally:
-                process.terminate()
-                process.wait(timeout=60)
+        for round_ in range(args.rounds):
+            # alternate the order (A B, B A, ...) so drift of the machine does not favour one server
+            for kind in servers if round_ % 2 == 0 else servers[::-1]:
+                process, url, headers = _start(kind, gguf, args.ctx, max(clients), Path(tmp) / "audit.jsonl")
+                try:
+                    asyncio.run(_drive(url, headers, 1, 2, args.max_tokens, seconds))  # warm-up, not counted
+                    for count in clients:
+                        result = asyncio.run(_drive(url, headers, count, requests, args.max_tokens, seconds))
+                        rows.append({"server": kind, "round": round_ + 1, "clients": count, **result})
+                finally:
+                    process.terminate()
+                    process.wait(timeout=60)
     if args.json:
         print(json.dumps({"model": str(gguf), "rows": rows}, indent=2))
         return
+    _table(gguf, rows, clients, requests, args)
+
+
+def _table(gguf: Path, rows: list[dict[str, Any]], clients: list[int], requests: int, args: Any) -> None:
     print(f"{gguf.name}: {requests} chat completions per pass, {args.max_tokens} tokens each, greedy, "
-          f"{os.cpu_count()} cores")
-    header = f"{'server':<18}{'clients':>8}{'done':>6}{'errors':>8}{'req/s':>8}{'tok/s':>8}" \
-             f"{'p50 s':>8}{'p95 s':>8}{'p99 s':>8}"
+          f"{os.cpu_count()} cores, {args.rounds} rounds")
+    header = f"{'server':<18}{'round':>6}{'clients':>8}{'done':>6}{'errors':>8}{'prompt':>8}{'req/s':>8}" \
+             f"{'tok/s':>8}{'p50 s':>8}{'p95 s':>8}{'p99 s':>8}"
     print(header)
     print("-" * len(header))
-    for row in rows:
+    for row in sorted(rows, key=lambda r: (r["clients"], r["server"], r["round"])):
         errors = sum(row["errors"].values())
-        print(f"{row['server']:<18}{row['clients']:>8}{row['done']:>6}{errors:>8}{row['requests_per_s']:>8.2f}"
-              f"{row['tokens_per_s']:>8.1f}{row['p50_s']:>8.2f}{row['p95_s']:>8.2f}{row['p99_s']:>8.2f}")
+        print(f"{row['server']:<18}{row['round']:>6}{row['clients']:>8}{row['done']:>6}{errors:>8}"
+              f"{row['prompt_tokens']:>8.1f}{row['requests_per_s']:>8.2f}{row['tokens_per_s']:>8.1f}"
+              f"{row['p50_s']:>8.2f}{row['p95_s']:>8.2f}{row['p99_s']:>8.2f}")
     for count in clients:
-        ours = next(r for r in rows if r["server"] == "appliance" and r["clients"] == count)
-        bare = next(r for r in rows if r["server"] == "llama_cpp.server" and r["clients"] == count)
-        if bare["p50_s"] and ours["p50_s"] == ours["p50_s"]:
-            print(f"{count} client(s): p50 {(ours['p50_s'] / bare['p50_s'] - 1) * 100:+.1f}%, throughput "
-                  f"{(ours['tokens_per_s'] / bare['tokens_per_s'] - 1) * 100:+.1f}% against bare llama_cpp.server")
-
+        ours = [r for r in rows if r["server"] == "appliance" and r["clients"] == count]
+        bare = [r for r in rows if r["server"] == "llama_cpp.server" and r["clients"] == count]
+        same = sum(ours[0]["answers"].get(q) == a for q, a in bare[0]["answers"].items())
+        p50 = statistics.median(r["p50_s"] for r in ours) / statistics.median(r["p50_s"] for r in bare) - 1
+        speed = statistics.median(r["tokens_per_s"] for r in ours) / statistics.median(r["tokens_per_s"] for r in bare)
+        print(f"{count} client(s): {same}/{len(bare[0]['answers'])} answers identical; median p50 {p50 * 100:+.1f}%, "
+              f"median throughput {(speed - 1) * 100:+.1f}% against bare llama_cpp.server")
 
 if __name__ == "__main__":
     main()
