@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
 
 _CHUNK = 1 << 20
 
@@ -39,3 +41,13 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def read_json_object(path: Path) -> dict[str, Any]:
+    """A JSON object from `path`; empty when the file is missing, unreadable or not an object
+    (for status views that show what is there, never fail on what is not)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}

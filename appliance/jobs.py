@@ -79,13 +79,22 @@ def describe_exit(returncode: int) -> tuple[str, str]:
 
 @dataclass
 class Job:
-    """A running (or finished) stage in its own process."""
+    """A running (or finished) stage in its own process.
+
+    `process` is None for a job this process did not start (see `attach`): it is then followed
+    through its pid and its files, so a TUI that was closed and reopened picks its jobs up again.
+    """
 
     stage: str
     dir: Path
-    process: subprocess.Popen[bytes]
+    process: subprocess.Popen[bytes] | None
     offset: int = 0  # where this job's events begin: a run's earlier stages wrote before it
+    pid: int = 0
     _ended_reported: bool = field(default=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.process is not None:
+            self.pid = self.process.pid
 
     @property
     def events_path(self) -> Path:
@@ -96,45 +105,69 @@ class Job:
         return self.dir / LOG_FILE
 
     def running(self) -> bool:
-        return self.process.poll() is None
+        if self.process is not None:
+            return self.process.poll() is None
+        return _worker_alive(self.pid, self.dir)
 
     def cancel(self, grace_s: float = 30.0) -> None:
         """Ask the stage to stop at its next safe point (SIGTERM); kill it after `grace_s`."""
         if not self.running():
             return
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(timeout=grace_s)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        os.kill(self.pid, signal.SIGTERM)
+        if not self._wait(grace_s):
+            self.kill()
 
     def kill(self) -> None:
         if self.running():
-            self.process.kill()
-            self.process.wait()
+            os.kill(self.pid, signal.SIGKILL)
+            self._wait(None)
+
+    def _wait(self, timeout: float | None) -> bool:
+        """Wait for the process to end; False when `timeout` passed first."""
+        if self.process is not None:
+            try:
+                self.process.wait(timeout=timeout)
+                return True
+            except subprocess.TimeoutExpired:
+                return False
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.running():
+            if deadline is not None and time.monotonic() > deadline:
+                return False
+            time.sleep(0.1)
+        return True
+
+    @property
+    def returncode(self) -> int | None:
+        """The exit status; None while running, and for an attached job (not our child)."""
+        return self.process.returncode if self.process is not None else None
 
     def _report_abnormal_end(self) -> None:
         """Append an error event when the child died without writing its own last word."""
         if self._ended_reported:
             return
         self._ended_reported = True
-        returncode = self.process.returncode
         final = [e for e in ev.read_all(self.events_path, self.offset) if isinstance(e, ev.Error | ev.Done)]
         if final:
             return
-        message, hint = describe_exit(returncode)
+        returncode = self.returncode
+        message, hint = describe_exit(returncode) if returncode is not None else (
+            "the job's process ended without reporting why (it may have been killed, e.g. out of memory)",
+            "The last lines of job.log show what happened.")
         with ev.EventWriter(self.events_path) as writer:
             writer(ev.Error(title="Job ended unexpectedly", message=message, hint=hint))
 
-    def follow(self, poll_s: float = 0.1) -> Iterator[ev.Event]:
-        """Yield the job's events as they come, until it has ended and all are read."""
+    def follow(self, poll_s: float = 0.1, stop: Callable[[], bool] | None = None) -> Iterator[ev.Event]:
+        """Yield the job's events as they come, until it has ended and all are read, or until `stop()`
+        says the follower is going away (the job itself carries on)."""
         finished_at: float | None = None
         for event in ev.follow(self.events_path, poll_s=poll_s, offset=self.offset):
+            if stop is not None and stop():
+                return
             if event is not None:
                 yield event
                 if isinstance(event, ev.Error | ev.Done):
-                    self.process.wait()
+                    self._wait(None)
                     return
                 continue
             if finished_at is None and not self.running():
@@ -153,9 +186,9 @@ class Job:
                 return event
             if isinstance(event, ev.Error):
                 last_error = event
-        self.process.wait()
+        self._wait(None)
         if last_error is None:
-            message, hint = describe_exit(self.process.returncode)
+            message, hint = describe_exit(self.returncode or 0)
             raise JobFailed(message, hint)
         error_class = Cancelled if last_error.title == Cancelled.title else JobFailed
         raise error_class(last_error.message, last_error.hint, title=last_error.title)
@@ -182,7 +215,36 @@ def start(stage: str, job_dir: Path, config: BaseModel, env: dict[str, str] | No
             env=child_env,
             start_new_session=True,  # a Ctrl-C in the terminal reaches the parent, which cancels
         )
+    atomic_write_text(job_dir / JOB_FILE, json.dumps({**spec, "pid": process.pid, "offset": offset,
+                                                      "started": time.time()}, indent=2) + "\n")
     return Job(stage=stage, dir=job_dir, process=process, offset=offset)
+
+
+def attach(job_dir: Path) -> Job | None:
+    """The job last started in `job_dir` (by any process), or None when there is none.
+
+    Its events are read from where it began; `running()` says whether its worker still lives.
+    """
+    try:
+        spec = json.loads((job_dir / JOB_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return Job(stage=str(spec["stage"]), dir=job_dir, process=None, offset=int(spec.get("offset", 0)),
+               pid=int(spec.get("pid", 0)))  # no pid: written before pids were kept, long finished
+
+
+def _worker_alive(pid: int, job_dir: Path) -> bool:
+    """True while `pid` is the worker of `job_dir` (not a later process that reused the number)."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        status = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    if status == "Z" or b"appliance.worker" not in cmdline:
+        return False
+    target = job_dir.resolve()
+    return any(Path(os.fsdecode(arg)).resolve() == target for arg in cmdline[cmdline.index(b"appliance.worker") + 1:]
+               if arg)
 
 
 def run(
