@@ -19,17 +19,21 @@ def _modules_after_import(*modules: str) -> set[str]:
     return set(json.loads(out))
 
 
-@pytest.mark.parametrize("module", ["tui", "appliance.config", "appliance.store", "appliance.events",
-                                    "appliance.jobs", "appliance.cli", "appliance.doctor",
-                                    "appliance.toolchain", "appliance.hardware", "appliance.data.prepare",
-                                    "appliance.export.run", "appliance.export.manifest"])
+LIGHT = ["tui", "tui.app", "tui.screens.home", "tui.screens.train", "tui.screens.chat", "tui.screens.new_run",
+         "appliance.runs", "appliance.serve.model", "appliance.serve.server", "appliance.serve.chat",
+         "appliance.config", "appliance.store", "appliance.events", "appliance.jobs", "appliance.cli",
+         "appliance.doctor", "appliance.toolchain", "appliance.hardware", "appliance.data.prepare",
+         "appliance.export.run", "appliance.export.manifest"]
+
+
+@pytest.mark.parametrize("module", LIGHT)
 def test_light_modules_do_not_import_the_ml_stack(module: str) -> None:
     loaded = _modules_after_import(module)
     assert not {m for m in loaded if m.split(".")[0] in HEAVY}
 
 
 @pytest.mark.parametrize("module", ["appliance.cli", "appliance.importer", "appliance.worker",
-                                    "appliance.jobs", "appliance.doctor"])
+                                    "appliance.jobs", "appliance.doctor", "appliance.runs", "appliance.serve.server"])
 def test_core_does_not_import_textual(module: str) -> None:
     assert not {m for m in _modules_after_import(module) if m.split(".")[0] == "textual"}
 

@@ -27,7 +27,7 @@ from appliance.store import Store
 app = typer.Typer(
     name="appliance",
     help="Offline fine-tuning of open LLMs: private data in, a verified local model out.",
-    no_args_is_help=True,
+    invoke_without_command=True,
     pretty_exceptions_enable=False,
     add_completion=False,
 )
@@ -58,6 +58,7 @@ def _version_callback(value: bool) -> None:
 
 @app.callback()
 def root(
+    ctx: typer.Context,
     store_path: Annotated[
         Path | None,
         typer.Option("--store", help="Model store folder (default: $APPLIANCE_HOME or ./models).",
@@ -73,6 +74,16 @@ def root(
     from appliance.store import default_root
 
     offline.activate((store_path or default_root()) / "audit" / "egress.jsonl")
+    if ctx.invoked_subcommand is None:  # `appliance` alone opens the terminal UI
+        tui()
+
+
+@app.command()
+def tui() -> None:
+    """Open the terminal UI: runs, training, chat, all from the keyboard."""
+    from tui.app import build_app
+
+    build_app(_state.get("store_path")).run()
 
 
 # -- doctor --------------------------------------------------------------------------------

@@ -96,7 +96,11 @@ def _from_run(run_dir: Path, quant: str | None) -> ServedModel:
         raise ServeError(f"run {run_dir.name} has no verified {chosen} file (it has {', '.join(files)})",
                          f"Pick one of those with --quant, or export it: appliance export --run {run_dir.name} "
                          f"--quant {chosen}")
-    return _from_file(folder / files[chosen]["file"], None, record=record, run_dir=run_dir, quant=chosen)
+    path = folder / files[chosen]["file"]
+    if not path.is_file():
+        raise ServeError(f"{path} passed verification but is no longer there",
+                         f"Check the run with `appliance verify {run_dir.name}`, and export again.")
+    return _from_file(path, None, record=record, run_dir=run_dir, quant=chosen)
 
 
 def _preferred(run_dir: Path, files: dict[str, dict[str, Any]]) -> str:
