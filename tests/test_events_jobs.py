@@ -90,3 +90,24 @@ def test_job_reports_its_error_as_an_event(tmp_path: Path) -> None:
     assert "neither a catalog name nor an existing path" in excinfo.value.message
     assert excinfo.value.title == "Model store problem"
     assert job.process.returncode == 1 and time.monotonic() - started < 120
+
+
+def test_another_process_can_attach_to_a_job(tmp_path: Path) -> None:
+    """A job started here is found again from its folder alone (as a reopened TUI does): same pid,
+    alive while it runs, its events from the first one on, and nothing once it has ended."""
+    import os
+
+    from appliance.config import ImportConfig
+
+    assert jobs.attach(tmp_path / "nothing-here") is None
+    cfg = ImportConfig(source=str(tmp_path / "missing"), store=str(tmp_path / "store"))
+    job = jobs.start("import", tmp_path / "job", cfg)
+    attached = jobs.attach(tmp_path / "job")
+    assert attached is not None and attached.process is None
+    assert (attached.stage, attached.pid, attached.offset) == ("import", job.process.pid, 0)  # type: ignore[union-attr]
+    events = list(attached.follow())
+    assert isinstance(events[-1], ev.Error) and "neither a catalog name" in events[-1].message
+    job.process.wait()  # type: ignore[union-attr]
+    assert not attached.running()
+    # a pid that now belongs to another program is not taken for the worker
+    assert not jobs._worker_alive(os.getpid(), tmp_path / "job")  # python, but not that folder's worker

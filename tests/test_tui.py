@@ -166,6 +166,20 @@ def test_snapshot_home_80x24(snap_compare: Any) -> None:
 SCREENS = ["train", "evaluate", "export", "audit"]
 
 
+@pytest.mark.parametrize("key", ["m", "s"])
+def test_snapshot_models_and_serve_120x40(snap_compare: Any, key: str) -> None:
+    store = _fake_store(SNAPSHOT_STORE)
+
+    async def open_screen(pilot: Any) -> None:
+        await _settle(pilot)
+        await pilot.press(key)
+        await pilot.pause(0.5)
+        _no_blink(pilot)
+        await pilot.pause()
+
+    assert snap_compare(_app(store), terminal_size=(120, 40), run_before=open_screen)
+
+
 @pytest.mark.parametrize("stage", SCREENS)
 def test_snapshot_run_screens_120x40(snap_compare: Any, stage: str) -> None:
     store = _fake_store(SNAPSHOT_STORE)
@@ -427,5 +441,56 @@ def test_export_results_and_audit_verify_on_the_real_export(exported: tuple[Stor
             await pilot.press("v")
             await _until(pilot, lambda: "verified" in _text(app, "#audit-result"), 120, "verification")
             assert "NOT" not in _text(app, "#audit-result") and "signature valid" in _text(app, "#audit-result")
+
+    asyncio.run(drive())
+
+
+def test_models_screen_lists_the_default_model(default_store: Store) -> None:
+    async def drive() -> None:
+        app = _app(default_store)
+        async with app.run_test(size=(120, 40)) as pilot:
+            await pilot.press("m")
+            await pilot.pause(0.5)
+            table = app.screen.query_one("#models-table")
+            assert str(table.get_row("smollm2-135m-instruct")[0]) == "smollm2-135m-instruct"  # type: ignore[attr-defined]
+            detail = _text(app, "#models-detail")
+            assert "llama" in detail and "30 layers" in detail and "license: apache-2.0" in detail.lower()
+
+    asyncio.run(drive())
+
+
+@pytest.mark.slow
+def test_serve_screen_starts_the_endpoint_shows_requests_and_stops_it(
+        exported: tuple[Store, Path, dict[str, Any]]) -> None:
+    import httpx
+
+    store, _run_dir, result = exported
+    port = 18000 + os.getpid() % 1000
+
+    async def drive() -> None:
+        app = _app(store)
+        async with app.run_test(size=(120, 40)) as pilot:
+            await pilot.press("s")
+            await pilot.pause()
+            app.screen.query_one("#serve-model").value = result["name"]  # type: ignore[attr-defined]
+            app.screen.query_one("#serve-port").value = str(port)  # type: ignore[attr-defined]
+            app.screen.query_one("#serve-host").value = "0.0.0.0"  # type: ignore[attr-defined]
+            await pilot.click("#serve-start")
+            assert app.server is None  # refused: a public address needs a key
+            app.screen.query_one("#serve-key").value = True  # type: ignore[attr-defined]
+            await pilot.pause(0.6)  # a button ignores presses during its press effect
+            await pilot.click("#serve-start")
+            await _until(pilot, lambda: "serving" in _text(app, "#serve-status"), 180, "the endpoint")
+            assert app.server is not None and app.server["key"] in _text(app, "#serve-status")
+            headers = {"Authorization": f"Bearer {app.server['key']}"}
+            reply = await asyncio.to_thread(httpx.post, f"http://127.0.0.1:{port}/v1/chat/completions",
+                                            json={"messages": [{"role": "user", "content": "The VPN drops."}]},
+                                            headers=headers, timeout=120)
+            assert reply.status_code == 200
+            table = app.screen.query_one("#serve-requests")
+            await _until(pilot, lambda: table.row_count >= 1, 20, "the request in the log")  # type: ignore[attr-defined]
+            assert [str(c) for c in table.get_row_at(0)][2:4] == ["/v1/chat/completions", "200"]  # type: ignore[attr-defined]
+            await pilot.click("#serve-stop")
+            await _until(pilot, lambda: "stopped" in _text(app, "#serve-status"), 60, "the endpoint to stop")
 
     asyncio.run(drive())

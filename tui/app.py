@@ -48,6 +48,8 @@ class Actions(Provider):
         entries: list[tuple[str, Callable[[], Any], str]] = [
             ("New run", app.new_run, "prepare data files into a new run"),
             ("Home", app.go_home, "the machine, the store and the runs"),
+            ("Models", app.action_models, "base models in the store; import one"),
+            ("Serve", app.action_serve, "start and stop the OpenAI-compatible endpoint"),
         ]
         for run in list_runs(app.store, limit=30):
             for verb, stage in (("Train", "train"), ("Evaluate", "evaluate"), ("Export", "export"),
@@ -73,6 +75,8 @@ class ApplianceApp(App[None]):
         Binding("ctrl+q", "quit", "Quit", priority=True),
         Binding("h", "go_home", "Home"),
         Binding("c", "chat", "Chat"),
+        Binding("m", "models", "Models"),
+        Binding("s", "serve", "Serve"),
         Binding("f2", "stage('train')", "Train"),
         Binding("f3", "stage('evaluate')", "Evaluate"),
         Binding("f4", "stage('export')", "Export"),
@@ -83,6 +87,27 @@ class ApplianceApp(App[None]):
         super().__init__()
         self.store = store
         self._doctor = doctor
+        self.server: dict[str, Any] | None = None  # the endpoint started from the Serve screen
+
+    def stop_server(self) -> None:
+        """SIGTERM: the endpoint stops accepting and finishes the answers in flight."""
+        if self.server is not None and self.server["process"].poll() is None:
+            self.server["process"].terminate()
+
+    def on_unmount(self) -> None:
+        self.stop_server()
+
+    def action_models(self) -> None:
+        if not isinstance(self.focused, _typing_widgets()):
+            from tui.screens.models import ModelsScreen
+
+            self.push_screen(ModelsScreen())
+
+    def action_serve(self) -> None:
+        if not isinstance(self.focused, _typing_widgets()):
+            from tui.screens.serve import ServeScreen
+
+            self.push_screen(ServeScreen())
 
     def doctor(self) -> dict[str, Any]:
         return self._doctor() if self._doctor is not None else run_doctor(self.store)
