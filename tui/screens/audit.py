@@ -3,7 +3,6 @@ verification and evaluation results) and the verify action: re-hash everything, 
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, ClassVar
 
 from rich.markup import escape
@@ -12,25 +11,18 @@ from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import Horizontal
-from textual.screen import Screen
 from textual.widgets import Button, DataTable, Footer, Header, Static
 
 from appliance.fsutil import read_json_object
+from tui.screens.run import RunScreen
 
 
-class AuditScreen(Screen[None]):
+class AuditScreen(RunScreen):
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("v", "verify", "Verify"),
         Binding("escape", "app.pop_screen", "Back", priority=True),
     ]
 
-    def __init__(self, run_id: str) -> None:
-        super().__init__()
-        self.run_id = run_id
-
-    @property
-    def run_dir(self) -> Path:
-        return self.app.store.runs_dir / self.run_id  # type: ignore[attr-defined,no-any-return]
 
     def compose(self) -> ComposeResult:
         yield Header()

@@ -3,7 +3,6 @@ quantization, the confusion matrix of the target under the cursor and the predic
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, ClassVar
 
 from rich.markup import escape
@@ -12,13 +11,13 @@ from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, Vertical
-from textual.screen import Screen
 from textual.widgets import Button, DataTable, Footer, Header, Static, TabbedContent, TabPane
 
 from appliance import jobs
 from appliance.config import EvalConfig
 from appliance.fsutil import read_json_object
 from tui.follow import JobEnded
+from tui.screens.run import RunScreen
 from tui.widgets.job_panel import JobPanel
 
 
@@ -28,20 +27,15 @@ def interval(score: dict[str, Any] | None) -> str:
     return f"{score['point'] * 100:.1f} [{score['low'] * 100:.1f}, {score['high'] * 100:.1f}]"
 
 
-class EvaluateScreen(Screen[None]):
+class EvaluateScreen(RunScreen):
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("ctrl+s", "start", "Evaluate"),
         Binding("escape", "app.pop_screen", "Back", priority=True),
     ]
 
     def __init__(self, run_id: str) -> None:
-        super().__init__()
-        self.run_id = run_id
+        super().__init__(run_id)
         self.reports: dict[str, dict[str, Any]] = {}
-
-    @property
-    def run_dir(self) -> Path:
-        return self.app.store.runs_dir / self.run_id  # type: ignore[attr-defined,no-any-return]
 
     def compose(self) -> ComposeResult:
         yield Header()

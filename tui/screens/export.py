@@ -3,7 +3,6 @@ read the verification gate's results check by check, with where the files and th
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import ClassVar
 
 from rich.markup import escape
@@ -12,7 +11,6 @@ from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, Vertical
-from textual.screen import Screen
 from textual.widgets import Button, DataTable, Footer, Header, SelectionList, Static
 from textual.widgets.selection_list import Selection
 
@@ -21,24 +19,18 @@ from appliance.config import ExportConfig
 from appliance.export.quants import QUANTS, RECOMMENDED
 from appliance.fsutil import read_json_object
 from tui.follow import JobEnded
+from tui.screens.run import RunScreen
 from tui.widgets.job_panel import JobPanel
 
 MARK = {"pass": Text("pass", style="green"), "warn": Text("warn", style="yellow"), "fail": Text("FAIL", style="red")}
 
 
-class ExportScreen(Screen[None]):
+class ExportScreen(RunScreen):
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("ctrl+s", "start", "Export"),
         Binding("escape", "app.pop_screen", "Back", priority=True),
     ]
 
-    def __init__(self, run_id: str) -> None:
-        super().__init__()
-        self.run_id = run_id
-
-    @property
-    def run_dir(self) -> Path:
-        return self.app.store.runs_dir / self.run_id  # type: ignore[attr-defined,no-any-return]
 
     def compose(self) -> ComposeResult:
         yield Header()

@@ -5,7 +5,6 @@ CLI) attaches to it and replays its history."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, ClassVar
 
 from rich.markup import escape
@@ -13,7 +12,6 @@ from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, Vertical
-from textual.screen import Screen
 from textual.widgets import Button, Footer, Header, Input, Label, Static
 from textual_plotext import PlotextPlot
 
@@ -22,6 +20,7 @@ from appliance import jobs
 from appliance.config import TrainConfig
 from appliance.errors import ApplianceError
 from tui.follow import JobEnded, JobEvent
+from tui.screens.run import RunScreen
 from tui.widgets.job_panel import JobPanel
 
 FIELDS: dict[str, tuple[str, type]] = {  # config field -> (label, type)
@@ -56,7 +55,7 @@ def describe_plan(cfg: TrainConfig, store: Any) -> str:
             f"{plan.available_mb / 1024:.1f} GiB available: {verdict}")
 
 
-class TrainScreen(Screen[None]):
+class TrainScreen(RunScreen):
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("ctrl+s", "start", "Start"),
         Binding("ctrl+x", "stop", "Stop"),
@@ -64,14 +63,9 @@ class TrainScreen(Screen[None]):
     ]
 
     def __init__(self, run_id: str) -> None:
-        super().__init__()
-        self.run_id = run_id
+        super().__init__(run_id)
         self.job: jobs.Job | None = None
         self.curves: dict[str, tuple[list[int], list[float]]] = {}
-
-    @property
-    def run_dir(self) -> Path:
-        return self.app.store.runs_dir / self.run_id  # type: ignore[attr-defined,no-any-return]
 
     def compose(self) -> ComposeResult:
         yield Header()
