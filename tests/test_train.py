@@ -79,7 +79,10 @@ def test_sigkill_then_resume_continues_exactly(prepared: tuple[Store, Path]) -> 
     store, source = prepared
     reference = clone_run(store, source, "reference")
     killed = clone_run(store, source, "killed")
-    cfg = TrainConfig(store=str(store.root), **{**SETTINGS, "save_every": 4, "eval_every": 100})
+    # Plain float32 on the hf backend: bf16 kernels on CPU are not bit-reproducible from run to run, and what is
+    # under test is that a resumed run continues the same trajectory, not the kernels.
+    cfg = TrainConfig(store=str(store.root), **{**SETTINGS, "save_every": 4, "eval_every": 100,
+                                                "backend": "hf", "dtype": "float32"})
     jobs.start("train", reference, cfg).wait()
     job = jobs.start("train", killed, cfg)
     for event in job.follow():
@@ -94,7 +97,7 @@ def test_sigkill_then_resume_continues_exactly(prepared: tuple[Store, Path]) -> 
     assert sorted(after) == [5, 6, 7, 8]  # it continued, it did not restart at step 1
     expected = _losses(reference)
     for step in (5, 6, 7, 8):
-        assert after[step] == pytest.approx(expected[step], rel=0.02), (step, after, expected)
+        assert after[step] == pytest.approx(expected[step], rel=1e-3), (step, after, expected)
 
 
 @pytest.mark.slow
