@@ -151,6 +151,9 @@ def test_redact_mode_keeps_placeholders_per_conversation(tmp_path: Path, default
     assert messages[0]["content"] == "I am <EMAIL_1>, call <PHONE_1>"
     assert messages[1]["content"] == "Thanks, we will email <EMAIL_1>."
     assert report["pii"]["counts"] == {"EMAIL": 2, "PHONE": 1}
+    preview = report["pii"]["previews"]  # what the data screen shows: before (masked) and after
+    assert preview == [{"source": f"{path}:1", "role": "user", "types": ["EMAIL", "PHONE"],
+                        "before": "I am a**@****.**, call +* *** *** ****", "after": "I am <EMAIL_1>, call <PHONE_1>"}]
 
 
 def test_drop_and_report_modes(tmp_path: Path, default_store: Store) -> None:
@@ -159,9 +162,11 @@ def test_drop_and_report_modes(tmp_path: Path, default_store: Store) -> None:
     report, _ = run_prepare(tmp_path / "drop", default_store.root, [path], pii="drop", split=(1.0, 0.0, 0.0))
     assert report["counts"]["pii_dropped"] == 1 and report["counts"]["train"] == 1
     assert report["pii"]["dropped"][0]["types"] == ["SSN"]
+    assert report["pii"]["previews"][0]["after"] == "(the row is dropped)"
     report, _ = run_prepare(tmp_path / "rep", default_store.root, [path], pii="report", split=(1.0, 0.0, 0.0))
     assert report["pii"]["counts"] == {"SSN": 1}
     assert "123-45-6789" in (tmp_path / "rep" / "data" / "train.jsonl").read_text()  # report only: kept
+    assert report["pii"]["previews"][0]["before"] == report["pii"]["previews"][0]["after"] == "My SSN is 1**-**-****"
     assert "123-45-6789" not in (tmp_path / "rep" / "data" / "data_report.json").read_text()
 
 

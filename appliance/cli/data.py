@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.table import Table
@@ -111,6 +111,59 @@ def _print_data_summary(run_dir: Path) -> None:
     if report["problems"]:
         console.print(f"[yellow]{counts['invalid']} rows skipped[/]; first: {report['problems'][0]}")
     console.print(f"-> {run_dir / 'data'}")
+
+
+@data_app.command("inspect")
+def data_inspect(
+    inputs: Annotated[list[Path], typer.Argument(help="Data files: JSONL, JSON, CSV, TSV or Parquet")],
+    file_type: Annotated[str | None, typer.Option(help="Override the file type: jsonl, json, csv, tsv, parquet")]
+    = None,
+    delimiter: Annotated[str | None, typer.Option(help="CSV delimiter, e.g. ';'")] = None,
+    rows: Annotated[int, typer.Option(min=1, help="Rows read from the top of each file")] = 200,
+    as_json: JsonOpt = False,
+) -> None:
+    """A first look: each file's type, record convention and columns, and the task and column mapping
+    they most likely mean (with the `data prepare` command that uses them)."""
+    from rich.markup import escape
+
+    from appliance.data.inspect import inspect_file, suggest
+
+    sep = delimiter.replace("\\t", "\t") if delimiter else None
+    infos = [inspect_file(p, file_type, sep, rows) for p in inputs]
+    suggestion = suggest(infos)
+    command = _prepare_command(inputs, suggestion)
+    if as_json:
+        print_json({"files": [i.as_dict() for i in infos], "suggestion": suggestion.as_dict(), "command": command})
+    else:
+        for info in infos:
+            if info.error:
+                console.print(f"[red]{escape(info.path)}: {escape(info.error)}[/]", soft_wrap=True)
+                continue
+            table = Table(title=f"{info.path}: {info.kind}, {info.convention}, first {info.rows_sampled} rows"
+                          + (f", {info.problems} unreadable" if info.problems else ""))
+            for column in ("column", "filled", "distinct", "mean chars", "examples"):
+                table.add_column(column)
+            for c in info.columns:
+                table.add_row(c.name, str(c.filled), str(c.distinct), f"{c.mean_chars:g}", " | ".join(c.examples))
+            console.print(table)
+        if any(i.error for i in infos):
+            console.print("[red]Fix or leave out the files above, then inspect again.[/]")
+        else:
+            console.print(f"task: [b]{suggestion.task}[/b] ({suggestion.reason})")
+            console.print(f"-> {command}", soft_wrap=True)
+    if any(i.error for i in infos):
+        raise typer.Exit(1)
+
+
+def _prepare_command(inputs: list[Path], suggestion: Any) -> str:
+    import shlex
+
+    parts = ["appliance", "data", "prepare", *(shlex.quote(str(p)) for p in inputs), "--task", suggestion.task]
+    for option, value in (("--text-field", suggestion.text_field), ("--label-field", suggestion.label_field),
+                          ("--output-field", suggestion.output_field)):
+        if value and suggestion.task != "chat":
+            parts += [option, shlex.quote(value)]
+    return " ".join(parts)
 
 
 @data_app.command("sample")

@@ -25,7 +25,7 @@ from pydantic import BaseModel
 from appliance.config import DataConfig
 from appliance.data import dedup, split
 from appliance.data.clean import clean_messages
-from appliance.data.pii import PiiSummary, Redactor, find_pii
+from appliance.data.pii import Finding, PiiSummary, Redactor, find_pii, mask
 from appliance.data.readers import FileProblem, file_kind, read, record_format
 from appliance.data.schema import Example, Problem, Record, RowError
 from appliance.data.tasks import TaskSpec, check_messages, load_template, to_example
@@ -34,6 +34,7 @@ from appliance.events import Emitter
 from appliance.fsutil import atomic_write_text, sha256_file
 from appliance.store import Store
 
+PII_PREVIEWS = 8  # rows shown before and after PII handling in the report
 MAX_LISTED = 10_000  # rows listed inline in the report; every problem is in problems.jsonl too
 SPLITS = ("train", "val", "test")
 
@@ -220,6 +221,7 @@ class _Scan:
         self.pii = PiiSummary()
         self.pii_dropped: list[dict[str, Any]] = []
         self.pii_dropped_count = 0
+        self.pii_previews: list[dict[str, Any]] = []
         self.seen: dict[int, int] = {}  # exact key -> packed source of the first row with it
         self.exact_dups: list[dict[str, str]] = []
         self.exact_dup_count = 0
@@ -275,6 +277,8 @@ class _Scan:
         findings = [find_pii(m["content"], self.cfg.pii_region) for m in example.messages]
         flat = [f for per_message in findings for f in per_message]
         self.pii.add(flat)
+        if flat and len(self.pii_previews) < PII_PREVIEWS:
+            self._preview(example, findings)
         if flat and self.cfg.pii == "drop":
             types = sorted({f.type for f in flat})
             self.pii_dropped_count += 1
@@ -294,6 +298,19 @@ class _Scan:
                                 for m, f in zip(example.messages, findings, strict=True)]
             ids_len, trained = self._measure(example)  # placeholders change the length
         self._keep(example, ids_len, trained, pool)
+
+    def _preview(self, example: Example, findings: list[list[Finding]]) -> None:
+        """One message before (its PII masked, so the report itself holds none) and after this stage."""
+        message, found = next((m, f) for m, f in zip(example.messages, findings, strict=True) if f)
+        text, before, last = message["content"], [], 0
+        for finding in found:
+            before += [text[last:finding.start], mask(finding.value)]
+            last = finding.end
+        after = {"redact": Redactor().redact(text, found), "report": "".join(before) + text[last:],
+                 "drop": "(the row is dropped)"}[self.cfg.pii]
+        self.pii_previews.append({"source": example.source, "role": message["role"],
+                                  "types": sorted({f.type for f in found}),
+                                  "before": _cut("".join(before) + text[last:]), "after": _cut(after)})
 
     def _measure(self, example: Example) -> tuple[int, int]:
         if self.tokenizer is None:
@@ -391,7 +408,7 @@ def _finish(cfg: DataConfig, scan: _Scan, staging: Path, emit: Emitter) -> dict[
         "formats": scan.formats,
         "problems": [p.as_dict() for p in scan.problems],  # the first MAX_LISTED; all in problems.jsonl
         "file_problems": [p.as_dict() for p in scan.file_problems],
-        "pii": {"mode": cfg.pii, **scan.pii.as_dict(), "dropped": scan.pii_dropped},
+        "pii": {"mode": cfg.pii, **scan.pii.as_dict(), "dropped": scan.pii_dropped, "previews": scan.pii_previews},
         "duplicates": {
             "exact": scan.exact_dups,
             "near": [{"source": rows.source(r), "duplicate_of": rows.source(k), "cosine": round(s, 4)}
@@ -414,6 +431,10 @@ def _finish(cfg: DataConfig, scan: _Scan, staging: Path, emit: Emitter) -> dict[
     if cfg.task == "classification" and scan.spec.labels:
         report["labels"]["set"] = scan.spec.labels
     return report
+
+
+def _cut(text: str, limit: int = 240) -> str:
+    return text if len(text) <= limit else text[:limit - 1] + "…"
 
 
 def _label_counts(labels: list[str | None]) -> dict[str, int]:
