@@ -44,7 +44,7 @@ def summarize(run_dir: Path) -> RunSummary:
     summary = RunSummary(id=run_dir.name, path=run_dir, modified=_modified(run_dir))
     config = _yaml(run_dir / "run.yaml")
     summary.task = (config.get("data") or {}).get("task")
-    summary.base_model = (config.get("train") or {}).get("base_model") or (config.get("data") or {}).get("base_model")
+    summary.base_model = (config.get("train") or {}).get("base_model") or (config.get("data") or {}).get("model")
     if (run_dir / "data" / "data_report.json").is_file():
         summary.stages.append("data")
     if (run_dir / "adapter").is_dir():

@@ -251,6 +251,21 @@ class Store:
                              "or leave out --run to start a new one.")
         return folder
 
+    @staticmethod
+    def run_config(run_dir: Path) -> dict[str, Any]:
+        """What record_config kept for each stage of a run ({} before the first)."""
+        import yaml
+
+        path = run_dir / "run.yaml"
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) if path.is_file() else None
+        return data if isinstance(data, dict) else {}
+
+    def run_base_model(self, run_dir: Path) -> str | None:
+        """The base model a run names: its training's, else the one its data was templated with (None: the
+        default)."""
+        config = self.run_config(run_dir)
+        return (config.get("train") or {}).get("base_model") or (config.get("data") or {}).get("model")
+
     def record_config(self, run_dir: Path, stage: str, config: dict[str, Any]) -> None:
         """Keep the whole validated config of every stage of a run in run.yaml."""
         import yaml

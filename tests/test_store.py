@@ -147,3 +147,16 @@ def test_store_catalog_can_add_entries(store_dir: Path) -> None:
     names = [e.name for e in store.catalog()]
     assert "mine" in names and DEFAULT_MODEL in names
     assert store.catalog_entry("default") is not None
+
+
+def test_a_run_trains_on_the_model_its_data_was_templated_with(store_dir: Path) -> None:
+    store = Store.open(store_dir)
+    run_dir = store.new_run_dir()
+    assert store.run_config(run_dir) == {} and store.run_base_model(run_dir) is None  # the default
+    store.record_config(run_dir, "data", {"task": "chat", "model": "llama-mine"})
+    assert store.run_base_model(run_dir) == "llama-mine"
+    store.record_config(run_dir, "train", {"base_model": None, "max_steps": 3})
+    assert store.run_base_model(run_dir) == "llama-mine"  # training named none: the data's
+    store.record_config(run_dir, "train", {"base_model": "other", "max_steps": 3})
+    assert store.run_base_model(run_dir) == "other"
+    assert store.run_config(run_dir)["data"]["task"] == "chat"

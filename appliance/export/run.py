@@ -17,7 +17,6 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import BaseModel
 
 from appliance import toolchain
@@ -112,9 +111,7 @@ def run(cfg: ExportConfig, run_dir: Path, emit: Emitter) -> ExportResult:
 
 
 def base_model_of(store: Store, run_dir: Path) -> str:
-    recorded = run_dir / "run.yaml"
-    train = (yaml.safe_load(recorded.read_text(encoding="utf-8")) or {}).get("train", {}) if recorded.is_file() else {}
-    return store.resolve_model(train.get("base_model"), "base model of this run",
+    return store.resolve_model(store.run_base_model(run_dir), "base model of this run",
                                "Import the base model the run was trained on (appliance models import ...).")
 
 

@@ -78,7 +78,7 @@ def run(cfg: TrainConfig, run_dir: Path, emit: Emitter) -> TrainResult:
 
     started = time.monotonic()
     store = Store.open(cfg.store)
-    model_dir = _base_model(cfg, store)
+    model_dir = _base_model(cfg, store, run_dir)
     data_dir = run_dir / "data"
     if not (data_dir / "train.jsonl").is_file():
         raise TrainError(f"run {run_dir.name} has no prepared data", f"Run `appliance data prepare FILES --run "
@@ -268,8 +268,10 @@ def _out_of_memory(cfg: TrainConfig, memory_plan: Any, step: int) -> TrainError:
                       "or enable gradient_checkpointing in the recipe; the last checkpoint is kept for --resume.")
 
 
-def _base_model(cfg: TrainConfig, store: Store) -> Path:
-    name = store.resolve_model(cfg.base_model, "base model", "Import it first (appliance models import ...), "
+def _base_model(cfg: TrainConfig, store: Store, run_dir: Path) -> Path:
+    """The named base model; else the one whose chat template the run's data was prepared with."""
+    chosen = cfg.base_model or store.run_base_model(run_dir)
+    name = store.resolve_model(chosen, "base model", "Import it first (appliance models import ...), "
                                "or name another with --base-model.")
     return store.model_dir(name)
 
