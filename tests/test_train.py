@@ -81,8 +81,8 @@ def test_sigkill_then_resume_continues_exactly(prepared: tuple[Store, Path]) -> 
     killed = clone_run(store, source, "killed")
     # Plain float32 on the hf backend: bf16 kernels on CPU are not bit-reproducible from run to run, and what is
     # under test is that a resumed run continues the same trajectory, not the kernels.
-    cfg = TrainConfig(store=str(store.root), **{**SETTINGS, "save_every": 4, "eval_every": 100,
-                                                "backend": "hf", "dtype": "float32"})
+    cfg = TrainConfig(store=str(store.root), **{**SETTINGS, "save_every": 4, "eval_every": 100, "batch_size": 2,
+                                                "max_seq_len": 128, "backend": "hf", "dtype": "float32"})
     jobs.start("train", reference, cfg).wait()
     job = jobs.start("train", killed, cfg)
     for event in job.follow():

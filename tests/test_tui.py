@@ -87,7 +87,31 @@ def _fake_store(root: Path) -> Store:
 
 
 def _fake_results(run: Path) -> None:
-    """Evaluation, export and manifest files shaped like the stages write them, for the snapshots."""
+    """Data, evaluation, export and manifest files shaped like the stages write them, for the snapshots."""
+    (run / "data" / "data_report.json").write_text(json.dumps({
+        "counts": {"rows_read": 480, "invalid": 2, "pii_dropped": 0, "duplicates_exact": 14, "duplicates_near": 0,
+                   "train": 370, "val": 47, "test": 47, "moved_to_train": 3},
+        "formats": {"/data/tickets.csv": "table"},
+        "problems": [{"file": "/data/tickets.csv", "line": 17, "field": "category", "reason": "empty label"},
+                     {"file": "/data/tickets.csv", "line": 212, "field": "", "reason": "row has 4 columns, the "
+                      "header has 3"}],
+        "pii": {"mode": "redact", "rows_with_pii": 2, "counts": {"EMAIL": 2, "PHONE": 1},
+                "masked_samples": {"EMAIL": ["a**@****.**", "b*@*****.***"], "PHONE": ["+* *** *** ****"]},
+                "dropped": [], "previews": [
+                    {"source": "/data/tickets.csv:3", "role": "user", "types": ["EMAIL", "PHONE"],
+                     "before": "I am a**@****.**, call +* *** *** ****", "after": "I am <EMAIL_1>, call <PHONE_1>"}]},
+        "duplicates": {"exact": [{"source": "/data/tickets.csv:9", "duplicate_of": "/data/tickets.csv:4"}],
+                       "near": [], "near_threshold": None},
+        "contamination": {"checked": True, "threshold": 0.9, "action": "moved to train",
+                          "rows": [{"source": "/data/tickets.csv:44", "cosine": 0.931}]},
+        "labels": {"set": ["billing", "network", "printer"],
+                   "distribution": {"train": {"billing": 120, "network": 130, "printer": 120},
+                                    "val": {"billing": 15, "network": 17, "printer": 15},
+                                    "test": {"billing": 16, "network": 16, "printer": 15}}},
+        "lengths": {"rows": 464, "p50": 86, "p95": 102, "max": 111, "truncated": 0, "max_seq_len": 1024,
+                    "padding_efficiency": 0.89, "packing_efficiency": 0.96,
+                    "bins": {"edges": [0, 20, 40, 60, 80, 100, 120], "counts": [0, 0, 12, 150, 260, 42]}},
+    }))
     labels = ["billing", "network", "printer"]
     references = ["billing", "network", "printer", "network"]
     answers = {"base": ["network", "network", "billing", "printer"], "tuned": references}
@@ -163,7 +187,7 @@ def test_snapshot_home_80x24(snap_compare: Any) -> None:
     assert snap_compare(_app(store), terminal_size=(80, 24), run_before=_settle)
 
 
-SCREENS = ["train", "evaluate", "export", "audit"]
+SCREENS = ["data", "train", "evaluate", "export", "audit"]
 
 
 @pytest.mark.parametrize("key", ["m", "s"])
@@ -236,7 +260,9 @@ async def _settle(pilot: Any) -> None:
 
 
 @pytest.mark.slow
-def test_new_run_then_train_a_few_steps_with_live_progress(scratch_store: Store) -> None:
+def test_the_whole_pipeline_new_run_data_train_export_chat(scratch_store: Store) -> None:
+    """From the keyboard: a new run on the sample (inspected, columns suggested), its data report,
+    three training steps with live progress, one verified quantization, and one chat message."""
     store = scratch_store
     sample = str(shipped_path())
 
@@ -246,12 +272,31 @@ def test_new_run_then_train_a_few_steps_with_live_progress(scratch_store: Store)
             await pilot.press("n")
             await pilot.pause()
             app.screen.query_one("#nr-path").value = sample  # type: ignore[attr-defined]
-            app.screen.query_one("#nr-label").value = "category"  # type: ignore[attr-defined]
+            await _until(pilot, lambda: "suggested: classification" in _text(app, "#nr-files"), 20, "inspection")
+            assert "helpdesk.csv: csv, table" in _text(app, "#nr-files")
+            assert app.screen.query_one("#nr-label_field").value == "category"  # type: ignore[attr-defined]
+            assert app.screen.query_one("#nr-text_field").value == "text"  # type: ignore[attr-defined]
+            assert app.screen.query_one("#nr-model").value == "smollm2-135m-instruct"  # type: ignore[attr-defined]
             app.screen.query_one("#nr-near-dup").value = False  # type: ignore[attr-defined]  # faster
-            await pilot.click("#nr-start")
-            await _until(pilot, lambda: bool(app.screen.query("#f-max_steps")), 300, "the data job")
-            screen = app.screen
+            await pilot.press("ctrl+s")
+            await _until(pilot, lambda: bool(app.screen.query("#data-counts")), 300, "the data job")
+
+            screen = app.screen  # the data screen of the new run
             run_id = screen.run_id  # type: ignore[attr-defined]
+            counts = screen.query_one("#data-counts")
+            rows = {str(counts.get_row_at(i)[0]): str(counts.get_row_at(i)[1])  # type: ignore[attr-defined]
+                    for i in range(counts.row_count)}  # type: ignore[attr-defined]
+            assert rows["rows read"] == "480" and int(rows["train"]) > 300
+            assert "no problems" in _text(app, "#data-problems-note")
+            preview = _text(app, "#data-pii-preview")
+            assert "Before and after (8 rows)" in preview and "<EMAIL_1>" in preview
+            report = json.loads((store.runs_dir / run_id / "data" / "data_report.json").read_text())
+            assert f"{report['lengths']['p50']}" in _text(app, "#data-lengths-note")
+
+            await pilot.press("f2")  # train it
+            await pilot.pause()
+            screen = app.screen
+            assert type(screen).__name__ == "TrainScreen" and screen.run_id == run_id  # type: ignore[attr-defined]
             for name, value in (("max_steps", "3"), ("batch_size", "2"), ("max_seq_len", "128"),
                                 ("eval_every", "1000")):  # one evaluation, at the end
                 screen.query_one(f"#f-{name}").value = value  # type: ignore[attr-defined]
@@ -266,11 +311,33 @@ def test_new_run_then_train_a_few_steps_with_live_progress(scratch_store: Store)
             assert "3 steps" in _text(app, "#train-status")
             assert screen.curves["train loss"][0] == [1, 2, 3]  # type: ignore[attr-defined]
             assert (store.runs_dir / run_id / "adapter" / "adapter_model.safetensors").is_file()
+
+            await pilot.press("f4")  # export one quantization through the gate
+            await pilot.pause()
+            screen = app.screen
+            chooser = screen.query_one("#export-quants")
+            chooser.deselect_all()  # type: ignore[attr-defined]
+            chooser.select("Q8_0")  # type: ignore[attr-defined]
+            screen.query_one("#export-ppl").value = "128"  # type: ignore[attr-defined]
+            await pilot.click("#export-start")
+            await _until(pilot, lambda: "done" in _text(app, "#export-status"), 600, "the export")
+            assert "passed the verification gate" in _text(app, "#export-status")
+            files = _text(app, "#export-files")
+            assert "-Q8_0.gguf: verified" in files and "-F16.gguf: verified" in files and "Modelfile" in files
+
+            await pilot.press("c")  # and chat with it
+            await _until(pilot, lambda: "verified" in _text(app, "#chat-title"), 120, "the model")
+            app.screen.query_one("#chat-input").value = "My laptop will not connect to the VPN."  # type: ignore[attr-defined]
+            await pilot.press("enter")
+            await pilot.pause(0.5)
+            await _until(pilot, lambda: not app.screen.answering, 120, "the answer")  # type: ignore[attr-defined]
+            bubbles = [b.text for b in app.screen.query(".bubble")]  # type: ignore[attr-defined]
+            assert bubbles[1] in report["labels"]["set"], bubbles
             await pilot.press("escape")
-            await pilot.press("r")
+            await pilot.press("h")
             assert isinstance(app.screen, HomeScreen)
             table = app.screen.query_one("#runs")
-            assert "train" in str(table.get_row(run_id)[2])  # type: ignore[attr-defined]
+            assert str(table.get_row(run_id)[2]) == "data train export"  # type: ignore[attr-defined]
 
     asyncio.run(drive())
 

@@ -52,7 +52,7 @@ class Actions(Provider):
             ("Serve", app.action_serve, "start and stop the OpenAI-compatible endpoint"),
         ]
         for run in list_runs(app.store, limit=30):
-            for verb, stage in (("Train", "train"), ("Evaluate", "evaluate"), ("Export", "export"),
+            for verb, stage in (("Data of", "data"), ("Train", "train"), ("Evaluate", "evaluate"), ("Export", "export"),
                                 ("Audit", "audit")):
                 entries.append((f"{verb} {run.id}", partial(app.open_run, run.id, stage),
                                 f"{run.task or ''} run; done: {' '.join(run.stages) or 'nothing yet'}"))
@@ -77,6 +77,7 @@ class ApplianceApp(App[None]):
         Binding("c", "chat", "Chat"),
         Binding("m", "models", "Models"),
         Binding("s", "serve", "Serve"),
+        Binding("f1", "stage('data')", "Data"),
         Binding("f2", "stage('train')", "Train"),
         Binding("f3", "stage('evaluate')", "Evaluate"),
         Binding("f4", "stage('export')", "Export"),
@@ -134,12 +135,14 @@ class ApplianceApp(App[None]):
     def open_run(self, run_id: str, stage: str = "train") -> None:
         """Open a run at one of its stages; from another stage of a run, that screen is replaced."""
         from tui.screens.audit import AuditScreen
+        from tui.screens.data import DataScreen
         from tui.screens.evaluate import EvaluateScreen
         from tui.screens.export import ExportScreen
         from tui.screens.train import TrainScreen
 
         screens: dict[str, Callable[[str], Screen[Any]]] = {
-            "train": TrainScreen, "evaluate": EvaluateScreen, "export": ExportScreen, "audit": AuditScreen}
+            "data": DataScreen, "train": TrainScreen, "evaluate": EvaluateScreen, "export": ExportScreen,
+            "audit": AuditScreen}
         screen = screens[stage](run_id)
         if getattr(self.screen, "run_id", None) is not None and not isinstance(self.screen, HomeScreen):
             self.switch_screen(screen)
@@ -162,8 +165,8 @@ class ApplianceApp(App[None]):
         def prepared(run_id: str | None) -> None:
             self.refresh_home()
             if run_id:
-                self.notify(f"data prepared into {run_id}")
-                self.open_run(run_id)
+                self.notify(f"data prepared into {run_id}: F2 to train")
+                self.open_run(run_id, "data")
 
         self.push_screen(NewRunScreen(), prepared)
 
@@ -175,12 +178,13 @@ class ApplianceApp(App[None]):
     def action_chat(self) -> None:
         if isinstance(self.focused, _typing_widgets()):
             return
-        home = self.screen
-        run = home.selected_run() if isinstance(home, HomeScreen) else None
-        if run is not None and "export" in run.stages:
-            self.open_chat(run.id)
+        screen = self.screen
+        selected = screen.selected_run() if isinstance(screen, HomeScreen) else None
+        run_id = selected.id if selected is not None else getattr(screen, "run_id", None)
+        if run_id is not None and (self.store.runs_dir / run_id / "gguf" / "verification.json").is_file():
+            self.open_chat(run_id)
         else:
-            self.notify("Select an exported run on Home, or pick 'Chat with …' in the command palette (ctrl+p).",
+            self.notify("Open or select an exported run, or pick 'Chat with …' in the command palette (ctrl+p).",
                         severity="warning")
 
 

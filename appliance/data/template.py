@@ -43,6 +43,20 @@ def encode(tokenizer: Any, messages: list[dict[str, str]]) -> tuple[list[int], l
     return list(encoded["input_ids"]), trained
 
 
+def _fine_bins(lengths: Any, target: int = 16) -> dict[str, list[int]]:
+    """About `target` equal bins of a round width (1, 2 or 5 times a power of ten) from 0 to the longest."""
+    longest = int(lengths.max())
+    width = 1
+    while width * target < longest:
+        for factor in (2, 2.5, 2):  # 1 -> 2 -> 5 -> 10 -> 20 -> 50 ...
+            width = int(width * factor)
+            if width * target >= longest:
+                break
+    edges = list(range(0, longest + width, width)) or [0, width]
+    counts, _ = np.histogram(lengths, bins=edges)
+    return {"edges": edges, "counts": [int(c) for c in counts]}
+
+
 def length_stats(lengths: list[int], trained: list[int], max_seq_len: int, batch_size: int = 4,
                  seed: int = 0) -> dict[str, Any]:
     """Histogram, truncation count, and the token efficiency of padded batches vs packing."""
@@ -76,6 +90,7 @@ def length_stats(lengths: list[int], trained: list[int], max_seq_len: int, batch
         "min": int(arr.min()), "mean": round(float(arr.mean()), 1),
         "p50": int(np.percentile(arr, 50)), "p95": int(np.percentile(arr, 95)), "max": int(arr.max()),
         "histogram": histogram,
+        "bins": _fine_bins(arr),
         "truncated": int((arr > max_seq_len).sum()),
         "max_seq_len": max_seq_len,
         "padding_efficiency": round(float(clipped.sum()) / padded, 3),

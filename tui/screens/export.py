@@ -11,7 +11,7 @@ from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, Vertical
-from textual.widgets import Button, DataTable, Footer, Header, SelectionList, Static
+from textual.widgets import Button, DataTable, Footer, Header, Input, Label, SelectionList, Static
 from textual.widgets.selection_list import Selection
 
 from appliance import jobs
@@ -31,7 +31,6 @@ class ExportScreen(RunScreen):
         Binding("escape", "app.pop_screen", "Back", priority=True),
     ]
 
-
     def compose(self) -> ComposeResult:
         yield Header()
         with Horizontal(id="export-top"):
@@ -40,6 +39,10 @@ class ExportScreen(RunScreen):
                 choices = [Selection(f"{q.name}: {q.description}", q.name, q.name == RECOMMENDED)
                            for q in QUANTS.values() if q.name not in ("F16", "BF16")]
                 yield SelectionList[str](*choices, id="export-quants")
+                with Horizontal(classes="field"):
+                    yield Label("perplexity tokens", classes="field-label")
+                    yield Input("4096", id="export-ppl", type="integer", tooltip="validation tokens scored per "
+                                "file by the gate: fewer is faster, more is a finer measure")
                 yield Button("Export and verify", id="export-start", variant="primary", compact=True)
             with Vertical(id="export-results"):
                 yield Static("", id="export-files")
@@ -116,16 +119,24 @@ class ExportScreen(RunScreen):
         if not (self.run_dir / "adapter").is_dir():
             self.notify("Train the run first: there is no adapter to export.", severity="error")
             return
+        from pydantic import ValidationError
+
         chosen = list(self.query_one("#export-quants", SelectionList).selected)
         store = self.app.store  # type: ignore[attr-defined]
-        cfg = ExportConfig(quants=chosen, store=str(store.root))
+        ppl = self.query_one("#export-ppl", Input).value.strip()
+        try:
+            cfg = ExportConfig(quants=chosen, ppl_tokens=int(ppl) if ppl.isdigit() else ppl, store=str(store.root))
+        except ValidationError as exc:
+            self.notify("; ".join(f"{e['loc'][0]}: {e['msg']}" for e in exc.errors()), title="Check the settings",
+                        severity="error")
+            return
         store.record_config(self.run_dir, "export", cfg.model_dump(mode="json"))
         panel.follow(jobs.start("export", self.run_dir, cfg))
 
     @on(JobEnded)
     def _ended(self, message: JobEnded) -> None:
         if message.done is not None:
-            self.query_one(JobPanel).say("[green]done[/]: every file below passed the verification gate"
+            self.query_one(JobPanel).say("[green]done[/]: every file below passed the verification gate; c to chat"
                                          if not message.done.result.get("rejected") else
                                          "[yellow]done, with rejected files[/]: see below")
         self.show()
