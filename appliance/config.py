@@ -123,6 +123,9 @@ class TrainConfig(StageConfig):
     epochs: float = Field(default=1.0, gt=0, le=100, description="Passes over the training split")
     max_steps: int | None = Field(default=None, ge=1, le=10_000_000, description="Stop after this many "
                                   "optimizer steps (overrides epochs)")
+    max_minutes: float | None = Field(default=None, gt=0, le=1_000_000, description="Time budget of training: "
+                                      "the steps that fit are measured on the first steps and the learning-rate "
+                                      "schedule follows them; at the budget the adapter is evaluated and saved")
     batch_size: int = Field(default=4, ge=1, le=1024, description="Rows per forward pass")
     grad_accum: int = Field(default=1, ge=1, le=1024, description="Forward passes per optimizer step")
     max_seq_len: int = Field(default=1024, ge=16, le=131072, description="Longer rows are truncated")

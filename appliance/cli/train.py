@@ -42,6 +42,8 @@ def train(
     method: Annotated[str | None, typer.Option(help="lora, qlora or full")] = None,
     max_steps: Annotated[int | None, typer.Option(help="Stop after this many optimizer steps")] = None,
     epochs: Annotated[float | None, typer.Option(help="Passes over the training data")] = None,
+    max_minutes: Annotated[float | None, typer.Option(help="Time budget: the steps that fit (measured on the "
+                                                      "first steps) and a schedule fitted to them")] = None,
     learning_rate: Annotated[float | None, typer.Option(help="Peak learning rate")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Rows per forward pass")] = None,
     max_seq_len: Annotated[int | None, typer.Option(help="Longest row in tokens")] = None,
@@ -73,6 +75,7 @@ def train(
     if recipe is not None:
         settings.update(yaml.safe_load(recipe.read_text(encoding="utf-8")) or {})
     overrides = {"base_model": base_model, "method": method, "max_steps": max_steps, "epochs": epochs,
+                 "max_minutes": max_minutes,
                  "learning_rate": learning_rate, "batch_size": batch_size, "max_seq_len": max_seq_len,
                  "backend": backend, "rank": rank, "init_from": init_from, "mix": _parse_mix(mix) or None}
     settings.update({k: v for k, v in overrides.items() if v is not None})

@@ -15,6 +15,7 @@ import os
 import shutil
 import time
 import uuid
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -176,8 +177,11 @@ def _train(s: _Session, state: dict[str, Any]) -> TrainResult:
                             mem_mb=_peak_mb(device))
             if now - window_start > 30:
                 window_tokens, window_start = 0, now
+            if s.cfg.max_minutes is not None and stop_reason is None:
+                stop_reason = _budget(s, state, now - session_start)
             if s.val_rows and (state["step"] % s.cfg.eval_every == 0 or state["step"] == s.total_steps):
-                stop_reason = _evaluate(s.model, s.val_rows, s.cfg, s.pad_id, device, state, s.emit, s.probe)
+                stop_reason = _evaluate(s.model, s.val_rows, s.cfg, s.pad_id, device, state, s.emit,
+                                        s.probe) or stop_reason
             if state["step"] % s.cfg.save_every == 0:
                 _save(s.run_dir, s.model, s.optimizer, s.scheduler, state, s.cfg, s.emit)
                 saved_at = state["step"]
@@ -204,6 +208,40 @@ def _train(s: _Session, state: dict[str, Any]) -> TrainResult:
                        eval_loss=evals[-1][1] if evals else None, real_tokens=state["real_tokens"],
                        train_seconds=round(state["seconds"], 2), peak_mem_mb=_peak_mb(device),
                        seconds=round(time.monotonic() - s.started, 2), resumed_from=s.resumed_from)
+
+
+FIT_AFTER = 4  # steps measured before a time budget decides how many steps fit
+
+
+def _budget(s: _Session, state: dict[str, Any], elapsed: float) -> str | None:
+    """Fit the steps (and the learning-rate schedule) to the time budget once the first steps are measured;
+    say why training stops when the next step would overrun it."""
+    budget = (s.cfg.max_minutes or 0) * 60
+    done = state["step"] - (s.resumed_from or 0)
+    per_step = elapsed / max(1, done)
+    if done == FIT_AFTER and s.resumed_from is None:
+        fit = max(state["step"], int(budget / per_step))
+        if fit < s.total_steps:
+            from transformers import get_scheduler
+
+            s.emit.log(f"about {fit} steps fit in {_minutes(s.cfg.max_minutes)} at {per_step:.1f} s a step: training "
+                       f"{fit} of {s.total_steps} steps, with the learning-rate schedule fitted to them")
+            s.total_steps = fit
+            s.scheduler = get_scheduler(s.cfg.scheduler, s.optimizer, num_training_steps=fit,
+                                        num_warmup_steps=int(fit * s.cfg.warmup_ratio))
+            with warnings.catch_warnings():  # "scheduler stepped before the optimizer": it is catching up
+                warnings.simplefilter("ignore", UserWarning)
+                for _ in range(state["step"]):
+                    s.scheduler.step()  # to where this run already is
+        return None
+    if elapsed + per_step > budget and state["step"] < s.total_steps:
+        return (f"the time budget of {_minutes(s.cfg.max_minutes)} is spent: stopped at step {state['step']} of "
+                f"{s.total_steps}")
+    return None
+
+
+def _minutes(value: float | None) -> str:
+    return f"{value:g} minute{'' if value == 1 else 's'}"
 
 
 def _mixed_rows(cfg: TrainConfig, store: Store, tokenizer: Any, own: int, emit: Emitter) -> list[Encoded]:
