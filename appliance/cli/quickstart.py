@@ -1,0 +1,157 @@
+"""`appliance quickstart`: the whole product on the embedded default model and the shipped sample.
+
+Private data in (PII redacted, report printed), a verified on-premises model out, with numbers:
+prepare -> train within a time budget -> export Q8_0 and Q4_K_M through the verification gate ->
+evaluate base zero-shot, few-shot, the fine-tuned adapter and every exported file on the same
+test rows -> one summary table and the commands to go on with. Every stage is an ordinary job in a
+new run, so running it again never touches an earlier run, and each stage can be repeated on its
+own with the command it prints.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from appliance.cli import JsonOpt, app, console, err_console, follow_job, print_json, store
+
+RECIPE = Path(__file__).resolve().parent.parent / "train" / "recipes" / "smollm2-cpu.yaml"
+QUANTS = ["Q8_0", "Q4_K_M"]
+
+
+@app.command("quickstart")
+def quickstart(
+    minutes: Annotated[float, typer.Option(min=0.1, help="Time budget of training, in minutes (the steps that "
+                                                         "fit are measured on the first steps)")] = 5.0,
+    max_steps: Annotated[int | None, typer.Option(min=1, help="Cap on training steps (default: the recipe's 100)")]
+    = None,
+    ppl_tokens: Annotated[int, typer.Option(min=64, help="Validation tokens the export gate scores per file")]
+    = 2048,
+    max_items: Annotated[int | None, typer.Option(min=1, help="Evaluate only the first N test rows")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Prepare the sample, fine-tune the default model, export and verify two quantizations, and compare
+    them with the base model, in a new run; then print what to do next."""
+    import yaml
+
+    from appliance.config import DataConfig, EvalConfig, ExportConfig, ImportConfig, TrainConfig
+    from appliance.data.sample import shipped_path
+
+    st = store()
+    started = time.monotonic()
+    seconds: dict[str, float] = {}
+
+    def stage(name: str, title: str, job_dir: Path, cfg: Any) -> dict[str, Any]:
+        if not as_json:
+            console.rule(f"[b]{title}")
+        begun = time.monotonic()
+        result: dict[str, Any] = follow_job(name, job_dir, cfg, quiet=as_json).result
+        seconds[name] = round(time.monotonic() - begun, 1)
+        return result
+
+    default = st.catalog_entry("default")
+    if default is not None and not st.has_model(default.name):
+        stage("import", f"Importing the default model {default.name}", st.new_job_dir("import"),
+              ImportConfig(source="default", store=str(st.root)))
+    base = default.name if default is not None else None
+
+    run_dir = st.new_run_dir()
+    data_cfg = DataConfig(inputs=[str(shipped_path())], task="classification", text_field="text",
+                          label_field="category", on_error="skip", model=base, store=str(st.root))
+    st.record_config(run_dir, "data", data_cfg.model_dump(mode="json"))
+    data = stage("data", f"1/4 Preparing the sample into {run_dir.name} (PII redacted, deduplicated, split)", run_dir,
+                 data_cfg)
+    if not as_json:
+        from appliance.cli.data import _print_data_summary
+
+        _print_data_summary(run_dir)
+
+    recipe = yaml.safe_load(RECIPE.read_text(encoding="utf-8"))
+    recipe.update(base_model=base, max_minutes=minutes, **({"max_steps": max_steps} if max_steps else {}))
+    train_cfg = TrainConfig(**recipe, store=str(st.root))
+    st.record_config(run_dir, "train", train_cfg.model_dump(mode="json", exclude={"resume"}))
+    train = stage("train", f"2/4 Fine-tuning {base} (recipe {RECIPE.stem}, at most {minutes:g} min)", run_dir,
+                  train_cfg)
+
+    export_cfg = ExportConfig(quants=QUANTS, ppl_tokens=ppl_tokens, store=str(st.root))
+    st.record_config(run_dir, "export", export_cfg.model_dump(mode="json"))
+    export = stage("export", "3/4 Merging, converting and quantizing, through the verification gate", run_dir,
+                   export_cfg)
+
+    eval_cfg = EvalConfig(targets=["base", "fewshot", "tuned", "gguf"], max_items=max_items, store=str(st.root))
+    st.record_config(run_dir, "eval", eval_cfg.model_dump(mode="json"))
+    evaluation = stage("eval", "4/4 Evaluating base, few-shot, tuned and every exported file on the test rows",
+                       run_dir, eval_cfg)
+    seconds["total"] = round(time.monotonic() - started, 1)
+    summary = _summary(run_dir, data, train, export, evaluation, seconds)
+    if as_json:
+        print_json(summary)
+    else:
+        _print_summary(summary)
+
+
+def _summary(run_dir: Path, data: dict[str, Any], train: dict[str, Any], export: dict[str, Any],
+             evaluation: dict[str, Any], seconds: dict[str, float]) -> dict[str, Any]:
+    scores = {t["target"]: t["score"]["point"] for t in evaluation["targets"]}
+    run = run_dir.name
+    return {
+        "run": run,
+        "run_dir": str(run_dir),
+        "data": {"counts": data["counts"], "pii": data["pii"]},
+        "train": {k: train.get(k) for k in ("steps", "backend", "method", "train_loss", "eval_loss", "real_tokens",
+                                            "train_seconds", "peak_mem_mb")},
+        "export": {"name": export["name"], "gguf_dir": export["gguf_dir"], "rejected": export["rejected"],
+                   "files": [{k: f.get(k) for k in ("quant", "file", "passed", "size_bytes", "agreement", "ppl_delta")}
+                             for f in export["files"]],
+                   "modelfile": export["modelfile"], "manifest": export["manifest"]},
+        "eval": {"task": evaluation["task"], "split": evaluation["split"], "n": evaluation["n"],
+                 "primary": evaluation["primary"],
+                 "targets": [{k: t.get(k) for k in ("target", "score", "macro_f1", "size_bytes", "tokens_per_s")}
+                             for t in evaluation["targets"]],
+                 "comparisons": [c["sentence"] for c in evaluation["comparisons"]],
+                 "recommendation": evaluation["recommendation"]},
+        "tuned_ahead_of_base": scores.get("tuned", 0.0) > scores.get("base", 0.0),
+        "next": [f"appliance chat {run}", f"appliance serve {run}", "appliance tui",
+                 f"appliance verify {run}"],
+        "seconds": seconds,
+    }
+
+
+def _print_summary(summary: dict[str, Any]) -> None:
+    evaluation = summary["eval"]
+    console.rule("[b]Summary")
+    table = Table(title=f"{evaluation['task']} on {evaluation['n']} held-out {evaluation['split']} rows: "
+                  f"{evaluation['primary']} and macro F1 with 95% intervals")
+    for column in ("model", evaluation["primary"], "macro F1", "size", "tokens/s"):
+        table.add_column(column, justify="left" if column == "model" else "right")
+    for t in evaluation["targets"]:
+        size = f"{t['size_bytes'] / 2**20:,.0f} MiB" if t.get("size_bytes") else ""
+        f1 = _interval(t["macro_f1"]) if t.get("macro_f1") else ""
+        table.add_row(t["target"], _interval(t["score"]), f1, size, f"{t['tokens_per_s'] or 0:,.0f}")
+    console.print(table)
+    for sentence in evaluation["comparisons"]:
+        console.print(f"  {sentence}")
+    recommendation = evaluation["recommendation"]
+    if recommendation:
+        console.print(f"[green]Recommended:[/] {recommendation['file']}: {recommendation['reason']}")
+    export = summary["export"]
+    if export["rejected"]:
+        err_console.print(f"[yellow]The verification gate rejected {', '.join(export['rejected'])}[/] (kept aside "
+                          f"with its report, not shipped).")
+    train = summary["train"]
+    console.print(f"Trained {train['steps']} steps ({train['backend']}, {train['method']}) in "
+                  f"{train['train_seconds']:.0f} s; the whole quickstart took {summary['seconds']['total'] / 60:.1f} "
+                  f"min ({', '.join(f'{k} {v:.0f} s' for k, v in summary['seconds'].items() if k != 'total')}).")
+    console.print(f"Files: {export['gguf_dir']} (GGUF, Modelfile, README), signed manifest {export['manifest']}",
+                  soft_wrap=True)
+    console.print("Next:")
+    for command in summary["next"]:
+        console.print(f"  {command}", soft_wrap=True)
+
+
+def _interval(score: dict[str, Any]) -> str:
+    return f"{score['point'] * 100:.1f} [{score['low'] * 100:.1f}, {score['high'] * 100:.1f}]"

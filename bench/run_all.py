@@ -1,0 +1,128 @@
+"""Run every benchmark under bench/ that this machine can run and write BENCHMARKS.md.
+
+    .venv/bin/python bench/run_all.py [--only NAME,...] [--out BENCHMARKS.md] [--timeout 3600]
+
+Each benchmark runs in its own process, one after the other (never two at once, so they do not
+share the cores), with its default settings. GPU benchmarks are skipped without a CUDA GPU and say
+so. BENCHMARKS.md gets, for each: what it measures, the peer it is compared with, the command that
+reproduces it, how long it took, and the table it printed; at the top, the machine they ran on.
+A benchmark that fails is reported with the end of its output, and the others still run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class Bench:
+    name: str
+    script: str
+    title: str
+    peer: str
+    gpu: bool = False
+
+
+BENCHES = [
+    Bench("data_prep", "bench/data_prep.py", "Data preparation: rows per second and peak memory",
+          "the same per-row work after loading the file with pandas"),
+    Bench("train_throughput", "bench/train_throughput.py", "Training: real tokens per second and peak memory",
+          "TRL's SFTTrainer with its defaults"),
+    Bench("export", "bench/export.py", "Export: merge, convert, quantize and verify",
+          "the bare path: peft merge_and_unload, the same converter and quantizer, no checks"),
+    Bench("eval_speed", "bench/eval_speed.py", "Evaluation: items per second",
+          "naive full-forward scoring, transformers generate, llama-cpp-python create_completion"),
+    Bench("serve_load", "bench/serve_load.py", "Serving under concurrent load",
+          "bare llama-cpp-python server on the same GGUF"),
+    Bench("tui_startup", "bench/tui_startup.py", "Terminal UI: launch to first paint", "Textual's own minimal app"),
+    Bench("qlora_compare", "bench/gpu/qlora_compare.py", "QLoRA on CUDA", "plain transformers + peft + bitsandbytes",
+          gpu=True),
+]
+
+
+def has_gpu() -> bool:
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return out.returncode == 0 and "GPU" in out.stdout
+
+
+def machine() -> str:
+    cores = os.cpu_count() or 0
+    memory = model = ""
+    with contextlib.suppress(OSError, StopIteration, ValueError):
+        kb = next(int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()
+                  if line.startswith("MemTotal:"))
+        memory = f", {kb / 2**20:.0f} GiB RAM"
+    with contextlib.suppress(OSError, StopIteration):
+        model = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                     if line.startswith("model name"))
+    gpu = "a CUDA GPU" if has_gpu() else "no GPU"
+    return f"{platform.system()} {platform.machine()}, {model or 'CPU'} ({cores} cores){memory}, {gpu}, " \
+           f"Python {platform.python_version()}"
+
+
+def run(bench: Bench, timeout: float) -> tuple[str, str, float]:
+    """(status, output, seconds); status is ok, failed or timed out."""
+    started = time.monotonic()
+    env = {**os.environ, "COLUMNS": "120", "NO_COLOR": "1", "TERM": "dumb"}
+    try:
+        done = subprocess.run([sys.executable, bench.script], cwd=ROOT, capture_output=True, text=True, env=env,
+                              timeout=timeout, check=False)
+    except subprocess.TimeoutExpired as exc:
+        out = exc.stdout.decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
+        return "timed out", out[-4000:], time.monotonic() - started
+    seconds = time.monotonic() - started
+    if done.returncode != 0:
+        return "failed", (done.stdout + done.stderr)[-4000:], seconds
+    return "ok", done.stdout.strip(), seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", help="comma-separated benchmark names")
+    parser.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md")
+    parser.add_argument("--timeout", type=float, default=3600, help="seconds each benchmark may take")
+    args = parser.parse_args()
+    wanted = set(args.only.split(",")) if args.only else None
+    gpu = has_gpu()
+    sections = []
+    for bench in BENCHES:
+        if wanted is not None and bench.name not in wanted:
+            continue
+        command = f".venv/bin/python {bench.script}"
+        head = f"## {bench.title}\n\nPeer: {bench.peer}. Reproduce: `{command}`.\n"
+        if bench.gpu and not gpu:
+            print(f"skip {bench.name}: needs a CUDA GPU", file=sys.stderr)
+            sections.append(head + "\nSkipped: this machine has no CUDA GPU.\n")
+            continue
+        print(f"run  {bench.name} ...", file=sys.stderr, flush=True)
+        status, output, seconds = run(bench, args.timeout)
+        print(f"     {bench.name}: {status} in {seconds / 60:.1f} min", file=sys.stderr, flush=True)
+        minutes = f"{seconds / 60:.1f} min"
+        note = f"\nRan in {minutes}." if status == "ok" else f"\n**{status}** after {minutes}."
+        sections.append(f"{head}{note}\n\n```\n{output}\n```\n")
+    stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    text = (f"# Benchmarks\n\nWritten by `bench/run_all.py` on {stamp}.\n\nMachine: {machine()}.\n\n"
+            "Each table compares appliance with a named peer in the same run on the same machine; the command "
+            "under each heading reproduces it.\n\n" + "\n".join(sections))
+    tmp = args.out.with_suffix(".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(args.out)
+    print(f"wrote {args.out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,49 @@
+"""`appliance quickstart` end to end on the real default model and the shipped sample, with a tiny
+step budget: every stage ran in one new run, and the summary's JSON agrees with what the stages
+wrote."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import run_cli
+
+from appliance.store import Store
+
+
+@pytest.mark.slow
+def test_quickstart_with_a_tiny_budget(scratch_store: Store) -> None:
+    store = scratch_store
+    result = run_cli("quickstart", "--max-steps", "3", "--ppl-tokens", "128", "--max-items", "16", "--json",
+                     store=store.root)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    run_dir = store.runs_dir / summary["run"]
+    assert [d.name for d in store.runs_dir.iterdir()] == [run_dir.name]
+
+    counts = summary["data"]["counts"]
+    assert counts["rows_read"] == 480 and counts["train"] > 300
+    assert sum(summary["data"]["pii"].values()) > 50  # the sample's planted PII was found (and redacted)
+    assert summary["train"]["steps"] == 3 and summary["train"]["method"] == "lora"
+    assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
+
+    files = {f["quant"]: f for f in summary["export"]["files"]}
+    assert {"F16", "Q8_0", "Q4_K_M"} <= set(files)
+    assert files["F16"]["passed"] and files["Q8_0"]["passed"]
+    for quant, entry in files.items():  # every file passed the gate and is on disk, or was set aside
+        assert entry["passed"] == (quant not in summary["export"]["rejected"])
+        assert (run_dir / "gguf" / entry["file"]).is_file() == entry["passed"]
+    assert (run_dir / "gguf" / "Modelfile").is_file() and (run_dir / "manifest.json").is_file()
+
+    evaluation = summary["eval"]
+    targets = {t["target"]: t for t in evaluation["targets"]}
+    assert {"base", "fewshot", "tuned", "gguf:Q8_0"} <= set(targets)
+    assert evaluation["n"] == 16 and evaluation["primary"] == "accuracy"
+    on_disk = json.loads((run_dir / "eval" / "comparison.json").read_text())
+    assert {t["target"]: t["score"]["point"] for t in on_disk["targets"]} == \
+        {name: t["score"]["point"] for name, t in targets.items()}
+    assert summary["tuned_ahead_of_base"] == (targets["tuned"]["score"]["point"] > targets["base"]["score"]["point"])
+    assert any("tuned" in sentence and "base" in sentence for sentence in evaluation["comparisons"])
+    assert summary["next"][0] == f"appliance chat {run_dir.name}"
+    assert set(summary["seconds"]) == {"data", "train", "export", "eval", "total"}
