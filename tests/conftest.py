@@ -59,7 +59,7 @@ def prepared(tmp_path_factory: pytest.TempPathFactory, default_store: Store) -> 
 
 
 TRAIN_SETTINGS = {"max_steps": 8, "batch_size": 4, "max_seq_len": 192, "learning_rate": 5e-4, "eval_every": 4,
-                  "save_every": 8, "rank": 8, "alpha": 16, "backend": "hf"}
+                  "save_every": 2, "keep_checkpoints": 2, "rank": 8, "alpha": 16, "backend": "hf"}
 
 
 @pytest.fixture(scope="session")

@@ -10,15 +10,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import DEFAULT_MODEL, clone_run, run_cli
+from conftest import DEFAULT_MODEL, TRAIN_SETTINGS, clone_run, run_cli
 
 from appliance import events as ev
 from appliance import jobs
 from appliance.config import TrainConfig
 from appliance.store import Store
 
-SETTINGS: dict[str, Any] = {"max_steps": 8, "batch_size": 4, "max_seq_len": 192, "learning_rate": 5e-4,
-                            "eval_every": 4, "save_every": 2, "keep_checkpoints": 2, "rank": 8, "alpha": 16}
+SETTINGS: dict[str, Any] = {k: v for k, v in TRAIN_SETTINGS.items() if k != "backend"}
 
 
 def _losses(run_dir: Path, offset: int = 0) -> dict[int, float]:
@@ -28,15 +27,19 @@ def _losses(run_dir: Path, offset: int = 0) -> dict[int, float]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", ["hf", "unsloth"])
-def test_lora_training_end_to_end(backend: str, prepared: tuple[Store, Path]) -> None:
-    store, source = prepared
-    run_dir = clone_run(store, source, f"e2e-{backend}")
-    recipe = run_dir.parent / "recipe.yaml"
-    recipe.write_text("\n".join(f"{k}: {v}" for k, v in SETTINGS.items()) + "\n")
-    result = run_cli("train", "--run", run_dir.name, "--recipe", str(recipe), "--backend", backend, "--json",
-                     store=store.root)
-    assert result.returncode == 0, result.stderr
-    done = json.loads(result.stdout)
+def test_lora_training_end_to_end(backend: str, request: pytest.FixtureRequest) -> None:
+    if backend == "hf":  # the session's trained run (conftest) is this very training, through the CLI
+        store, run_dir = request.getfixturevalue("trained")
+        done = next(e.result for e in ev.read_all(run_dir / ev.EVENTS_FILE) if isinstance(e, ev.Done))
+    else:
+        store, source = request.getfixturevalue("prepared")
+        run_dir = clone_run(store, source, f"e2e-{backend}")
+        recipe = run_dir.parent / "recipe.yaml"
+        recipe.write_text("\n".join(f"{k}: {v}" for k, v in SETTINGS.items()) + "\n")
+        result = run_cli("train", "--run", run_dir.name, "--recipe", str(recipe), "--backend", backend, "--json",
+                         store=store.root)
+        assert result.returncode == 0, result.stderr
+        done = json.loads(result.stdout)
     assert done["steps"] == 8 and done["backend"] == backend and done["method"] == "lora"
     losses = _losses(run_dir)
     assert sorted(losses) == list(range(1, 9))
@@ -81,22 +84,23 @@ def test_sigkill_then_resume_continues_exactly(prepared: tuple[Store, Path]) -> 
     killed = clone_run(store, source, "killed")
     # Plain float32 on the hf backend: bf16 kernels on CPU are not bit-reproducible from run to run, and what is
     # under test is that a resumed run continues the same trajectory, not the kernels.
-    cfg = TrainConfig(store=str(store.root), **{**SETTINGS, "save_every": 4, "eval_every": 100, "batch_size": 2,
-                                                "max_seq_len": 128, "backend": "hf", "dtype": "float32"})
+    cfg = TrainConfig(store=str(store.root), **{**SETTINGS, "max_steps": 6, "save_every": 3, "eval_every": 100,
+                                                "batch_size": 2, "max_seq_len": 128, "backend": "hf",
+                                                "dtype": "float32"})
     jobs.start("train", reference, cfg).wait()
     job = jobs.start("train", killed, cfg)
     for event in job.follow():
         if isinstance(event, ev.Artifact) and event.kind == "checkpoint":
-            job.kill()  # kill -9 right after the step-4 checkpoint is complete
+            job.kill()  # kill -9 right after the step-3 checkpoint is complete
             break
     assert job.process.returncode == -signal.SIGKILL
     resumed = jobs.start("train", killed, cfg.model_copy(update={"resume": True}))
     done = resumed.wait()
-    assert done.result["steps"] == 8 and done.result["resumed_from"] == 4
+    assert done.result["steps"] == 6 and done.result["resumed_from"] == 3
     after = _losses(killed, resumed.offset)
-    assert sorted(after) == [5, 6, 7, 8]  # it continued, it did not restart at step 1
+    assert sorted(after) == [4, 5, 6]  # it continued, it did not restart at step 1
     expected = _losses(reference)
-    for step in (5, 6, 7, 8):
+    for step in (4, 5, 6):
         assert after[step] == pytest.approx(expected[step], rel=1e-3), (step, after, expected)
 
 

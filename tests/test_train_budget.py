@@ -35,13 +35,25 @@ def test_the_steps_and_schedule_are_fitted_to_the_budget() -> None:
     state = {"step": FIT_AFTER}
     assert _budget(session, state, elapsed=FIT_AFTER * 2.0) is None  # 2 s a step: 30 steps fit
     assert session.total_steps == 30
-    assert "about 30 steps fit in 1 minute at 2.0 s a step: training 30 of 100 steps" in logs[0]
+    assert "about 30 steps fit in 1 minute at 2.0 s a step: training 30 steps" in logs[0]
     expected = get_scheduler("cosine", torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], lr=1e-3),
                              num_warmup_steps=3, num_training_steps=30)
     for _ in range(FIT_AFTER):
         expected.step()
     assert session.scheduler.get_last_lr()[0] == pytest.approx(expected.get_last_lr()[0])
     assert session.optimizer.param_groups[0]["lr"] == pytest.approx(expected.get_last_lr()[0])
+
+
+def test_the_fit_is_redone_once_an_evaluation_has_cost_its_time() -> None:
+    session, logs = _session(minutes=1.0, total=100)
+    session.cfg = session.cfg.model_copy(update={"eval_every": 10, "save_every": 1000})
+    assert _budget(session, {"step": FIT_AFTER}, elapsed=FIT_AFTER * 1.0) is None  # 1 s a step: 60 fit
+    assert session.total_steps == 60
+    assert _budget(session, {"step": 10}, elapsed=10.0) is None  # the step of the evaluation: no refit yet
+    assert _budget(session, {"step": 11}, elapsed=22.0) is None  # the evaluation took 10 s: 2 s a step since
+    assert session.total_steps == 11 + int((60 - 22) / 2.0) == 30
+    assert "about 30 steps fit" in logs[-1]
+    assert session.scheduler.last_epoch == 11  # the new schedule is where the run is
 
 
 def test_a_budget_that_fits_every_step_changes_nothing() -> None:

@@ -18,24 +18,23 @@ QUICK = {"max_steps": 3, "batch_size": 4, "max_seq_len": 192, "eval_every": 3, "
 
 
 @pytest.mark.slow
-def test_sequential_and_multitask(prepared: tuple[Store, Path]) -> None:
+def test_sequential_and_multitask(prepared: tuple[Store, Path], trained: tuple[Store, Path]) -> None:
     store, source = prepared
-    first = clone_run(store, source, "seq-first")
-    jobs.start("train", first, TrainConfig(store=str(store.root), learning_rate=1e-3, **QUICK)).wait()
+    first = trained[1]  # the session's trained run, in the same store: 8 steps at rank 8
     second = clone_run(store, source, "seq-second")
-    cfg = TrainConfig(store=str(store.root), learning_rate=1e-3, init_from="seq-first", mix={"seq-first": 0.5},
+    cfg = TrainConfig(store=str(store.root), learning_rate=1e-3, init_from=first.name, mix={first.name: 0.5},
                       **QUICK)
     job = jobs.start("train", second, cfg)
     done = job.wait()
     logs = [e.message for e in ev.read_all(second / "events.jsonl") if isinstance(e, ev.Log)]
-    assert any("starting from the trained weights of run seq-first" in m for m in logs)
+    assert any(f"starting from the trained weights of run {first.name}" in m for m in logs)
     own = len((second / "data" / "train.jsonl").read_text().splitlines())
-    assert any(f"mixing in {round(0.5 * own)} rows from run seq-first" in m for m in logs)
+    assert any(f"mixing in {round(0.5 * own)} rows from run {first.name}" in m for m in logs)
     first_losses = [e.loss for e in ev.read_all(first / "events.jsonl") if isinstance(e, ev.Progress) and e.loss]
     second_losses = [e.loss for e in ev.read_all(second / "events.jsonl") if isinstance(e, ev.Progress) and e.loss]
     assert second_losses[0] < first_losses[0] * 0.8  # it started where the first run ended, not from scratch
     assert done.result["steps"] == 3
-    wrong = TrainConfig(store=str(store.root), init_from="seq-first", **{**QUICK, "rank": 4})
+    wrong = TrainConfig(store=str(store.root), init_from=first.name, **{**QUICK, "rank": 4})
     with pytest.raises(jobs.JobFailed, match="trained rank 8 adapters"):
         jobs.start("train", clone_run(store, source, "seq-wrong"), wrong).wait()
 

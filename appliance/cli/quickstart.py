@@ -77,10 +77,21 @@ def quickstart(
     train = stage("train", f"2/4 Fine-tuning {base} (recipe {RECIPE.stem}, at most {minutes:g} min)", run_dir,
                   train_cfg)
 
+    if not as_json:
+        eval_text = f", validation loss {train['eval_loss']:.4f}" if train.get("eval_loss") is not None else ""
+        console.print(f"Trained {train['steps']} steps ({train['backend']}, {train['method']}) in "
+                      f"{train['train_seconds']:.0f} s: train loss {train['train_loss']:.4f}{eval_text}")
+
     export_cfg = ExportConfig(quants=QUANTS, ppl_tokens=ppl_tokens, store=str(st.root))
     st.record_config(run_dir, "export", export_cfg.model_dump(mode="json"))
     export = stage("export", "3/4 Merging, converting and quantizing, through the verification gate", run_dir,
                    export_cfg)
+
+    if not as_json:
+        for f in export["files"]:
+            state = "[green]verified[/]" if f["passed"] else "[red]rejected by the gate[/]"
+            agreement = f", greedy agreement {f['agreement']:.0%}" if f.get("agreement") is not None else ""
+            console.print(f"{f['quant']}: {state}, {f['bytes'] / 2**20:,.0f} MiB{agreement}")
 
     eval_cfg = EvalConfig(targets=["base", "fewshot", "tuned", "gguf"], max_items=max_items, store=str(st.root))
     st.record_config(run_dir, "eval", eval_cfg.model_dump(mode="json"))
@@ -105,8 +116,8 @@ def _summary(run_dir: Path, data: dict[str, Any], train: dict[str, Any], export:
         "train": {k: train.get(k) for k in ("steps", "backend", "method", "train_loss", "eval_loss", "real_tokens",
                                             "train_seconds", "peak_mem_mb")},
         "export": {"name": export["name"], "gguf_dir": export["gguf_dir"], "rejected": export["rejected"],
-                   "files": [{k: f.get(k) for k in ("quant", "file", "passed", "size_bytes", "agreement", "ppl_delta")}
-                             for f in export["files"]],
+                   "files": [{"quant": f["quant"], "file": f["file"], "passed": f["passed"], "size_bytes": f["bytes"],
+                              "agreement": f["agreement"], "ppl_delta": f["ppl_delta"]} for f in export["files"]],
                    "modelfile": export["modelfile"], "manifest": export["manifest"]},
         "eval": {"task": evaluation["task"], "split": evaluation["split"], "n": evaluation["n"],
                  "primary": evaluation["primary"],

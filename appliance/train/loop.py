@@ -214,30 +214,37 @@ FIT_AFTER = 4  # steps measured before a time budget decides how many steps fit
 
 
 def _budget(s: _Session, state: dict[str, Any], elapsed: float) -> str | None:
-    """Fit the steps (and the learning-rate schedule) to the time budget once the first steps are measured;
-    say why training stops when the next step would overrun it."""
+    """Fit the steps (and the learning-rate schedule) to the time budget once the first steps are measured,
+    and again after each evaluation or checkpoint (their cost then counts in the time a step takes); say why
+    training stops when the next step would overrun the budget."""
     budget = (s.cfg.max_minutes or 0) * 60
     done = state["step"] - (s.resumed_from or 0)
     per_step = elapsed / max(1, done)
-    if done == FIT_AFTER and s.resumed_from is None:
-        fit = max(state["step"], int(budget / per_step))
+    after_pause = done > FIT_AFTER and any((state["step"] - 1) % every == 0 for every in (s.cfg.eval_every,
+                                                                                          s.cfg.save_every))
+    if s.resumed_from is None and (done == FIT_AFTER or after_pause):
+        fit = max(state["step"], state["step"] + int((budget - elapsed) / per_step))
         if fit < s.total_steps:
-            from transformers import get_scheduler
-
-            s.emit.log(f"about {fit} steps fit in {_minutes(s.cfg.max_minutes)} at {per_step:.1f} s a step: training "
-                       f"{fit} of {s.total_steps} steps, with the learning-rate schedule fitted to them")
-            s.total_steps = fit
-            s.scheduler = get_scheduler(s.cfg.scheduler, s.optimizer, num_training_steps=fit,
-                                        num_warmup_steps=int(fit * s.cfg.warmup_ratio))
-            with warnings.catch_warnings():  # "scheduler stepped before the optimizer": it is catching up
-                warnings.simplefilter("ignore", UserWarning)
-                for _ in range(state["step"]):
-                    s.scheduler.step()  # to where this run already is
+            _refit(s, state, fit)
+            s.emit.log(f"about {fit} steps fit in {_minutes(s.cfg.max_minutes)} at {per_step:.1f} s a step: "
+                       f"training {fit} steps, with the learning-rate schedule fitted to them")
         return None
     if elapsed + per_step > budget and state["step"] < s.total_steps:
         return (f"the time budget of {_minutes(s.cfg.max_minutes)} is spent: stopped at step {state['step']} of "
                 f"{s.total_steps}")
     return None
+
+
+def _refit(s: _Session, state: dict[str, Any], steps: int) -> None:
+    from transformers import get_scheduler
+
+    s.total_steps = steps
+    s.scheduler = get_scheduler(s.cfg.scheduler, s.optimizer, num_training_steps=steps,
+                                num_warmup_steps=int(steps * s.cfg.warmup_ratio))
+    with warnings.catch_warnings():  # "scheduler stepped before the optimizer": it is catching up
+        warnings.simplefilter("ignore", UserWarning)
+        for _ in range(state["step"]):
+            s.scheduler.step()  # to where this run already is
 
 
 def _minutes(value: float | None) -> str:
