@@ -277,12 +277,12 @@ def _recommend(by_name: dict[str, TargetResult], tolerance: float) -> tuple[Reco
         return None, "evaluate the tuned model and at least one exported GGUF to get a recommendation"
     within = [r for r in quants if (r.score.point - tuned.score.point) * 100 >= -tolerance]
     if not within:
-        return None, f"no exported quantization stays within {tolerance:g} points of the fine-tuned model"
+        return None, f"no exported quantization stays within {_points(tolerance)} of the fine-tuned model"
     best = min(within, key=lambda r: r.size_bytes or 0)
     difference = round((best.score.point - tuned.score.point) * 100, 2)
     return Recommendation(target=best.target, file=best.target[5:], size_bytes=best.size_bytes or 0,
                           tokens_per_s=best.tokens_per_s, score=best.score.point, difference=difference,
-                          reason=f"the smallest file within {tolerance:g} points of the fine-tuned model "
+                          reason=f"the smallest file within {_points(tolerance)} of the fine-tuned model "
                           f"({difference:+.1f} points)"), None
 
 
@@ -292,3 +292,7 @@ def _refresh_manifest(store: Store, run_dir: Path, base_name: str) -> None:
         from appliance.export import manifest
 
         manifest.write(store, run_dir, base_name)
+
+
+def _points(value: float) -> str:
+    return f"{value:g} point{'' if value == 1 else 's'}"
