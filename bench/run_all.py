@@ -46,6 +46,8 @@ BENCHES = [
     Bench("serve_load", "bench/serve_load.py", "Serving under concurrent load",
           "bare llama-cpp-python server on the same GGUF"),
     Bench("tui_startup", "bench/tui_startup.py", "Terminal UI: launch to first paint", "Textual's own minimal app"),
+    Bench("quickstart", "bench/quickstart.py", "Quickstart: the whole pipeline on the sample",
+          "the base model zero-shot and few-shot, in the same run"),
     Bench("qlora_compare", "bench/gpu/qlora_compare.py", "QLoRA on CUDA", "plain transformers + peft + bitsandbytes",
           gpu=True),
 ]
@@ -90,6 +92,14 @@ def run(bench: Bench, timeout: float) -> tuple[str, str, float]:
     return "ok", done.stdout.strip(), seconds
 
 
+def _sections(path: Path) -> dict[str, str]:
+    """The sections of an earlier BENCHMARKS.md, by title."""
+    if not path.is_file():
+        return {}
+    parts = path.read_text(encoding="utf-8").split("\n## ")[1:]
+    return {part.split("\n", 1)[0]: "## " + part.rstrip("\n") + "\n" for part in parts}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", help="comma-separated benchmark names")
@@ -98,21 +108,25 @@ def main() -> None:
     args = parser.parse_args()
     wanted = set(args.only.split(",")) if args.only else None
     gpu = has_gpu()
+    kept = _sections(args.out)  # benchmarks not run this time keep their last section
     sections = []
     for bench in BENCHES:
         if wanted is not None and bench.name not in wanted:
+            if bench.title in kept:
+                sections.append(kept[bench.title])
             continue
         command = f".venv/bin/python {bench.script}"
         head = f"## {bench.title}\n\nPeer: {bench.peer}. Reproduce: `{command}`.\n"
         if bench.gpu and not gpu:
             print(f"skip {bench.name}: needs a CUDA GPU", file=sys.stderr)
-            sections.append(head + "\nSkipped: this machine has no CUDA GPU.\n")
+            sections.append(kept.get(bench.title) or head + "\nSkipped: this machine has no CUDA GPU.\n")
             continue
         print(f"run  {bench.name} ...", file=sys.stderr, flush=True)
         status, output, seconds = run(bench, args.timeout)
         print(f"     {bench.name}: {status} in {seconds / 60:.1f} min", file=sys.stderr, flush=True)
         minutes = f"{seconds / 60:.1f} min"
-        note = f"\nRan in {minutes}." if status == "ok" else f"\n**{status}** after {minutes}."
+        stamp = datetime.now(UTC).strftime("%Y-%m-%d")
+        note = f"\nRan in {minutes} on {stamp}." if status == "ok" else f"\n**{status}** after {minutes}."
         sections.append(f"{head}{note}\n\n```\n{output}\n```\n")
     stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     text = (f"# Benchmarks\n\nWritten by `bench/run_all.py` on {stamp}.\n\nMachine: {machine()}.\n\n"
