@@ -46,6 +46,8 @@ BENCHES = [
     Bench("serve_load", "bench/serve_load.py", "Serving under concurrent load",
           "bare llama-cpp-python server on the same GGUF"),
     Bench("tui_startup", "bench/tui_startup.py", "Terminal UI: launch to first paint", "Textual's own minimal app"),
+    Bench("first_command", "bench/first_command.py", "The README's first command on a fresh clone",
+          "the goal: install and quickstart in under 20 minutes on 2 cores"),
     Bench("quickstart", "bench/quickstart.py", "Quickstart: the whole pipeline on the sample",
           "the base model zero-shot and few-shot, in the same run"),
     Bench("qlora_compare", "bench/gpu/qlora_compare.py", "QLoRA on CUDA", "plain transformers + peft + bitsandbytes",
