@@ -36,9 +36,10 @@ def test_the_steps_and_schedule_are_fitted_to_the_budget() -> None:
     assert _budget(session, state, elapsed=FIT_AFTER * 2.0) is None  # 2 s a step: 30 steps fit
     assert session.total_steps == 30
     assert "about 30 steps fit in 1 minute at 2.0 s a step: training 30 steps" in logs[0]
-    expected = get_scheduler("cosine", torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], lr=1e-3),
-                             num_warmup_steps=3, num_training_steps=30)
+    reference = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], lr=1e-3)
+    expected = get_scheduler("cosine", reference, num_warmup_steps=3, num_training_steps=30)
     for _ in range(FIT_AFTER):
+        reference.step()
         expected.step()
     assert session.scheduler.get_last_lr()[0] == pytest.approx(expected.get_last_lr()[0])
     assert session.optimizer.param_groups[0]["lr"] == pytest.approx(expected.get_last_lr()[0])
