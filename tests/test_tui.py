@@ -279,7 +279,9 @@ def test_the_whole_pipeline_new_run_data_train_export_chat(scratch_store: Store)
             assert app.screen.query_one("#nr-model").value == "smollm2-135m-instruct"  # type: ignore[attr-defined]
             app.screen.query_one("#nr-near-dup").value = False  # type: ignore[attr-defined]  # faster
             await pilot.press("ctrl+s")
-            await _until(pilot, lambda: bool(app.screen.query("#data-counts")), 300, "the data job")
+            await _until(pilot, lambda: bool(app.screen.query("#data-counts"))
+                         and app.screen.query_one("#data-counts").row_count > 0, 300,  # type: ignore[attr-defined]
+                         "the data job and its report on the data screen")
 
             screen = app.screen  # the data screen of the new run
             run_id = screen.run_id  # type: ignore[attr-defined]
