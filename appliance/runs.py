@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 from appliance import events as ev
 from appliance import jobs
+from appliance.errors import StoreError
 from appliance.fsutil import read_json_object
 from appliance.store import Store
 
@@ -42,7 +43,7 @@ class RunSummary:
 
 def summarize(run_dir: Path) -> RunSummary:
     summary = RunSummary(id=run_dir.name, path=run_dir, modified=_modified(run_dir))
-    config = _yaml(run_dir / "run.yaml")
+    config = _config(run_dir)
     summary.task = (config.get("data") or {}).get("task")
     summary.base_model = (config.get("train") or {}).get("base_model") or (config.get("data") or {}).get("model")
     if (run_dir / "data" / "data_report.json").is_file():
@@ -103,13 +104,8 @@ def _modified(run_dir: Path) -> float:
     return max(stamps)
 
 
-def _yaml(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        return {}
-    import yaml
-
+def _config(run_dir: Path) -> dict[str, Any]:
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError):
-        return {}
-    return data if isinstance(data, dict) else {}
+        return Store.run_config(run_dir)
+    except StoreError:
+        return {}  # a status view shows what is there; the stage that reads it explains the damage

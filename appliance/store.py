@@ -253,11 +253,18 @@ class Store:
 
     @staticmethod
     def run_config(run_dir: Path) -> dict[str, Any]:
-        """What record_config kept for each stage of a run ({} before the first)."""
+        """What record_config kept for each stage of a run ({} before the first); a damaged run.yaml is a
+        StoreError that names it."""
         import yaml
 
         path = run_dir / "run.yaml"
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) if path.is_file() else None
+        if not path.is_file():
+            return {}
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+            raise StoreError(f"{path} is unreadable or damaged: {exc}",
+                             "Each stage records its settings there; run the stage again to rewrite it.") from exc
         return data if isinstance(data, dict) else {}
 
     def run_base_model(self, run_dir: Path) -> str | None:
@@ -271,8 +278,7 @@ class Store:
         import yaml
 
         path = run_dir / "run.yaml"
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) if path.is_file() else {}
-        data = data or {}
+        data = self.run_config(run_dir)
         data[stage] = config
         atomic_write_text(path, yaml.safe_dump(data, sort_keys=False, allow_unicode=True))
 

@@ -69,9 +69,8 @@ def train(
         raise ConfigError("give either --run RUN (a new training) or --resume RUN", "See appliance train --help.")
     run_dir = st.run_dir(resume or run or "")
     settings: dict[str, Any] = {}
-    recorded = run_dir / "run.yaml"
-    if resume and recorded.is_file():
-        settings = dict((yaml.safe_load(recorded.read_text(encoding="utf-8")) or {}).get("train", {}))
+    if resume:
+        settings = dict(st.run_config(run_dir).get("train") or {})
     if recipe is not None:
         settings.update(yaml.safe_load(recipe.read_text(encoding="utf-8")) or {})
     overrides = {"base_model": base_model, "method": method, "max_steps": max_steps, "epochs": epochs,

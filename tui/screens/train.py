@@ -18,7 +18,8 @@ from textual_plotext import PlotextPlot
 from appliance import events as ev
 from appliance import jobs
 from appliance.config import TrainConfig
-from appliance.errors import ApplianceError
+from appliance.errors import ApplianceError, StoreError
+from appliance.store import Store
 from tui.follow import JobEnded, JobEvent
 from tui.screens.run import RunScreen
 from tui.widgets.job_panel import JobPanel
@@ -100,11 +101,10 @@ class TrainScreen(RunScreen):
             self._follow(job)
 
     def _recorded(self) -> dict[str, Any]:
-        import yaml
-
-        path = self.run_dir / "run.yaml"
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) if path.is_file() else None
-        return dict((data or {}).get("train") or {})
+        try:
+            return dict(Store.run_config(self.run_dir).get("train") or {})
+        except StoreError:
+            return {}  # the form starts from the recipe; starting the training explains the damage
 
     # -- the form ----------------------------------------------------------------------------
 
