@@ -6,14 +6,25 @@ Every field has a description and bounds; a bad value is reported with its field
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
-from typing import Literal
+from pathlib import Path
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from appliance.errors import ConfigError
+
 MODEL_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 Dtype = Literal["bfloat16", "float16", "float32"]
+MAX_SETTINGS_BYTES = 1024 * 1024  # a recipe or a template is a few lines; anything this large is not one
+
+
+def shown(text: str) -> str:
+    """Text as an error message can carry it: unchanged, except what UTF-8 cannot encode (a lone
+    surrogate, from a command-line argument that was not UTF-8), which is escaped."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def check_model_name(name: str) -> str:
@@ -23,6 +34,134 @@ def check_model_name(name: str) -> str:
             "or '-', starting with a letter or digit"
         )
     return name
+
+
+class Settings(dict[str, Any]):
+    """Settings read from a file, remembering where each was written (`origins`: name -> "file:line"),
+    so that a value the schema refuses can be traced to its line."""
+
+    def __init__(self, values: dict[str, Any] | None = None, origins: dict[str, str] | None = None) -> None:
+        super().__init__(values or {})
+        self.origins: dict[str, str] = dict(origins or {})
+
+
+def load_settings(path: Path, what: str = "recipe") -> Settings:
+    """The `name: value` mapping of a YAML (or JSON) file such as a training recipe.
+
+    Whatever is wrong with the file (missing, not UTF-8, broken YAML, not a mapping, a name that is
+    not text or is written twice) is a ConfigError naming the file, and the line where there is one.
+    The values themselves are checked by the stage's schema."""
+    import yaml
+
+    text = _settings_text(path, what)
+    hint = f"Fix the {what} at that line: one `name: value` per line, e.g. `learning_rate: 0.0002`."
+    loader = None
+    try:
+        loader = _settings_loader()(text)
+        node = loader.get_single_node()
+        origins = _setting_lines(path, node)
+        data = loader.construct_document(node) if node is not None else None
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+        reason = "; ".join(part for part in (exc.problem, exc.context) if part) or "broken YAML"
+        raise ConfigError(f"{where}: broken YAML: {reason}", hint) from exc
+    except yaml.reader.ReaderError as exc:
+        line = text.count("\n", 0, exc.position) + 1
+        code = exc.character if isinstance(exc.character, int) else ord(exc.character)
+        raise ConfigError(f"{path}:{line}: the character U+{code:04X} is not allowed in YAML",
+                          f"Remove it from the {what}.") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: broken YAML: {exc}", hint) from exc
+    except RecursionError as exc:
+        raise ConfigError(f"{path}: lists and mappings are nested too deeply to be a {what}", hint) from exc
+    finally:
+        if loader is not None:
+            loader.dispose()
+    if data is None:  # an empty file, or only comments
+        return Settings()
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a {what} is a mapping of setting names to values, not {_yaml_kind(data)}",
+                          hint)
+    odd = next((key for key in data if not isinstance(key, str)), None)
+    if odd is not None:  # brought in by a `<<` merge: the names written in the file itself are checked above
+        raise ConfigError(f"{path}: the setting name {odd!r} is not text", hint)
+    return Settings(data, origins)
+
+
+def _settings_text(path: Path, what: str) -> str:
+    if path.exists() and not path.is_file():
+        raise ConfigError(f"{path} is not a file", f"Give the path of the {what} file.")
+    try:
+        with open(path, "rb") as handle:
+            raw = handle.read(MAX_SETTINGS_BYTES + 1)
+    except FileNotFoundError as exc:
+        raise ConfigError(f"no such {what}: {path}", "Check the path.") from exc
+    except OSError as exc:
+        raise ConfigError(f"cannot read the {what} {path}: {exc.strerror or exc}", "Check its permissions.") from exc
+    if len(raw) > MAX_SETTINGS_BYTES:
+        raise ConfigError(f"{path}: over {MAX_SETTINGS_BYTES // 1024 // 1024} MiB, too large to be a {what}",
+                          f"Check that this is the {what} you meant.")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise ConfigError(f"{path}:{line}: not UTF-8 text (byte {exc.start})", "Save the file as UTF-8.") from exc
+
+
+def _setting_lines(path: Path, node: Any) -> dict[str, str]:
+    """Where each top-level name is written ("file:line"); a name that is not text, or is written twice,
+    is a ConfigError that names its line."""
+    from yaml.nodes import MappingNode, ScalarNode
+
+    if not isinstance(node, MappingNode):
+        return {}
+    lines: dict[str, int] = {}
+    for key, _value in node.value:
+        line = key.start_mark.line + 1
+        if key.tag == "tag:yaml.org,2002:merge":
+            continue
+        if not isinstance(key, ScalarNode) or key.tag != "tag:yaml.org,2002:str":
+            written = key.value if isinstance(key, ScalarNode) else "a list or mapping"
+            raise ConfigError(f"{path}:{line}: the setting name {written!r} is not text",
+                              "Setting names are words such as learning_rate.")
+        if key.value in lines:
+            raise ConfigError(f"{path}:{line}: {key.value} is set twice (also on line {lines[key.value]})",
+                              "Keep one of them.")
+        lines[key.value] = line
+    return {name: f"{path}:{line}" for name, line in lines.items()}
+
+
+def _yaml_kind(value: Any) -> str:
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, str):
+        return "a single text"
+    return "a single value"
+
+
+@functools.cache
+def _settings_loader() -> Any:
+    import yaml
+
+    class SettingsLoader(yaml.SafeLoader):
+        """The safe YAML loader, with a value that cannot be built (a date such as 2024-02-30, a number with
+        thousands of digits) reported at its line like any other YAML error."""
+
+        def construct_object(self, node: Any, deep: bool = False) -> Any:
+            try:
+                return super().construct_object(node, deep)
+            except yaml.YAMLError:
+                raise
+            except Exception as exc:
+                written = node.value if isinstance(node.value, str) else ""
+                written = written if len(written) <= 40 else written[:39] + "…"
+                kind = str(node.tag).rsplit(":", 1)[-1]
+                detail = f": {exc}" if isinstance(exc, ValueError | ArithmeticError) and len(str(exc)) < 200 else ""
+                raise yaml.constructor.ConstructorError(None, None, f"{written!r} is not a valid {kind}{detail}",
+                                                        node.start_mark) from exc
+
+    return SettingsLoader
 
 
 class StageConfig(BaseModel):
@@ -98,9 +237,17 @@ class DataConfig(StageConfig):
     @field_validator("split")
     @classmethod
     def _split_sums_to_one(cls, value: tuple[float, float, float]) -> tuple[float, float, float]:
-        if any(v < 0 for v in value) or abs(sum(value) - 1.0) > 1e-6 or value[0] <= 0:
+        # written so that NaN fails too (every comparison with NaN is false)
+        if not (all(v >= 0 for v in value) and abs(sum(value) - 1.0) <= 1e-6 and value[0] > 0):
             raise ValueError("split needs three non-negative fractions (train, val, test) that sum to 1, "
                              "with some training data, e.g. 0.8,0.1,0.1")
+        return value
+
+    @field_validator("delimiter")
+    @classmethod
+    def _delimiter_can_delimit(cls, value: str | None) -> str | None:
+        if value is not None and value in "\"\r\n":
+            raise ValueError("a quote or a line break cannot separate columns: give another character, e.g. ';'")
         return value
 
 
@@ -144,6 +291,9 @@ class TrainConfig(StageConfig):
     early_stopping_metric: Literal["eval_loss", "task"] = Field(default="eval_loss", description="What early "
                                                                 "stopping watches: the validation loss, or the task "
                                                                 "metric (label accuracy of classification runs)")
+    task_eval_items: int = Field(default=32, ge=0, le=100_000, description="Validation rows whose label accuracy "
+                                 "is measured at each evaluation of a classification run (0: the loss only, "
+                                 "which is much faster on a CPU)")
     backend: Literal["auto", "unsloth", "hf"] = Field(default="auto", description="Training library")
     init_from: str | None = Field(default=None, description="Run whose trained adapter (or model) this run "
                                   "starts from: sequential fine-tuning on new data")
@@ -158,8 +308,15 @@ class TrainConfig(StageConfig):
     def _weights_positive(cls, value: dict[str, float]) -> dict[str, float]:
         bad = [run for run, weight in value.items() if not 0 < weight <= 100]
         if bad:
-            raise ValueError(f"mix weights must be in (0, 100]; check {', '.join(bad)}")
+            raise ValueError(f"mix weights must be in (0, 100]; check {', '.join(map(shown, bad))}")
         return value
+
+    @model_validator(mode="after")
+    def _task_metric_measured(self) -> TrainConfig:
+        if self.early_stopping_metric == "task" and self.task_eval_items == 0:
+            raise ValueError("early_stopping_metric task watches the label accuracy, which task_eval_items 0 turns "
+                             "off: measure some rows, or watch eval_loss")
+        return self
 
 
 class ExportConfig(StageConfig):
@@ -220,7 +377,8 @@ class EvalConfig(StageConfig):
         named = ("base", "fewshot", "tuned", "merged", "gguf")
         bad = [t for t in value if t not in named and not t.startswith("gguf:")]
         if bad:
-            raise ValueError(f"unknown targets {', '.join(bad)}: use base, fewshot, tuned, merged, gguf or gguf:QUANT")
+            raise ValueError(f"unknown targets {', '.join(map(shown, bad))}: use base, fewshot, tuned, merged, gguf or "
+                             "gguf:QUANT")
         return value
 
 
@@ -262,6 +420,8 @@ class ServeConfig(StageConfig):
                               "model's own, capped at 4096, when not given")
     threads: int | None = Field(default=None, ge=1, le=1024, description="CPU threads; all cores when not given")
     max_body_bytes: int = Field(default=1_048_576, ge=1024, le=67_108_864, description="Largest request body")
+    body_timeout_s: float = Field(default=30, gt=0, le=3600, description="How long a request body may take to "
+                                  "arrive; a slower one gets 408")
     max_tokens: int = Field(default=1024, ge=1, le=32_768, description="Cap on max_tokens of a request, and its "
                             "value when a request names none")
     max_queue: int = Field(default=8, ge=0, le=1024, description="Requests that may wait while one is answered; "

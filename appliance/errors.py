@@ -50,3 +50,31 @@ class JobFailed(ApplianceError):
 
 class Cancelled(ApplianceError):
     title = "Cancelled"
+
+
+class JobBusy(ApplianceError):
+    title = "Run is busy"
+
+
+class DiskFull(ApplianceError):
+    title = "Disk full"
+
+
+_DISK_FULL_ERRNOS = (28, 27, 122)  # ENOSPC, EFBIG (a file-size limit), EDQUOT
+_DISK_FULL_TEXTS = ("No space left on device", "File too large", "Disk quota exceeded", "FileTooLarge",
+                    "StorageFull", "os error 27", "os error 28")
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """True when `exc`, or an error it was raised from, is a write refused for lack of space or a file-size
+    limit (libraries such as safetensors report those as their own exception types, with the OS text)."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno in _DISK_FULL_ERRNOS:
+            return True
+        if any(text in str(current) for text in _DISK_FULL_TEXTS):
+            return True
+        current = current.__cause__ or current.__context__
+    return False

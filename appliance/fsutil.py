@@ -9,6 +9,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from appliance import faults
+
 _CHUNK = 1 << 20
 
 
@@ -22,6 +24,7 @@ def sha256_file(path: Path) -> str:
 
 def atomic_write_text(path: Path, text: str) -> None:
     """Write to a temporary file beside `path`, fsync it, then rename it into place."""
+    faults.point(f"write:{path.name}")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -33,6 +36,22 @@ def atomic_write_text(path: Path, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def inside(root: Path, relative: str | Path, what: str) -> Path:
+    """`root / relative`, refused (StoreError) when it would lead outside `root`: an absolute path, a `..`,
+    or a symbolic link on the way that points elsewhere. For names that come from users or from files."""
+    from appliance.errors import StoreError
+
+    candidate = Path(relative)
+    if not str(relative) or candidate.is_absolute() or ".." in candidate.parts:
+        raise StoreError(f"{what} {str(relative)!r} is not a plain name inside {root}",
+                         "Names in the store are single folder or file names, without '/' or '..'.")
+    path = root / candidate
+    if not path.resolve().is_relative_to(root.resolve()):
+        raise StoreError(f"{what} {str(relative)!r} leads outside {root} through a symbolic link",
+                         f"Remove the link {path} or replace it with the real folder.")
+    return path
 
 
 def fsync_dir(path: Path) -> None:

@@ -8,6 +8,7 @@ A death by signal becomes a readable `error` event appended on the child's behal
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import signal
@@ -17,15 +18,19 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel
 
 from appliance import events as ev
-from appliance.errors import ApplianceError, Cancelled, JobFailed
+from appliance import integrity
+from appliance.errors import ApplianceError, Cancelled, JobBusy, JobFailed
 from appliance.fsutil import atomic_write_text
 
 JOB_FILE = "job.json"
 LOG_FILE = "job.log"
+LOCK_FILE = ".job.lock"
+DISK_FULL_STATUS = 74  # EX_IOERR: the worker could not even write why it stopped
 
 # stage name -> (config class path, run function path); resolved lazily in the child only.
 STAGES: dict[str, tuple[str, str]] = {
@@ -61,6 +66,10 @@ _SIGNAL_HINTS: dict[int, tuple[str, str]] = {
 
 def describe_exit(returncode: int) -> tuple[str, str]:
     """A human sentence and a hint for a child that ended without reporting an error itself."""
+    if returncode == DISK_FULL_STATUS:
+        return ("the job stopped because the disk is full (or a file-size limit was reached): it could not write, "
+                "not even why it stopped",
+                "Free space on the store's disk (`df -h` shows it) and run it again: nothing half-written was kept.")
     if returncode < 0:
         signum = -returncode
         try:
@@ -194,30 +203,75 @@ class Job:
         raise error_class(last_error.message, last_error.hint, title=last_error.title)
 
 
-def start(stage: str, job_dir: Path, config: BaseModel, env: dict[str, str] | None = None) -> Job:
-    """Launch `stage` with `config` in its own process, writing into `job_dir`."""
+def start(stage: str, job_dir: Path, config: BaseModel, env: dict[str, str] | None = None,
+          record: dict[str, Any] | None = None) -> Job:
+    """Launch `stage` with `config` in its own process, writing into `job_dir` (a run or a job folder).
+
+    One job at a time per folder: the worker holds the folder's lock (an flock, released by the kernel
+    however the worker ends), and a second start while it lives raises JobBusy before touching anything.
+    Under the lock, what killed jobs left behind is swept, and `record` (the stage's settings) is kept in
+    the run's run.yaml."""
     if stage not in STAGES:
         raise ApplianceError(f"unknown stage {stage!r}", f"Known stages: {', '.join(STAGES)}.")
     job_dir.mkdir(parents=True, exist_ok=True)
-    events_path = job_dir / ev.EVENTS_FILE
-    offset = events_path.stat().st_size if events_path.exists() else 0
-    spec = {"stage": stage, "config": config.model_dump(mode="json")}
-    atomic_write_text(job_dir / JOB_FILE, json.dumps(spec, indent=2) + "\n")
-    child_env = dict(os.environ)
-    if env:
-        child_env.update(env)
-    with open(job_dir / LOG_FILE, "ab") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "appliance.worker", str(job_dir)],
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=child_env,
-            start_new_session=True,  # a Ctrl-C in the terminal reaches the parent, which cancels
-        )
-    atomic_write_text(job_dir / JOB_FILE, json.dumps({**spec, "pid": process.pid, "offset": offset,
-                                                      "started": time.time()}, indent=2) + "\n")
+    lock = _lock(job_dir)
+    try:
+        integrity.sweep_litter(job_dir)
+        if record is not None:
+            from appliance.store import Store
+
+            Store.record_config(job_dir, stage, record)
+        events_path = job_dir / ev.EVENTS_FILE
+        offset = events_path.stat().st_size if events_path.exists() else 0
+        spec = {"stage": stage, "config": config.model_dump(mode="json")}
+        atomic_write_text(job_dir / JOB_FILE, json.dumps(spec, indent=2) + "\n")
+        child_env = dict(os.environ)
+        if env:
+            child_env.update(env)
+        with open(job_dir / LOG_FILE, "ab") as log:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "appliance.worker", str(job_dir)],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=child_env,
+                start_new_session=True,  # a Ctrl-C in the terminal reaches the parent, which cancels
+                pass_fds=(lock,),  # the worker holds the lock for as long as it lives
+            )
+        atomic_write_text(job_dir / JOB_FILE, json.dumps({**spec, "pid": process.pid, "offset": offset,
+                                                          "started": time.time()}, indent=2) + "\n")
+    finally:
+        os.close(lock)
     return Job(stage=stage, dir=job_dir, process=process, offset=offset)
+
+
+def _lock(job_dir: Path) -> int:
+    """The folder's job lock, taken; JobBusy when a job holds it."""
+    fd = os.open(job_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        holder = attach(job_dir)
+        what = f"its {holder.stage} job (pid {holder.pid})" if holder is not None and holder.running() \
+            else "another job"
+        raise JobBusy(f"{job_dir} is in use: {what} is still running, and two jobs on one run would overwrite "
+                      "each other's files",
+                      "Wait for it to finish (the TUI and `tail -f events.jsonl` follow it), or stop it first "
+                      f"(`kill {holder.pid if holder is not None and holder.pid else 'PID'}` stops it at its next "
+                      "safe point).") from None
+    return fd
+
+
+def busy(job_dir: Path) -> bool:
+    """True while a job holds the folder's lock."""
+    if not (job_dir / LOCK_FILE).exists():
+        return False
+    try:
+        os.close(_lock(job_dir))
+    except JobBusy:
+        return True
+    return False
 
 
 def attach(job_dir: Path) -> Job | None:
@@ -252,9 +306,10 @@ def run(
     job_dir: Path,
     config: BaseModel,
     on_event: Callable[[ev.Event], None] | None = None,
+    record: dict[str, Any] | None = None,
 ) -> ev.Done:
     """Start a job and wait for it; Ctrl-C cancels it cleanly instead of orphaning it."""
-    job = start(stage, job_dir, config)
+    job = start(stage, job_dir, config, record=record)
     try:
         return job.wait(on_event)
     except KeyboardInterrupt:

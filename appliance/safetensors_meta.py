@@ -32,6 +32,19 @@ def read_header(path: Path) -> dict[str, Any]:
     return header
 
 
+def check_complete(path: Path) -> None:
+    """Raise StoreError unless `path` holds its whole header and every byte its tensors need."""
+    header = read_header(path)
+    with open(path, "rb") as handle:
+        (length,) = struct.unpack("<Q", handle.read(8))
+    end = max((int(t["data_offsets"][1]) for t in header.values() if isinstance(t, dict) and "data_offsets" in t),
+              default=0)
+    size = path.stat().st_size
+    if size != 8 + length + end:
+        raise StoreError(f"{path} is truncated or padded: {size} bytes where its header describes {8 + length + end}",
+                         "Remove it and run the stage that writes it again.")
+
+
 def count_parameters(files: list[Path]) -> tuple[int, str]:
     """Total number of parameters and the most common dtype across the given files."""
     total = 0

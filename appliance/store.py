@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tomllib
 import uuid
@@ -23,9 +24,10 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from appliance.errors import StoreError
-from appliance.fsutil import atomic_write_text, fsync_dir
+from appliance.fsutil import atomic_write_text, fsync_dir, inside
 
 SOURCE_FILE = "source.json"
+RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _STAGING_PREFIX = ".staging-"
 
 
@@ -117,6 +119,13 @@ class Store:
     # -- base models -------------------------------------------------------------------------
 
     def model_dir(self, name: str) -> Path:
+        """The folder of a base model; a name that is not a plain model name (a path, `..`) is refused."""
+        from appliance.config import MODEL_NAME_RE
+
+        if not MODEL_NAME_RE.match(name):
+            raise StoreError(f"{name!r} is not a model name",
+                             "Model names are 1-64 lowercase letters, digits, '.', '_' or '-' "
+                             "(`appliance models list` shows them).")
         return self.base_dir / name
 
     def list_models(self) -> list[ModelInfo]:
@@ -128,9 +137,13 @@ class Store:
         return models
 
     def has_model(self, name: str) -> bool:
-        return (self.model_dir(name) / SOURCE_FILE).is_file()
+        try:
+            return (self.model_dir(name) / SOURCE_FILE).is_file()
+        except StoreError:
+            return False
 
     def get_model(self, name: str) -> ModelInfo:
+        self.model_dir(name)  # a name that is not a model name is said to be one
         if not self.has_model(name):
             known = ", ".join(m.name for m in self.list_models()) or "none yet"
             raise StoreError(
@@ -245,7 +258,11 @@ class Store:
         return folder
 
     def run_dir(self, run_id: str) -> Path:
-        folder = self.runs_dir / run_id
+        """The folder of an existing run; ids that are paths (`..`, `/`) or links out of the store are refused."""
+        if not RUN_ID_RE.match(run_id):
+            raise StoreError(f"{run_id!r} is not a run id",
+                             "Run ids are names like run-20261129-101500-a1b2c3 (the TUI's Home lists them).")
+        folder = inside(self.runs_dir, run_id, "run")
         if not folder.is_dir():
             raise StoreError(f"no run {run_id!r} in {self.runs_dir}", "List runs with `ls` of that folder, "
                              "or leave out --run to start a new one.")
@@ -267,20 +284,30 @@ class Store:
                              "Each stage records its settings there; run the stage again to rewrite it.") from exc
         return data if isinstance(data, dict) else {}
 
+    @staticmethod
+    def stage_config(run_dir: Path, stage: str) -> dict[str, Any]:
+        """What run.yaml keeps for one stage ({} when it keeps nothing, or something that is not settings)."""
+        section = Store.run_config(run_dir).get(stage)
+        return section if isinstance(section, dict) else {}
+
     def run_base_model(self, run_dir: Path) -> str | None:
         """The base model a run names: its training's, else the one its data was templated with (None: the
         default)."""
-        config = self.run_config(run_dir)
-        return (config.get("train") or {}).get("base_model") or (config.get("data") or {}).get("model")
+        name = self.stage_config(run_dir, "train").get("base_model") or self.stage_config(run_dir, "data").get("model")
+        return str(name) if name is not None else None
 
-    def record_config(self, run_dir: Path, stage: str, config: dict[str, Any]) -> None:
+    @staticmethod
+    def record_config(run_dir: Path, stage: str, config: dict[str, Any]) -> None:
         """Keep the whole validated config of every stage of a run in run.yaml."""
         import yaml
 
         path = run_dir / "run.yaml"
-        data = self.run_config(run_dir)
+        data = Store.run_config(run_dir)
         data[stage] = config
-        atomic_write_text(path, yaml.safe_dump(data, sort_keys=False, allow_unicode=True))
+        text = yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
+        if yaml.safe_load(text) != data:  # PyYAML writes some characters (U+0085) raw that it reads back otherwise
+            text = yaml.safe_dump(data, sort_keys=False, allow_unicode=False)
+        atomic_write_text(path, text)
 
     def new_job_dir(self, kind: str) -> Path:
         folder = self.jobs_dir / new_id(kind)

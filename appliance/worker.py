@@ -7,6 +7,7 @@ and SIGINT set a cancel flag that the stage checks at its safe points.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import signal
@@ -35,8 +36,8 @@ def main(argv: list[str]) -> int:
 
     # Imported after the guard is on, so nothing below can reach the network.
     from appliance import events as ev
-    from appliance.errors import ApplianceError, Cancelled
-    from appliance.jobs import STAGES
+    from appliance.errors import ApplianceError, Cancelled, DiskFull, is_disk_full
+    from appliance.jobs import DISK_FULL_STATUS, STAGES
 
     cancelled = False
 
@@ -50,6 +51,15 @@ def main(argv: list[str]) -> int:
     writer = ev.EventWriter(job_dir / ev.EVENTS_FILE)
     emit = ev.Emitter(writer, lambda: cancelled)
     stage = spec["stage"]
+
+    def last_word(error: ev.Error, status: int) -> int:
+        """Record how the job ended; when even that cannot be written (a full disk), the exit status says it."""
+        try:
+            writer(error)
+        except Exception as exc:  # noqa: BLE001 (nothing can be written: leave it to the status)
+            return DISK_FULL_STATUS if is_disk_full(exc) else status
+        return status
+
     try:
         config_path, run_path = STAGES[stage]
         config = _resolve(config_path).model_validate(spec["config"])
@@ -58,32 +68,24 @@ def main(argv: list[str]) -> int:
         writer(ev.Done(result=payload))
         return 0
     except Cancelled as exc:
-        writer(ev.Error(title=exc.title, message=exc.message, hint=exc.hint))
-        return 130
+        return last_word(ev.Error(title=exc.title, message=exc.message, hint=exc.hint), 130)
     except ApplianceError as exc:
-        writer(ev.Error(title=exc.title, message=exc.message, hint=exc.hint))
-        return 1
+        return last_word(ev.Error(title=exc.title, message=exc.message, hint=exc.hint), 1)
     except MemoryError:
-        writer(
-            ev.Error(
-                title="Out of memory",
-                message=f"the {stage} job ran out of memory",
-                hint="Lower the batch size or sequence length, or free memory.",
-            )
-        )
-        return 1
+        return last_word(ev.Error(title="Out of memory", message=f"the {stage} job ran out of memory",
+                                  hint="Lower the batch size or sequence length, or free memory."), 1)
     except Exception as exc:  # noqa: BLE001 (the last line of defence: the traceback goes to job.log)
+        if is_disk_full(exc):
+            where = getattr(exc, "filename", None) or spec["config"].get("store") or job_dir
+            return last_word(ev.Error(title=DiskFull.title, message=f"the {stage} job could not write ({exc})",
+                                      hint=f"Free space on the disk that holds {where} (`df -h` shows it), then run "
+                                           "it again: nothing half-written was kept."), DISK_FULL_STATUS)
         traceback.print_exc()
-        writer(
-            ev.Error(
-                title=f"Unexpected error in {stage}",
-                message=f"{type(exc).__name__}: {exc}",
-                hint=f"The full traceback is in {job_dir / 'job.log'}.",
-            )
-        )
-        return 1
+        return last_word(ev.Error(title=f"Unexpected error in {stage}", message=f"{type(exc).__name__}: {exc}",
+                                  hint=f"The full traceback is in {job_dir / 'job.log'}."), 1)
     finally:
-        writer.close()
+        with contextlib.suppress(OSError):  # a pending progress line that the full disk refused
+            writer.close()
 
 
 if __name__ == "__main__":

@@ -50,6 +50,10 @@ BENCHES = [
           "the goal: install and quickstart in under 20 minutes on 2 cores"),
     Bench("quickstart", "bench/quickstart.py", "Quickstart: the whole pipeline on the sample",
           "the base model zero-shot and few-shot, in the same run"),
+    Bench("fuzz_readers", "bench/fuzz_readers.py", "Fuzzing the data readers and the recipe loader (atheris)",
+          "no peer (a robustness check: the goal is zero crashes)"),
+    Bench("chaos", "bench/chaos.py", "Chaos: SIGKILL at random points of data preparation, training and export, "
+          "then resume or re-run", "no peer (the goal: every round survived with nothing lost)"),
     Bench("qlora_compare", "bench/gpu/qlora_compare.py", "QLoRA on CUDA", "plain transformers + peft + bitsandbytes",
           gpu=True),
 ]

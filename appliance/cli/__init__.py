@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -113,24 +114,41 @@ def doctor(as_json: JsonOpt = False) -> None:
         raise typer.Exit(1)
 
 
-def validated(cls: Any, **values: Any) -> Any:
+def validated(cls: Any, /, **values: Any) -> Any:
     """Build a config, turning every validation problem into one readable error."""
+    return validated_settings(cls, values)
+
+
+def validated_settings(cls: Any, values: Mapping[str, Any], origins: Mapping[str, str] | None = None) -> Any:
+    """Build a config from settings of any shape (a recipe file's, the command line's), turning every
+    validation problem into one readable error. A setting listed in `origins` ("file:line") is named
+    there; any other is named as its command-line option."""
     from pydantic import ValidationError
 
     from appliance.errors import ConfigError
 
     try:
-        return cls(**values)
+        return cls.model_validate(dict(values))
     except ValidationError as exc:
-        problems = "; ".join(_problem(e) for e in exc.errors())
+        problems = "; ".join(_problem(e, cls, origins or {}) for e in exc.errors())
         raise ConfigError(problems, "See --help for the allowed values.") from exc
 
 
-def _problem(error: Any) -> str:
+def _problem(error: Any, cls: Any, origins: Mapping[str, str]) -> str:
     message = str(error["msg"]).removeprefix("Value error, ")
-    if not error["loc"]:  # a rule about several fields together
+    loc = error["loc"]
+    if not loc:  # a rule about several fields together
         return message
-    return f"--{'.'.join(map(str, error['loc'])).replace('_', '-')}: {message}"
+    name = str(loc[0])
+    if error["type"] == "extra_forbidden":
+        import difflib
+
+        close = difflib.get_close_matches(name, list(cls.model_fields), n=1)
+        message = "is not a setting" + (f"; did you mean {close[0]}?" if close else "")
+    field = ".".join(map(str, loc))
+    if name in origins:
+        return f"{origins[name]}: {field}: {message}"
+    return f"--{field.replace('_', '-')}: {message}"
 
 
 def _describe_progress(event: Any) -> str:
@@ -146,13 +164,13 @@ def _describe_progress(event: Any) -> str:
     return " · ".join(parts)
 
 
-def follow_job(stage: str, job_dir: Path, cfg: Any, quiet: bool = False) -> Any:
-    """Run a stage as a child job, rendering its events as a rich progress bar."""
+def follow_job(stage: str, job_dir: Path, cfg: Any, quiet: bool = False, record: dict[str, Any] | None = None) -> Any:
+    """Run a stage as a child job, rendering its events as a rich progress bar; `record` goes to run.yaml."""
     from appliance import events as ev
     from appliance import jobs
 
     if quiet:
-        return jobs.run(stage, job_dir, cfg)
+        return jobs.run(stage, job_dir, cfg, record=record)
     columns = (TextColumn("[bold]{task.description}"), BarColumn(),
                TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn())
     with Progress(*columns, console=err_console, transient=True) as bar:
@@ -164,7 +182,7 @@ def follow_job(stage: str, job_dir: Path, cfg: Any, quiet: bool = False) -> Any:
             elif isinstance(event, ev.Log) and event.level in ("warning", "error"):
                 bar.console.print(f"[yellow]{event.level}:[/] {event.message}")
 
-        return jobs.run(stage, job_dir, cfg, on_event)
+        return jobs.run(stage, job_dir, cfg, on_event, record=record)
 
 
 def main() -> None:

@@ -74,8 +74,7 @@ def data_prepare(
         templating=templating, store=str(st.root),
     )
     run_dir = st.run_dir(run) if run else st.new_run_dir()
-    st.record_config(run_dir, "data", cfg.model_dump(mode="json"))
-    done = follow_job("data", run_dir, cfg, quiet=as_json)
+    done = follow_job("data", run_dir, cfg, quiet=as_json, record=cfg.model_dump(mode="json"))
     if as_json:
         report = json.loads((Path(done.result["data_dir"]) / "data_report.json").read_text(encoding="utf-8"))
         print_json({"run": run_dir.name, **done.result, "report": report})

@@ -36,9 +36,7 @@ def quickstart(
 ) -> None:
     """Prepare the sample, fine-tune the default model, export and verify two quantizations, and compare
     them with the base model, in a new run; then print what to do next."""
-    import yaml
-
-    from appliance.config import DataConfig, EvalConfig, ExportConfig, ImportConfig, TrainConfig
+    from appliance.config import DataConfig, EvalConfig, ExportConfig, ImportConfig, TrainConfig, load_settings
     from appliance.data.sample import shipped_path
 
     st = store()
@@ -46,10 +44,12 @@ def quickstart(
     seconds: dict[str, float] = {}
 
     def stage(name: str, title: str, job_dir: Path, cfg: Any) -> dict[str, Any]:
+        """Run one stage as a job; a run's stages keep their settings in its run.yaml."""
         if not as_json:
             console.rule(f"[b]{title}")
         begun = time.monotonic()
-        result: dict[str, Any] = follow_job(name, job_dir, cfg, quiet=as_json).result
+        record = None if name == "import" else cfg.model_dump(mode="json", exclude={"resume"})
+        result: dict[str, Any] = follow_job(name, job_dir, cfg, quiet=as_json, record=record).result
         seconds[name] = round(time.monotonic() - begun, 1)
         return result
 
@@ -62,7 +62,6 @@ def quickstart(
     run_dir = st.new_run_dir()
     data_cfg = DataConfig(inputs=[str(shipped_path())], task="classification", text_field="text",
                           label_field="category", on_error="skip", model=base, store=str(st.root))
-    st.record_config(run_dir, "data", data_cfg.model_dump(mode="json"))
     data = stage("data", f"1/4 Preparing the sample into {run_dir.name} (PII redacted, deduplicated, split)", run_dir,
                  data_cfg)
     if not as_json:
@@ -70,10 +69,10 @@ def quickstart(
 
         _print_data_summary(run_dir)
 
-    recipe = yaml.safe_load(RECIPE.read_text(encoding="utf-8"))
-    recipe.update(base_model=base, max_minutes=minutes, **({"max_steps": max_steps} if max_steps else {}))
-    train_cfg = TrainConfig(**recipe, store=str(st.root))
-    st.record_config(run_dir, "train", train_cfg.model_dump(mode="json", exclude={"resume"}))
+    recipe = load_settings(RECIPE)
+    recipe.update(base_model=base, max_minutes=minutes, store=str(st.root),
+                  **({"max_steps": max_steps} if max_steps else {}))
+    train_cfg = TrainConfig.model_validate(recipe)
     train = stage("train", f"2/4 Fine-tuning {base} (recipe {RECIPE.stem}, at most {minutes:g} min)", run_dir,
                   train_cfg)
 
@@ -83,7 +82,6 @@ def quickstart(
                       f"{train['train_seconds']:.0f} s: train loss {train['train_loss']:.4f}{eval_text}")
 
     export_cfg = ExportConfig(quants=QUANTS, ppl_tokens=ppl_tokens, store=str(st.root))
-    st.record_config(run_dir, "export", export_cfg.model_dump(mode="json"))
     export = stage("export", "3/4 Merging, converting and quantizing, through the verification gate", run_dir,
                    export_cfg)
 
@@ -94,7 +92,6 @@ def quickstart(
             console.print(f"{f['quant']}: {state}, {f['bytes'] / 2**20:,.0f} MiB{agreement}")
 
     eval_cfg = EvalConfig(targets=["base", "fewshot", "tuned", "gguf"], max_items=max_items, store=str(st.root))
-    st.record_config(run_dir, "eval", eval_cfg.model_dump(mode="json"))
     evaluation = stage("eval", "4/4 Evaluating base, few-shot, tuned and every exported file on the test rows",
                        run_dir, eval_cfg)
     seconds["total"] = round(time.monotonic() - started, 1)

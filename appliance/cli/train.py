@@ -9,7 +9,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from appliance.cli import JsonOpt, app, console, follow_job, print_json, store, validated
+from appliance.cli import JsonOpt, app, console, follow_job, print_json, store, validated_settings
 
 # -- train ---------------------------------------------------------------------------------
 
@@ -58,9 +58,7 @@ def train(
     """Fine-tune on a run's prepared data, as a resumable job with checkpoints."""
     if ctx.invoked_subcommand is not None:
         return
-    import yaml
-
-    from appliance.config import TrainConfig
+    from appliance.config import Settings, TrainConfig, load_settings
 
     st = store()
     if (run is None) == (resume is None):
@@ -70,18 +68,19 @@ def train(
     run_dir = st.run_dir(resume or run or "")
     settings: dict[str, Any] = {}
     if resume:
-        settings = dict(st.run_config(run_dir).get("train") or {})
-    if recipe is not None:
-        settings.update(yaml.safe_load(recipe.read_text(encoding="utf-8")) or {})
+        settings = _recorded_train_settings(st.run_config(run_dir), run_dir)
+    from_recipe = load_settings(recipe) if recipe is not None else Settings()
+    settings.update(from_recipe)
     overrides = {"base_model": base_model, "method": method, "max_steps": max_steps, "epochs": epochs,
                  "max_minutes": max_minutes,
                  "learning_rate": learning_rate, "batch_size": batch_size, "max_seq_len": max_seq_len,
                  "backend": backend, "rank": rank, "init_from": init_from, "mix": _parse_mix(mix) or None}
-    settings.update({k: v for k, v in overrides.items() if v is not None})
+    given = {k: v for k, v in overrides.items() if v is not None}
+    settings.update(given)
     settings.update(store=str(st.root), resume=resume is not None)
-    cfg = validated(TrainConfig, **settings)
-    st.record_config(run_dir, "train", cfg.model_dump(mode="json", exclude={"resume"}))
-    done = follow_job("train", run_dir, cfg, quiet=as_json)
+    origins = {k: v for k, v in from_recipe.origins.items() if k not in given}
+    cfg = validated_settings(TrainConfig, settings, origins)
+    done = follow_job("train", run_dir, cfg, quiet=as_json, record=cfg.model_dump(mode="json", exclude={"resume"}))
     if as_json:
         print_json({"run": run_dir.name, **done.result})
         return
@@ -92,8 +91,27 @@ def train(
                   f"-> {r['adapter']}")
 
 
-def _grid_values(text: str | None, cast: Callable[[str], Any]) -> list[Any] | None:
-    return [cast(v) for v in text.split(",")] if text else None
+def _recorded_train_settings(config: dict[str, Any], run_dir: Path) -> dict[str, Any]:
+    """The training settings run.yaml keeps for a run (to resume it with them)."""
+    recorded = config.get("train") or {}
+    if not isinstance(recorded, dict) or not all(isinstance(k, str) for k in recorded):
+        from appliance.errors import StoreError
+
+        raise StoreError(f"{run_dir / 'run.yaml'}: the train settings are damaged (not a mapping of names to values)",
+                         "Start the training again with --run and a --recipe instead of --resume.")
+    return dict(recorded)
+
+
+def _grid_values(text: str | None, cast: Callable[[str], Any], option: str) -> list[Any] | None:
+    if not text:
+        return None
+    try:
+        return [cast(v) for v in text.split(",")]
+    except ValueError as exc:
+        from appliance.errors import ConfigError
+
+        raise ConfigError(f"--{option} {text!r}: every value must be a number", f"Write e.g. --{option} "
+                          f"{'1e-4,3e-4' if cast is float else '8,16'}") from exc
 
 
 @train_app.command("sweep")
@@ -108,24 +126,24 @@ def train_sweep(
     as_json: JsonOpt = False,
 ) -> None:
     """Short trainings over a grid of learning rate, rank and epochs, ranked by validation loss."""
-    import yaml
-
-    from appliance.config import TrainConfig
+    from appliance.config import Settings, TrainConfig, load_settings
     from appliance.errors import ConfigError
     from appliance.train.sweep import run_sweep
 
     st = store()
     run_dir = st.run_dir(run)
-    grid = {k: v for k, v in {"learning_rate": _grid_values(learning_rate, float), "rank": _grid_values(rank, int),
-                              "epochs": _grid_values(epochs, float)}.items() if v}
+    grid = {k: v for k, v in {"learning_rate": _grid_values(learning_rate, float, "learning-rate"),
+                              "rank": _grid_values(rank, int, "rank"),
+                              "epochs": _grid_values(epochs, float, "epochs")}.items() if v}
     if not grid:
         raise ConfigError("nothing to sweep", "Give at least one of --learning-rate, --rank, --epochs as a list.")
-    settings: dict[str, Any] = dict(yaml.safe_load(recipe.read_text(encoding="utf-8")) or {}) if recipe else {}
-    settings.update(store=str(st.root), max_steps=max_steps)
-    base = validated(TrainConfig, **settings)
+    from_recipe = load_settings(recipe) if recipe is not None else Settings()
+    settings: dict[str, Any] = {**from_recipe, "store": str(st.root), "max_steps": max_steps}
+    origins = {k: v for k, v in from_recipe.origins.items() if k not in ("store", "max_steps", *grid)}
+    base = validated_settings(TrainConfig, settings, origins)
     for key, values in grid.items():
         for value in values:
-            validated(TrainConfig, **{**settings, key: value})
+            validated_settings(TrainConfig, {**settings, key: value}, origins)
     ranked = run_sweep(base, run_dir, grid, sample)
     if as_json:
         print_json({"run": run, "trials": ranked})

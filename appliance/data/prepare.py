@@ -22,13 +22,14 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel
 
-from appliance.config import DataConfig
+from appliance import faults
+from appliance.config import DataConfig, shown
 from appliance.data import dedup, split
 from appliance.data.clean import clean_messages
 from appliance.data.pii import Finding, PiiSummary, Redactor, find_pii, mask
 from appliance.data.readers import FileProblem, file_kind, read, record_format
 from appliance.data.schema import Example, Problem, Record, RowError
-from appliance.data.tasks import TaskSpec, check_messages, load_template, to_example
+from appliance.data.tasks import TaskSpec, check_messages, load_schema, load_template, to_example
 from appliance.errors import ApplianceError, ConfigError, StoreError
 from appliance.events import Emitter
 from appliance.fsutil import atomic_write_text, sha256_file
@@ -89,6 +90,7 @@ def run(cfg: DataConfig, run_dir: Path, emit: Emitter) -> DataResult:
         if spec.schema is not None:  # the run keeps the schema its answers were checked against (evaluation uses it)
             atomic_write_text(staging / "schema.json", json.dumps(spec.schema, indent=2, ensure_ascii=False) + "\n")
         final = run_dir / "data"
+        faults.point("data.register")
         _swap_into_place(staging, final)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -102,6 +104,9 @@ def run(cfg: DataConfig, run_dir: Path, emit: Emitter) -> DataResult:
 
 
 def _inputs(cfg: DataConfig) -> list[Path]:
+    odd = next((p for p in cfg.inputs if "\x00" in p or shown(p) != p), None)
+    if odd is not None:  # a name that is not UTF-8 could not be written into the report and the splits
+        raise DataError(f"the file name '{shown(odd)}' is not UTF-8 text", "Rename the file (UTF-8, no NUL).")
     paths = [Path(p).expanduser().resolve() for p in cfg.inputs]
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
@@ -113,17 +118,11 @@ def _task_spec(cfg: DataConfig, inputs: list[Path]) -> TaskSpec:
     spec = TaskSpec(task=cfg.task, text_field=cfg.text_field, label_field=cfg.label_field,
                     output_field=cfg.output_field, labels=cfg.labels)
     if cfg.template_path:
-        try:
-            spec.template = load_template(Path(cfg.template_path))
-        except (OSError, ValueError) as exc:
-            raise ConfigError(str(exc), "A template file has user and assistant Jinja strings.") from exc
+        spec.template = load_template(Path(cfg.template_path))
     if cfg.task == "extraction":
         if not cfg.schema_path:
             raise ConfigError("extraction needs a JSON schema of the output", "Pass --schema FILE.json.")
-        try:
-            spec.schema = json.loads(Path(cfg.schema_path).read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise ConfigError(f"cannot read the schema {cfg.schema_path}: {exc}", "Give a JSON schema file.") from exc
+        spec.schema = load_schema(Path(cfg.schema_path))
     if cfg.task == "classification" and spec.labels is None:
         spec.labels = _collect_labels(cfg, inputs)
     return spec
@@ -237,6 +236,8 @@ class _Scan:
         try:
             for item in read(path, file_kind(path, self.cfg.file_type), self.cfg.delimiter):
                 self.rows_read += 1
+                if self.rows_read % 100 == 0:
+                    faults.point("data.rows")
                 if self.rows_read % 500 == 0:
                     self.emit.progress(f"checking {path.name}", self.rows_read)
                     self.emit.check_cancelled()
@@ -340,12 +341,12 @@ class _Scan:
 def _fail(run_dir: Path, staging: Path, scan: _Scan) -> None:
     listing = run_dir / "data_problems.jsonl"
     os.replace(staging / "problems.jsonl", listing)
-    shown = "\n".join(f"  {p}" for p in scan.problems[:20])
+    listed = "\n".join(f"  {p}" for p in scan.problems[:20])
     more = len(scan.problems) - 20
+    counts = [f"{scan.problem_count} of {scan.rows_read} rows have problems"] if scan.problem_count else []
+    counts += [f"{len(scan.file_problems)} file(s) could not be read"] if scan.file_problems else []
     raise DataError(
-        f"{scan.problem_count} of {scan.rows_read} rows have problems"
-        + (f", and {len(scan.file_problems)} file(s) could not be read" if scan.file_problems else "")
-        + f":\n{shown}" + (f"\n  ... and {more} more" if more > 0 else ""),
+        ", and ".join(counts) + f":\n{listed}" + (f"\n  ... and {more} more" if more > 0 else ""),
         f"Fix the rows, or pass --on-error skip to leave them out (each is listed in the report). "
         f"All problems: {listing}",
     )
@@ -377,6 +378,7 @@ def _finish(cfg: DataConfig, scan: _Scan, staging: Path, emit: Emitter) -> dict[
         for row in contaminated:  # an evaluation row the model has nearly seen: train on it instead
             where[row] = "train"
     emit.progress("writing splits", 1, 1)
+    faults.point("data.splits")
     handles = {name: open(staging / f"{name}.jsonl", "w", encoding="utf-8") for name in SPLITS}  # noqa: SIM115
     try:
         with open(staging / "pool.jsonl", encoding="utf-8") as pool:

@@ -55,16 +55,68 @@ class TaskSpec:
 
 
 def load_template(path: Path) -> dict[str, str]:
-    """A user template: a JSON or YAML file with `system`, `user` and `assistant` Jinja strings."""
-    import yaml
+    """A user template: a YAML or JSON file with `system`, `user` and `assistant` Jinja strings. Anything
+    wrong with it is a ConfigError that names the file and the line or the role at fault."""
+    from jinja2 import TemplateSyntaxError
+    from jinja2.sandbox import SandboxedEnvironment
 
-    data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    if not isinstance(data, dict) or not {"user", "assistant"} <= set(data):
-        raise ValueError(f"{path}: a template needs `user` and `assistant` (and may have `system`)")
-    unknown = set(data) - set(ROLES)
+    from appliance.config import load_settings
+    from appliance.errors import ConfigError
+
+    hint = "A template has `user` and `assistant` (and may have `system`) Jinja strings, e.g. user: '{{ text }}'."
+    data = load_settings(path, what="template")
+    unknown = sorted(set(data) - set(ROLES))
     if unknown:
-        raise ValueError(f"{path}: unknown keys {sorted(unknown)}; use system, user, assistant")
-    return {k: str(v) for k, v in data.items()}
+        raise ConfigError(f"{data.origins.get(unknown[0], path)}: unknown key {unknown[0]!r}: use system, user, "
+                          "assistant", hint)
+    missing = [role for role in ("user", "assistant") if role not in data]
+    if missing:
+        raise ConfigError(f"{path}: the template has no {' and no '.join(missing)}", hint)
+    env = SandboxedEnvironment()
+    template: dict[str, str] = {}
+    for role, text in data.items():
+        where = data.origins.get(role, str(path))
+        if text is None or (isinstance(text, str) and not text.strip()):
+            if role == "system":
+                continue  # an empty `system:`: no system turn
+            raise ConfigError(f"{where}: {role}: is empty", hint)
+        if not isinstance(text, str | int | float) or isinstance(text, bool):
+            raise ConfigError(f"{where}: {role}: must be text (a Jinja template), not {type(text).__name__}", hint)
+        try:
+            env.parse(str(text))
+        except TemplateSyntaxError as exc:
+            raise ConfigError(f"{where}: {role}: broken Jinja on line {exc.lineno} of the template: {exc.message}",
+                              hint) from exc
+        template[role] = str(text)
+    return template
+
+
+def load_schema(path: Path) -> dict[str, Any]:
+    """The JSON schema of an extraction's answers. Anything wrong with the file is a ConfigError that
+    names it, with the line of a JSON syntax error."""
+    import jsonschema
+
+    from appliance.errors import ConfigError
+
+    hint = "Give a JSON schema file, e.g. {\"type\": \"object\", \"properties\": {\"name\": {\"type\": \"string\"}}}."
+    try:
+        schema = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"cannot read the schema {path}: {exc.strerror or exc}", hint) from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start})", "Save the file as UTF-8.") from exc
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path}:{exc.lineno}:{exc.colno}: broken JSON: {exc.msg}", hint) from exc
+    except (RecursionError, ValueError) as exc:  # nested too deeply, a number with thousands of digits
+        raise ConfigError(f"{path}: not a usable JSON schema: {type(exc).__name__}", hint) from exc
+    if not isinstance(schema, dict):
+        raise ConfigError(f"{path}: a JSON schema is an object, not {type(schema).__name__}", hint)
+    try:
+        jsonschema.Draft202012Validator.check_schema(schema)
+    except jsonschema.SchemaError as exc:
+        where = "/".join(str(p) for p in exc.absolute_path) or "the top level"
+        raise ConfigError(f"{path}: not a valid JSON schema at {where}: {exc.message}", hint) from exc
+    return schema
 
 
 def to_example(record: Record, fmt: str, spec: TaskSpec) -> Example:
@@ -185,6 +237,8 @@ def _templated(data: dict[str, Any], spec: TaskSpec) -> tuple[list[dict[str, str
             raise RowError("template", f"{role} template uses a field this row lacks: {exc.message}") from exc
         except TemplateError as exc:
             raise RowError("template", f"{role} template failed: {exc}") from exc
+        except Exception as exc:  # the template's own expressions on this row's values (1 / 0, "a" + 1)
+            raise RowError("template", f"{role} template failed on this row: {type(exc).__name__}: {exc}") from exc
         messages.append({"role": role, "content": content})
     return messages, label
 
@@ -199,8 +253,14 @@ def _extraction_output(value: Any, spec: TaskSpec) -> str:
         raise RowError(spec.output_field, "must be a JSON object (the extracted fields)")
     if spec.schema:
         import jsonschema
+        from referencing.exceptions import Unresolvable
 
-        errors = sorted(jsonschema.Draft202012Validator(spec.schema).iter_errors(value), key=lambda e: e.path)
+        try:
+            errors = sorted(jsonschema.Draft202012Validator(spec.schema).iter_errors(value),
+                            key=lambda e: [str(p) for p in e.path])
+        except Unresolvable as exc:
+            raise RowError(spec.output_field, f"the schema cannot be applied: a $ref does not resolve ({exc}); "
+                           "point every $ref inside the schema, e.g. #/$defs/name") from exc
         if errors:
             where = ".".join(str(p) for p in errors[0].absolute_path)
             raise RowError(f"{spec.output_field}{'.' + where if where else ''}",

@@ -136,7 +136,13 @@ def _exported(run_dir: Path) -> dict[str, Path]:
     except (OSError, ValueError):
         return {}
     return {f["quant"]: run_dir / "gguf" / f["file"] for f in record.get("files", [])
-            if f.get("passed") and f["quant"] not in ("LORA",) and (run_dir / "gguf" / f["file"]).is_file()}
+            if f.get("passed") and f["quant"] not in ("LORA",) and _plain(f["file"])
+            and (run_dir / "gguf" / f["file"]).is_file()}
+
+
+def _plain(name: Any) -> bool:
+    """A file name as exports record them: no folders, no way out of gguf/."""
+    return isinstance(name, str) and name == Path(name).name and name not in ("", ".", "..")
 
 
 def _resolve_targets(cfg: EvalConfig, run_dir: Path) -> list[str]:

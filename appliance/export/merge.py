@@ -9,7 +9,6 @@ second export of the same adapter sees the merge is done and says so.
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import shutil
@@ -20,7 +19,8 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from appliance.errors import ApplianceError
+from appliance import faults
+from appliance.errors import ApplianceError, is_disk_full
 from appliance.events import Emitter
 from appliance.fsutil import atomic_write_text, fsync_dir, sha256_file
 
@@ -72,10 +72,12 @@ def merge(run_dir: Path, base_dir: Path, emit: Emitter, device: str = "auto") ->
     started = time.monotonic()
     tmp = run_dir / f".merged-{os.getpid()}-{uuid.uuid4().hex[:6]}"
     try:
+        faults.point("export.merge")
         result = _merge_into(tmp, adapter_dir, base_dir, digest, device, emit)
         result = result.model_copy(update={"seconds": round(time.monotonic() - started, 2), "merged": str(final)})
         atomic_write_text(tmp / MERGE_FILE, result.model_dump_json(indent=2) + "\n")
         fsync_dir(tmp)
+        faults.point("export.merge.register")
         replace_dir(tmp, final)
     except Exception as exc:
         if isinstance(exc, OSError) or is_disk_full(exc):  # safetensors reports I/O errors as its own type
@@ -180,16 +182,6 @@ def replace_dir(tmp: Path, final: Path) -> None:
     else:
         os.rename(tmp, final)
     fsync_dir(final.parent)
-
-
-_DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
-_DISK_FULL_TEXTS = ("No space left on device", "File too large", "Disk quota exceeded", "FileTooLarge", "StorageFull")
-
-
-def is_disk_full(exc: BaseException) -> bool:
-    if isinstance(exc, OSError) and exc.errno in _DISK_FULL_ERRNOS:
-        return True
-    return any(text in str(exc) for text in _DISK_FULL_TEXTS)
 
 
 def disk_error(exc: BaseException, doing: str) -> ExportError:

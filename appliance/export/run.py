@@ -19,7 +19,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from appliance import toolchain
+from appliance import faults, toolchain
 from appliance.config import ExportConfig
 from appliance.events import Emitter
 from appliance.export import contract as chat_contract
@@ -174,6 +174,7 @@ def _produce(cfg: ExportConfig, run_dir: Path, staging: Path, merged: MergeResul
             continue
         emit.progress(f"{'converting' if i == 0 or quant == 'LORA' else 'quantizing'} {quant}", i, len(steps))
         began = time.monotonic()
+        faults.point("export.convert" if quant in (reference_quant, "LORA") else "export.quantize")
         if quant == reference_quant:
             toolchain.convert_to_gguf(Path(merged.merged), target, cfg.outtype, log=staging / ".convert.log")
         elif quant == "LORA":
@@ -205,6 +206,7 @@ def _verify(staging: Path, produced: dict[str, tuple[Path, float]], merged_dir: 
     reference_quant = cfg.outtype.upper()
     if all(q in carried for q in produced):
         return dict(carried)
+    faults.point("export.verify")
     emit.progress("verification: the merged model's greedy answers", 0, len(produced) + 1)
     rows = _rows(run_dir / "data" / "val.jsonl") or _rows(run_dir / "data" / "train.jsonl")[:16]
     prompts = [_prompt(r["messages"]) for r in rows[:MAX_PROMPTS - 1]] + [
@@ -298,6 +300,7 @@ def _register(cfg: ExportConfig, run_dir: Path, staging: Path, produced: dict[st
               "rejected": rejected, "rejected_dir": str(rejected_dir) if rejected_dir else None}
     atomic_write_text(staging / VERIFICATION, gate.as_json([reports[q] for q in usable if q in reports], record))
     if usable:
+        faults.point("export.register")
         replace_dir(staging, final)
         for entry in files:
             if entry.passed:

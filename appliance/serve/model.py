@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from appliance.errors import ApplianceError
+from appliance.errors import ApplianceError, StoreError
 from appliance.export.contract import ChatContract
-from appliance.fsutil import sha256_file
+from appliance.fsutil import inside, sha256_file
 from appliance.store import Store
 
 VERIFICATION = "verification.json"
@@ -54,8 +54,9 @@ def resolve(store: Store, spec: str, quant: str | None = None) -> ServedModel:
             raise ServeError(f"{path} does not exist", "Give the path of a .gguf file, a run id or an exported "
                              "model's name (`appliance models list` shows them).")
         return _from_file(path.resolve(), store)
-    run_dir = store.runs_dir / spec
-    if not run_dir.is_dir():
+    try:
+        run_dir = store.run_dir(spec)
+    except StoreError:
         run_dir = _run_of_name(store, spec)
     return _from_run(run_dir, quant)
 
@@ -96,7 +97,7 @@ def _from_run(run_dir: Path, quant: str | None) -> ServedModel:
         raise ServeError(f"run {run_dir.name} has no verified {chosen} file (it has {', '.join(files)})",
                          f"Pick one of those with --quant, or export it: appliance export --run {run_dir.name} "
                          f"--quant {chosen}")
-    path = folder / files[chosen]["file"]
+    path = inside(folder, str(files[chosen]["file"]), "exported file")
     if not path.is_file():
         raise ServeError(f"{path} passed verification but is no longer there",
                          f"Check the run with `appliance verify {run_dir.name}`, and export again.")

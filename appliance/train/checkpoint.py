@@ -1,6 +1,10 @@
 """Checkpoints that are complete or absent: written under a temporary name, renamed into place,
 the last N kept. A checkpoint holds the adapter (or full weights), optimizer, scheduler, torch RNG
-and the trainer state (step, epoch, position in the epoch, loss history)."""
+and the trainer state (step, epoch, position in the epoch, loss history).
+
+Like every weight file of the appliance, the optimizer state is safetensors, never a pickle: its
+tensors go in the file, and the structure around them (param groups, scheduler counters) as JSON in
+the file's metadata, so loading a checkpoint can never run code."""
 
 from __future__ import annotations
 
@@ -11,9 +15,11 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from appliance import faults
 from appliance.fsutil import atomic_write_text, fsync_dir
 
 STATE = "trainer_state.json"
+OPTIMIZER = "optimizer.safetensors"
 
 
 def checkpoint_dirs(run_dir: Path) -> list[Path]:
@@ -41,10 +47,11 @@ def save(run_dir: Path, step: int, model: Any, optimizer: Any, scheduler: Any, s
     tmp.mkdir()
     try:
         model.save_pretrained(str(tmp / "model"), safe_serialization=True)
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "torch_rng": torch.get_rng_state()}, tmp / "optimizer.pt")
+        save_state(tmp / OPTIMIZER, {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                                     "torch_rng": torch.get_rng_state()})
         atomic_write_text(tmp / STATE, json.dumps(state, indent=2) + "\n")  # last: marks it complete
         fsync_dir(tmp)
+        faults.point("train.checkpoint.register")
         if final.exists():
             shutil.rmtree(final)
         os.rename(tmp, final)
@@ -66,7 +73,55 @@ def load_state(folder: Path) -> dict[str, Any]:
 def load_optimizer(folder: Path, optimizer: Any, scheduler: Any) -> None:
     import torch
 
-    saved = torch.load(folder / "optimizer.pt", weights_only=True)  # plain tensors only, never code
+    saved = load_state_file(folder / OPTIMIZER)
     optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
     torch.set_rng_state(saved["torch_rng"])
+
+
+def save_state(path: Path, state: Any) -> None:
+    """Nested dicts, lists, tuples, numbers, strings and tensors, as one safetensors file."""
+    from safetensors.torch import save_file
+
+    tensors: dict[str, Any] = {}
+    layout = _encode(state, tensors)
+    save_file(tensors, str(path), metadata={"layout": json.dumps(layout)})
+
+
+def load_state_file(path: Path) -> Any:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        layout = json.loads((handle.metadata() or {})["layout"])
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 (not a dict)
+    return _decode(layout, tensors)
+
+
+def _encode(value: Any, tensors: dict[str, Any]) -> Any:
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        key = f"t{len(tensors)}"
+        tensors[key] = value.detach().cpu().contiguous().clone()
+        return {"__tensor__": key}
+    if isinstance(value, dict):
+        return {"__dict__": [[_encode(k, tensors), _encode(v, tensors)] for k, v in value.items()]}
+    if isinstance(value, tuple):
+        return {"__tuple__": [_encode(v, tensors) for v in value]}
+    if isinstance(value, list):
+        return [_encode(v, tensors) for v in value]
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    raise TypeError(f"cannot keep a {type(value).__name__} in a checkpoint")
+
+
+def _decode(value: Any, tensors: dict[str, Any]) -> Any:
+    if isinstance(value, list):
+        return [_decode(v, tensors) for v in value]
+    if isinstance(value, dict):
+        if "__tensor__" in value:
+            return tensors[value["__tensor__"]]
+        if "__tuple__" in value:
+            return tuple(_decode(v, tensors) for v in value["__tuple__"])
+        return {_decode(k, tensors): _decode(v, tensors) for k, v in value["__dict__"]}
+    return value

@@ -22,6 +22,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from appliance import faults
 from appliance.config import TrainConfig
 from appliance.errors import ApplianceError, Cancelled, ConfigError
 from appliance.events import Emitter
@@ -135,9 +136,9 @@ def run(cfg: TrainConfig, run_dir: Path, emit: Emitter) -> TrainResult:
     try:
         from appliance.evaluate.probe import LabelProbe
 
+        probe = LabelProbe.from_run(run_dir, tokenizer, cfg.task_eval_items) if cfg.task_eval_items else None
         session = _Session(cfg, run_dir, emit, model, tokenizer, optimizer, scheduler, params, train_rows, val_rows,
-                           pad_id, total_steps, backend, dtype, resumed_from, started,
-                           LabelProbe.from_run(run_dir, tokenizer))
+                           pad_id, total_steps, backend, dtype, resumed_from, started, probe)
         return _train(session, state)
     except MemoryError as exc:
         raise _out_of_memory(cfg, memory_plan, state["step"]) from exc
@@ -163,6 +164,7 @@ def _train(s: _Session, state: dict[str, Any]) -> TrainResult:
             micro = [collate([s.train_rows[i] for i in b], s.pad_id) for b in
                      batches[state["batch"]:state["batch"] + s.cfg.grad_accum]]
             loss, tokens = _optimizer_step(s.model, micro, s.params, s.optimizer, s.scheduler, device)
+            faults.point("train.step")
             state["step"] += 1
             state["batch"] += len(micro)
             state["real_tokens"] += tokens
@@ -483,6 +485,7 @@ def _evaluate(model: Any, rows: list[Encoded], cfg: TrainConfig, pad_id: int, de
 
 def _save(run_dir: Path, model: Any, optimizer: Any, scheduler: Any, state: dict[str, Any], cfg: TrainConfig,
           emit: Emitter) -> None:
+    faults.point("train.checkpoint")
     folder = checkpoint.save(run_dir, state["step"], model, optimizer, scheduler, state, cfg.keep_checkpoints)
     weights = next((folder / "model").glob("*.safetensors"))
     emit.artifact(weights, kind="checkpoint")
@@ -493,9 +496,11 @@ def _save_final(model: Any, tokenizer: Any, run_dir: Path) -> Path:
     final = run_dir / "adapter"
     tmp = run_dir / f".adapter-{uuid.uuid4().hex[:6]}"
     try:
+        faults.point("train.adapter")
         model.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
         fsync_dir(tmp)
+        faults.point("train.adapter.register")
         if final.exists():
             old = run_dir / f".adapter-old-{uuid.uuid4().hex[:6]}"
             os.rename(final, old)

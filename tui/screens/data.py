@@ -19,6 +19,7 @@ from textual.containers import Vertical, VerticalScroll
 from textual.widgets import DataTable, Footer, Header, Static, TabbedContent, TabPane
 from textual_plotext import PlotextPlot
 
+from appliance.errors import StoreError
 from appliance.fsutil import read_json_object
 from tui.screens.run import RunScreen
 
@@ -58,7 +59,10 @@ class DataScreen(RunScreen):
             self.query_one("#data-title", Static).update(
                 f"[b]Data[/b] {self.run_id}: [yellow]no prepared data yet[/] (press n on Home for a new run)")
             return
-        config = self.app.store.run_config(self.run_dir).get("data") or {}  # type: ignore[attr-defined]
+        try:
+            config = self.app.store.stage_config(self.run_dir, "data")  # type: ignore[attr-defined]
+        except StoreError:
+            config = {}  # the report is what this screen shows; the settings only label it
         formats = ", ".join(f"{escape(Path(f).name)} ({fmt})" for f, fmt in (report.get("formats") or {}).items())
         self.query_one("#data-title", Static).update(
             f"[b]Data[/b] {self.run_id} · task {escape(str(config.get('task', '?')))} · base model "

@@ -135,8 +135,9 @@ class EvaluateScreen(RunScreen):
             return
         store = self.app.store  # type: ignore[attr-defined]
         cfg = EvalConfig(store=str(store.root))
-        store.record_config(self.run_dir, "eval", cfg.model_dump(mode="json"))
-        panel.follow(jobs.start("eval", self.run_dir, cfg))
+        job = self.start_job("eval", cfg, record=cfg.model_dump(mode="json"))
+        if job is not None:
+            panel.follow(job)
 
     @on(JobEnded)
     def _ended(self, message: JobEnded) -> None:

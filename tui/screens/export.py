@@ -130,8 +130,9 @@ class ExportScreen(RunScreen):
             self.notify("; ".join(f"{e['loc'][0]}: {e['msg']}" for e in exc.errors()), title="Check the settings",
                         severity="error")
             return
-        store.record_config(self.run_dir, "export", cfg.model_dump(mode="json"))
-        panel.follow(jobs.start("export", self.run_dir, cfg))
+        job = self.start_job("export", cfg, record=cfg.model_dump(mode="json"))
+        if job is not None:
+            panel.follow(job)
 
     @on(JobEnded)
     def _ended(self, message: JobEnded) -> None:

@@ -22,6 +22,7 @@ from textual.timer import Timer
 from textual.widgets import Button, Checkbox, DataTable, Input, Label, Select, Static
 
 from appliance.config import DataConfig
+from appliance.errors import ApplianceError
 from tui.follow import JobEnded
 from tui.widgets.job_panel import JobPanel
 
@@ -216,11 +217,15 @@ class NewRunScreen(ModalScreen[str | None]):
         store = self.app.store  # type: ignore[attr-defined]
         if self.run_dir is None:
             self.run_dir = store.new_run_dir()
-        store.record_config(self.run_dir, "data", cfg.model_dump(mode="json"))
+        try:
+            job = jobs.start("data", self.run_dir, cfg, record=cfg.model_dump(mode="json"))
+        except ApplianceError as exc:
+            self._error(f"{exc.title}: {exc.message}")
+            return
         self.query_one("#nr-problems", DataTable).display = False
         self.query_one("#nr-start", Button).disabled = True
         self.query_one("#nr-status", Static).update(f"preparing into {self.run_dir.name}…")
-        self.query_one(JobPanel).follow(jobs.start("data", self.run_dir, cfg))
+        self.query_one(JobPanel).follow(job)
 
     @on(JobEnded)
     def _ended(self, message: JobEnded) -> None:

@@ -102,7 +102,7 @@ class TrainScreen(RunScreen):
 
     def _recorded(self) -> dict[str, Any]:
         try:
-            return dict(Store.run_config(self.run_dir).get("train") or {})
+            return Store.stage_config(self.run_dir, "train")
         except StoreError:
             return {}  # the form starts from the recipe; starting the training explains the damage
 
@@ -159,10 +159,11 @@ class TrainScreen(RunScreen):
         if cfg is None:
             self.notify("Fix the settings first.", severity="error")
             return
-        store = self.app.store  # type: ignore[attr-defined]
-        store.record_config(self.run_dir, "train", cfg.model_dump(mode="json", exclude={"resume"}))
+        job = self.start_job("train", cfg, record=cfg.model_dump(mode="json", exclude={"resume"}))
+        if job is None:
+            return
         self.curves.clear()
-        self._follow(jobs.start("train", self.run_dir, cfg))
+        self._follow(job)
 
     @on(Button.Pressed, "#stop")
     def action_stop(self) -> None:

@@ -1,0 +1,215 @@
+"""Faults: a job killed with SIGKILL at its worst moments, a disk that fills up under it, and a second
+job on a busy run. After each, the run is consistent (nothing half-written registered: `check_run`),
+and running the stage again completes. The points killed at are drawn with a seeded generator from
+each stage's fault points (APPLIANCE_CHAOS_SEED changes the draw; bench/chaos.py runs many rounds,
+also at random times)."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import TRAIN_SETTINGS, clone_run, run_cli
+
+from appliance import faults, integrity, jobs
+from appliance.config import DataConfig, ExportConfig, TrainConfig
+from appliance.data.sample import shipped_path
+from appliance.errors import JobBusy, JobFailed
+from appliance.store import Store
+
+SEED = int(os.environ.get("APPLIANCE_CHAOS_SEED", "20261129"))
+TRAIN = {**TRAIN_SETTINGS, "max_steps": 4, "batch_size": 2, "max_seq_len": 128, "eval_every": 100, "save_every": 2,
+         "dtype": "float32", "task_eval_items": 0}
+
+# Each stage's fault points, in the order it passes them (with the pass to stop at).
+POINTS = {
+    "data": ["data.rows#2", "data.splits", "write:data_report.json", "data.register"],
+    "train": ["train.step#1", "train.checkpoint", "write:trainer_state.json", "train.checkpoint.register#2",
+              "train.adapter", "train.adapter.register"],
+    "export": ["export.merge", "export.merge.register", "export.convert", "export.quantize", "export.verify",
+               "export.register", "write:manifest.json"],
+}
+
+
+def draw(stage: str, k: int) -> list[str]:
+    return random.Random(f"{SEED}-{stage}").sample(POINTS[stage], k)
+
+
+def killed_at(stage: str, run_dir: Path, cfg: Any, point: str) -> None:
+    """Run `stage` with a SIGKILL at `point`; the job must end killed, the run stay consistent."""
+    job = jobs.start(stage, run_dir, cfg, env={faults.ENV: f"kill@{point}"})
+    with pytest.raises(JobFailed) as failure:
+        job.wait()
+    assert job.returncode == -signal.SIGKILL and "SIGKILL" in failure.value.message, (point, failure.value)
+    assert integrity.check_run(run_dir) == [], point
+
+
+def completes(stage: str, run_dir: Path, cfg: Any) -> dict[str, Any]:
+    done = jobs.run(stage, run_dir, cfg)
+    assert integrity.check_run(run_dir) == []
+    assert integrity.litter(run_dir) == []  # what the killed jobs left was swept under the run's lock
+    return done.result
+
+
+def test_fault_specs_are_parsed_and_traced(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert faults.parse("import.before_register") == ("kill", "import.before_register", 1)
+    assert faults.parse("full@write:run.yaml#3") == ("full", "write:run.yaml", 3)
+    for bad in ("boom@train.step", "kill@", "kill@train.step#x"):
+        with pytest.raises(ValueError, match="APPLIANCE_FAULT"):
+            faults.parse(bad)
+    trace = tmp_path / "trace"
+    monkeypatch.setenv(faults.TRACE_ENV, str(trace))
+    monkeypatch.setenv(faults.ENV, "stop@somewhere.else")
+    for name in ("a", "b", "a"):
+        faults.point(name)
+    assert trace.read_text().split() == ["a", "b", "a"]
+
+
+@pytest.mark.slow
+def test_data_preparation_killed_then_prepared_again(scratch_store: Store) -> None:
+    store = scratch_store
+    run_dir = store.new_run_dir()
+    cfg = DataConfig(inputs=[str(shipped_path())], task="classification", label_field="category", near_dup=False,
+                     store=str(store.root))
+    for point in draw("data", 2):
+        killed_at("data", run_dir, cfg, point)
+        assert not (run_dir / "data").exists()  # never half there
+    result = completes("data", run_dir, cfg)
+    assert result["counts"]["train"] > 300
+
+
+@pytest.mark.slow
+def test_training_killed_then_resumed(prepared: tuple[Store, Path]) -> None:
+    store, source = prepared
+    run_dir = clone_run(store, source, "chaos-train")
+    cfg = TrainConfig(store=str(store.root), **TRAIN)
+    for point in draw("train", 2):
+        killed_at("train", run_dir, cfg, point)
+    result = completes("train", run_dir, cfg.model_copy(update={"resume": True}))
+    assert result["steps"] == TRAIN["max_steps"]
+    assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_export_killed_then_exported_again(trained: tuple[Store, Path]) -> None:
+    store, source = trained
+    run_dir = clone_run(store, source, "chaos-export")
+    shutil.copytree(source / "adapter", run_dir / "adapter")
+    cfg = ExportConfig(quants=["Q8_0"], ppl_tokens=128, store=str(store.root))
+    for point in sorted(draw("export", 2), key=POINTS["export"].index):
+        killed_at("export", run_dir, cfg, point)
+    result = completes("export", run_dir, cfg)
+    assert [f["quant"] for f in result["files"] if f["passed"]] == ["F16", "Q8_0"]
+    verified = run_cli("verify", run_dir.name, "--json", store=store.root)
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+
+
+@pytest.mark.slow
+def test_a_full_disk_while_training_is_explained_and_keeps_nothing_half_written(
+        prepared: tuple[Store, Path]) -> None:
+    store, source = prepared
+    run_dir = clone_run(store, source, "full-train")
+    cfg = TrainConfig(store=str(store.root), **{**TRAIN, "max_steps": 2})
+    for point in ("train.checkpoint", "train.adapter"):
+        job = jobs.start("train", run_dir, cfg, env={faults.ENV: f"full@{point}"})
+        with pytest.raises(JobFailed) as failure:
+            job.wait()
+        assert failure.value.title == "Disk full" or "disk is full" in failure.value.message, (point, failure.value)
+        assert "df -h" in failure.value.hint
+        assert integrity.check_run(run_dir) == [], point
+        assert not (run_dir / "adapter").exists()
+    completes("train", run_dir, cfg)
+
+
+@pytest.mark.slow
+def test_a_full_disk_at_each_write_of_an_export_is_explained(trained: tuple[Store, Path]) -> None:
+    store, source = trained
+    run_dir = clone_run(store, source, "full-export")
+    shutil.copytree(source / "adapter", run_dir / "adapter")
+    cfg = ExportConfig(quants=["Q8_0"], ppl_tokens=128, store=str(store.root))
+    for point in ("export.merge", "export.convert", "export.quantize", "write:manifest.json"):
+        job = jobs.start("export", run_dir, cfg, env={faults.ENV: f"full@{point}"})
+        with pytest.raises(JobFailed) as failure:
+            job.wait()
+        assert failure.value.title == "Disk full" or "disk is full" in failure.value.message, (point, failure.value)
+        assert integrity.check_run(run_dir) == [], point
+    completes("export", run_dir, cfg)
+
+
+@pytest.mark.slow
+def test_a_full_disk_while_preparing_data_is_explained(scratch_store: Store) -> None:
+    store = scratch_store
+    run_dir = store.new_run_dir()
+    cfg = DataConfig(inputs=[str(shipped_path())], task="classification", label_field="category", near_dup=False,
+                     store=str(store.root))
+    job = jobs.start("data", run_dir, cfg, env={faults.ENV: "full@data.splits"})
+    with pytest.raises(JobFailed) as failure:
+        job.wait()
+    assert "disk is full" in failure.value.message or failure.value.title == "Disk full", failure.value
+    assert not (run_dir / "data").exists() and integrity.check_run(run_dir) == []
+
+
+@pytest.mark.slow
+def test_a_second_job_on_a_busy_run_is_refused_not_interleaved(prepared: tuple[Store, Path]) -> None:
+    store, source = prepared
+    run_dir = clone_run(store, source, "busy")
+    cfg = TrainConfig(store=str(store.root), **TRAIN)
+    # The first job freezes just before registering its second checkpoint, holding the run's lock.
+    first = jobs.start("train", run_dir, cfg, record=cfg.model_dump(mode="json", exclude={"resume"}),
+                       env={faults.ENV: "stop@train.checkpoint.register#2"})
+    deadline = time.monotonic() + 300
+    while _state(first.pid) != "T":
+        assert first.running() and time.monotonic() < deadline, "the first job never reached its stop point"
+        time.sleep(0.2)
+    recorded = (run_dir / "run.yaml").read_bytes()
+    job_file = (run_dir / jobs.JOB_FILE).read_bytes()
+
+    with pytest.raises(JobBusy) as busy:
+        jobs.start("export", run_dir, ExportConfig(store=str(store.root)),
+                   record=ExportConfig(store=str(store.root)).model_dump(mode="json"))
+    assert f"pid {first.pid}" in busy.value.message and f"kill {first.pid}" in busy.value.hint
+    cli = run_cli("train", "--run", run_dir.name, store=store.root)
+    assert cli.returncode == 1 and "Run is busy" in cli.stderr and "train job" in cli.stderr, cli.stderr
+    # The refused starts changed nothing: not the recorded settings, not the job's record.
+    assert (run_dir / "run.yaml").read_bytes() == recorded and (run_dir / jobs.JOB_FILE).read_bytes() == job_file
+    assert jobs.busy(run_dir)
+
+    first.kill()  # SIGKILL while frozen mid-write: the kernel releases the lock with the process
+    assert not jobs.busy(run_dir)
+    assert integrity.litter(run_dir), "the frozen job had a checkpoint half-written"
+    assert integrity.check_run(run_dir) == []
+    result = completes("train", run_dir, cfg.model_copy(update={"resume": True}))
+    assert result["resumed_from"] == 2 and result["steps"] == TRAIN["max_steps"]
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "gone"
+
+
+def test_a_damaged_record_is_named_by_the_check(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    (run_dir / "gguf").mkdir(parents=True)
+    (run_dir / "gguf" / "verification.json").write_text(json.dumps({"files": [{"file": "m-Q8_0.gguf",
+                                                                              "size_bytes": 10}]}))
+    (run_dir / "gguf" / "m-Q8_0.gguf").write_bytes(b"GGUF")
+    (run_dir / "adapter").mkdir()
+    header = json.dumps({"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}).encode()
+    (run_dir / "adapter" / "adapter_model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header
+                                                                    + b"\0" * 8)
+    (run_dir / ".adapter-1a2b3c").mkdir()
+    problems = integrity.check_run(run_dir)
+    assert any("m-Q8_0.gguf: 4 bytes where verification.json records 10" in p for p in problems), problems
+    assert any("adapter_model.safetensors is truncated" in p for p in problems), problems
+    assert [p.name for p in integrity.litter(run_dir)] == [".adapter-1a2b3c"]
+    assert [p.name for p in integrity.sweep_litter(run_dir)] == [".adapter-1a2b3c"]
+    assert integrity.litter(run_dir) == []
