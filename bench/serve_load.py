@@ -9,7 +9,8 @@ generates exactly what the bare server does: no grammar, no added system prompt)
 `python -m llama_cpp.server --model FILE --interrupt_requests False`. For each number of
 concurrent clients, --requests chat completions (greedy, --max-tokens each) are sent; a pass stops
 early after --seconds. Every request asks for the same answer length, so both do the same work and
-the difference is our wrapper: auth, body and context checks, queue, audit log.
+the difference is our wrapper: auth, body and context checks, queue, audit log. The resident memory
+of the server is read before and after each pass (a long pass is a soak test: it should not grow).
 
 Without --model, the newest exported run in the store is used; export one first
 (`appliance export --run RUN`) if there is none.
@@ -127,6 +128,12 @@ async def _drive(url: str, headers: dict[str, str], clients: int, requests: int,
             "mean_s": round(statistics.fmean(latencies), 3) if latencies else float("nan")}
 
 
+def _rss_mib(pid: int) -> float:
+    import psutil
+
+    return round(psutil.Process(pid).memory_info().rss / 2**20, 1)
+
+
 def _model(spec: str | None) -> Path:
     sys.path.insert(0, str(REPO))
     from appliance.serve.model import exported, resolve
@@ -165,8 +172,10 @@ def main() -> None:
                 try:
                     asyncio.run(_drive(url, headers, 1, 2, args.max_tokens, seconds))  # warm-up, not counted
                     for count in clients:
+                        before = _rss_mib(process.pid)
                         result = asyncio.run(_drive(url, headers, count, requests, args.max_tokens, seconds))
-                        rows.append({"server": kind, "round": round_ + 1, "clients": count, **result})
+                        rows.append({"server": kind, "round": round_ + 1, "clients": count, **result,
+                                     "rss_before_mib": before, "rss_after_mib": _rss_mib(process.pid)})
                 finally:
                     process.terminate()
                     process.wait(timeout=60)
@@ -180,14 +189,15 @@ def _table(gguf: Path, rows: list[dict[str, Any]], clients: list[int], requests:
     print(f"{gguf.name}: {requests} chat completions per pass, {args.max_tokens} tokens each, greedy, "
           f"{os.cpu_count()} cores, {args.rounds} rounds")
     header = f"{'server':<18}{'round':>6}{'clients':>8}{'done':>6}{'errors':>8}{'prompt':>8}{'req/s':>8}" \
-             f"{'tok/s':>8}{'p50 s':>8}{'p95 s':>8}{'p99 s':>8}"
+             f"{'tok/s':>8}{'p50 s':>8}{'p95 s':>8}{'p99 s':>8}{'RSS MiB':>16}"
     print(header)
     print("-" * len(header))
     for row in sorted(rows, key=lambda r: (r["clients"], r["server"], r["round"])):
         errors = sum(row["errors"].values())
         print(f"{row['server']:<18}{row['round']:>6}{row['clients']:>8}{row['done']:>6}{errors:>8}"
               f"{row['prompt_tokens']:>8.1f}{row['requests_per_s']:>8.2f}{row['tokens_per_s']:>8.1f}"
-              f"{row['p50_s']:>8.2f}{row['p95_s']:>8.2f}{row['p99_s']:>8.2f}")
+              f"{row['p50_s']:>8.2f}{row['p95_s']:>8.2f}{row['p99_s']:>8.2f}"
+              f"{row['rss_before_mib']:>8.0f}{row['rss_after_mib']:>8.0f}")
     for count in clients:
         ours = [r for r in rows if r["server"] == "appliance" and r["clients"] == count]
         bare = [r for r in rows if r["server"] == "llama_cpp.server" and r["clients"] == count]

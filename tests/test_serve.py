@@ -4,11 +4,6 @@ on loopback, serving the real exported model of the test session (a classificati
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -19,60 +14,15 @@ import httpx
 import openai
 import pytest
 from conftest import run_cli
+from serve_helpers import KEY, Server, free_port, key_file
 
 from appliance.fsutil import sha256_file
 from appliance.store import Store
 
-KEY = "test-key-0123456789abcdef"
 PII = "I am Jane Roe, jane.roe@example.com, +1 415 555 0134, card 4111 1111 1111 1111; VPN drops hourly."
 RAW_PII = ("jane.roe@example.com", "415 555 0134", "4111 1111 1111 1111")
 
 pytestmark = pytest.mark.slow
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-class Server:
-    def __init__(self, store: Store, args: list[str], audit: Path) -> None:
-        self.port = free_port()
-        self.audit = audit
-        env = {**os.environ, "APPLIANCE_HOME": str(store.root)}
-        self.process = subprocess.Popen([sys.executable, "-m", "appliance", "serve", *args, "--port", str(self.port),
-                                         "--audit-log", str(audit)], env=env, stdout=subprocess.PIPE,
-                                        stderr=subprocess.PIPE, text=True)
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise AssertionError(f"the server exited: {self.process.communicate()[1]}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                time.sleep(0.5)
-        self.process.kill()
-        raise AssertionError("the server did not answer /health within 180 s")
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def client(self, key: str | None = KEY) -> openai.OpenAI:
-        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=key or "none", max_retries=0, timeout=120)
-
-    def records(self) -> list[dict[str, Any]]:
-        return [json.loads(line) for line in self.audit.read_text(encoding="utf-8").splitlines()]
-
-    def stop(self) -> int:
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            return self.process.wait(timeout=60)
-        finally:
-            if self.process.poll() is None:
-                self.process.kill()
 
 
 @pytest.fixture(scope="module")
@@ -80,10 +30,7 @@ def served(exported: tuple[Store, Path, dict[str, Any]], tmp_path_factory: pytes
         -> Iterator[tuple[Server, Path, dict[str, Any]]]:
     store, run_dir, result = exported
     folder = tmp_path_factory.mktemp("serve")
-    key_file = folder / "key"
-    key_file.write_text(KEY + "\n", encoding="utf-8")
-    key_file.chmod(0o600)
-    server = Server(store, [run_dir.name, "--quant", "Q8_0", "--api-key-file", str(key_file), "--ctx", "512",
+    server = Server(store, [run_dir.name, "--quant", "Q8_0", "--api-key-file", str(key_file(folder)), "--ctx", "512",
                             "--max-queue", "0", "--max-body-kb", "64", "--log-prompts"], folder / "audit.jsonl")
     yield server, run_dir, result
     assert server.stop() == 0

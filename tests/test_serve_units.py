@@ -114,3 +114,51 @@ def test_the_systemd_unit_keeps_the_key_out(tmp_path: Path) -> None:
     assert "s3cret" not in unit and f"--api-key-file {key_file}" in unit and "KillSignal=SIGTERM" in unit
     from_env = systemd_unit(cfg, None)
     assert "s3cret" not in from_env and "EnvironmentFile=" in from_env
+
+
+def test_request_bodies_are_read_as_json_schema_reads_them() -> None:
+    """Whole numbers are integers however written; what is not JSON (NaN, overflowing numbers, lone
+    surrogates), too deeply nested or not an object is a 400; fields are checked strictly."""
+    from appliance.serve.checks import Rejection, parse, request_models, validate
+
+    assert parse(b'{"max_tokens": 5.0, "top_p": 0.5, "seed": 1e3}') == {"max_tokens": 5, "top_p": 0.5, "seed": 1000}
+    for body, fragment in [(b'{"temperature": NaN}', "NaN"), (b'{"top_p": -Infinity}', "Infinity"),
+                           (b'{"top_p": 1e999}', "too large"), (b'{"input": "\\ud800"}', "surrogate"),
+                           (b"[" * 5000 + b"]" * 5000, "nested"), (b"[1]", "JSON object"),
+                           (b"\xff\xfe{", "not valid JSON")]:
+        with pytest.raises(Rejection, match=fragment) as excinfo:
+            parse(body)
+        assert excinfo.value.status == 400
+    chat = request_models()["/v1/chat/completions"]
+    hello = [{"role": "user", "content": "hi"}]
+    validate(chat, {"messages": hello, "temperature": 1, "max_tokens": 5, "unknown": {"fields": "pass"}})
+    for wrong in ({"max_tokens": "5"}, {"max_tokens": True}, {"stream": "true"}, {"top_p": 3}, {"messages": "hi"}):
+        with pytest.raises(Rejection) as excinfo:
+            validate(chat, {"messages": hello, **wrong})
+        assert (excinfo.value.status, excinfo.value.code, excinfo.value.param) == (400, "invalid_body",
+                                                                                 next(iter(wrong)))
+
+
+def test_what_the_schema_cannot_say_is_checked_before_the_runtime() -> None:
+    from appliance.serve.checks import Rejection, check_logit_bias, check_prompt, check_tokens, forced_tool, is_json
+
+    assert is_json(b"application/json; charset=utf-8") and is_json(b"application/merge-patch+json")
+    assert not any(is_json(t) for t in (None, b"", b"text/plain", b"application/x-www-form-urlencoded"))
+    request: dict[str, Any] = {"prompt": ["one"]}
+    check_prompt(request)
+    assert request == {"prompt": "one"}  # llama-cpp-python takes a list for token ids
+    check_tokens([0, 99], 100, "tokens")
+    check_logit_bias({"logit_bias": {"7": 2.0}}, 100)
+    check_logit_bias({"logit_bias": {"hello": 2.0}, "logit_bias_type": "tokens"}, 100)
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    assert forced_tool({"tools": tools, "tool_choice": {"type": "function", "function": {"name": "f"}}}) == tools[0]
+    assert forced_tool({"tools": tools, "tool_choice": "auto"}) is None
+    refused = [lambda: check_prompt({"prompt": ["a", "b"]}), lambda: check_prompt({"prompt": []}),
+               lambda: check_tokens([5, -1], 100, "tokens"), lambda: check_tokens([100], 100, "tokens"),
+               lambda: check_logit_bias({"logit_bias": {"hello": 1}}, 100),
+               lambda: check_logit_bias({"logit_bias": {"100": 1}}, 100),
+               lambda: forced_tool({"functions": [tools[0]["function"]], "function_call": {"name": "g"}})]
+    for call in refused:
+        with pytest.raises(Rejection) as excinfo:
+            call()
+        assert excinfo.value.status == 400

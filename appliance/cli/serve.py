@@ -171,6 +171,8 @@ def serve(
     max_tokens: Annotated[int, typer.Option(help="Most tokens one answer may have (and the default)")] = 1024,
     max_queue: Annotated[int, typer.Option(help="Requests that may wait while one is answered; more get 429")] = 8,
     max_body_kb: Annotated[int, typer.Option(help="Largest request body, in KiB")] = 1024,
+    body_timeout: Annotated[float, typer.Option(help="Seconds a request body may take to arrive; slower ones "
+                                                     "get 408")] = 30,
     system: SystemOpt = None,
     free: Annotated[bool, typer.Option("--free", help="Do not hold a classification model to its labels (or an "
                                                       "extraction model to its JSON schema)")] = False,
@@ -197,7 +199,8 @@ def serve(
     settings: dict[str, Any] = {
         "model": model, "quant": quant, "host": host, "port": port, "api_key": key,
         "cors_origins": cors_origin or [], "n_ctx": ctx, "threads": threads, "max_tokens": max_tokens,
-        "max_queue": max_queue, "max_body_bytes": max_body_kb * 1024, "system": system, "constrain": not free,
+        "max_queue": max_queue, "max_body_bytes": max_body_kb * 1024,
+        "body_timeout_s": body_timeout, "system": system, "constrain": not free,
         "log_prompts": log_prompts, "audit_log": str(audit_log) if audit_log else None,
         "shutdown_timeout_s": shutdown_timeout, "store": str(store().root)}
     cfg = validated(ServeConfig, **settings)
@@ -216,8 +219,12 @@ def _read_key(path: Path) -> str:
     except OSError as exc:
         raise ConfigError(f"cannot read the API key file {path}: {exc.strerror}",
                           "Create it with a long random key, readable by this user only.") from exc
-    if path.stat().st_mode & 0o077:
-        err_console.print(f"[yellow]note:[/] {path} is readable by other users; chmod 600 it")
+    if path.stat().st_mode & 0o077:  # as ssh does with a private key: a shared secret is no secret
+        raise ConfigError(f"the API key file {path} can be read by other users of this machine",
+                          f"Restrict it with `chmod 600 {path}`; if others may have read it, make a new key.")
+    if not key:
+        raise ConfigError(f"the API key file {path} is empty", "Put a long random key in it "
+                          "(e.g. `python -c 'import secrets; print(secrets.token_urlsafe(32))' > FILE`).")
     return key
 
 

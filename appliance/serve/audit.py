@@ -24,7 +24,8 @@ class AuditLog:
         self.path = path
         self.log_prompts = log_prompts
         descriptor = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-        self._file = os.fdopen(descriptor, "a", encoding="utf-8")
+        # text the guard let through is valid Unicode; should anything else arrive, it is escaped, not lost
+        self._file = os.fdopen(descriptor, "a", encoding="utf-8", errors="backslashreplace")
         self._lock = threading.Lock()
 
     def write(self, record: dict[str, Any]) -> None:

@@ -6,21 +6,29 @@ In front of it, `Guard` (plain ASGI, so streaming passes through untouched):
 
 - answers GET /health without a key (for systemd, load balancers and `curl`);
 - checks the bearer key in constant time, and answers 401 in the OpenAI error shape;
-- refuses bodies over the size limit (413) before reading them;
+- refuses bodies over the size limit (413) before reading them, and bodies that take longer than
+  the body timeout to arrive (408);
+- takes POST bodies as JSON only (415 otherwise), and checks them against their schema and against
+  what the model can take (appliance/serve/checks.py) before llama-cpp-python sees them, so a
+  malformed request gets a 400 that names the field, never a 500 or a crashed process;
 - caps max_tokens, and fills it in when a request names none;
 - puts the training system prompt in front of chats that bring none, and holds answers to the
   run's labels or JSON schema with a llama.cpp grammar unless the request brings its own;
 - counts the prompt's tokens with the model's own template and tokenizer and answers a prompt
   the context window cannot hold with 400 `context_length_exceeded`, before anything streams;
 - lets one request generate and a bounded number wait, and answers 429 beyond that;
-- writes one audit line per request.
+- writes one audit line per request (health probes aside), refused ones included.
 
-CORS is off unless origins are named. The model loads once; SIGTERM stops accepting
+CORS is off unless origins are named. The schema at /openapi.json (behind the key, like every
+route but /health) describes the guard's answers and limits too (appliance/serve/openapi.py).
+Embeddings are not served (the model is loaded for generation), nor are the interactive docs
+pages (they load their scripts from a CDN). The model loads once; SIGTERM stops accepting
 connections and lets requests in flight finish (up to the shutdown timeout).
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import os
@@ -35,7 +43,22 @@ from typing import Any
 from appliance.config import ServeConfig
 from appliance.data.pii import Redactor
 from appliance.serve.audit import AuditLog, redacted, redacted_messages
+from appliance.serve.checks import (
+    GENERATION_PATHS,
+    Rejection,
+    check_decodes,
+    check_logit_bias,
+    check_prompt,
+    check_tokens,
+    grammar_parses,
+    grammars,
+    is_json,
+    parse,
+    request_models,
+    validate,
+)
 from appliance.serve.model import ServedModel, context_length, formatter, grammar, prompt_tokens
+from appliance.serve.openapi import published
 from appliance.store import now_iso
 
 Scope = MutableMapping[str, Any]
@@ -44,20 +67,10 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
-GENERATION_PATHS = ("/v1/chat/completions", "/v1/completions")
-
-
-class Rejection(Exception):
-    """A request answered by the guard itself, in the OpenAI error shape."""
-
-    def __init__(self, status: int, message: str, code: str, param: str | None = None,
-                 kind: str = "invalid_request_error", headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.code, self.param, self.kind = status, message, code, param, kind
-        self.headers = headers or {}
-
-    def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+# Routes of llama-cpp-python's app that are not served: embeddings (the model is loaded for generation,
+# so every call would fail with a 500) and the interactive docs (their pages load scripts from a CDN)
+UNSERVED = ("/v1/embeddings", "/docs", "/docs/oauth2-redirect", "/redoc")
+CLOSE = {"connection": "close"}  # the body was not read to its end: this connection cannot carry another request
 
 
 @dataclass
@@ -83,6 +96,7 @@ class Guard:
         self.app = app
         self.policy = policy
         self.audit = audit
+        self._models = request_models()
         key = policy.cfg.api_key
         self._key = key.encode("utf-8") if key else None
 
@@ -107,6 +121,13 @@ class Guard:
             outcome.status = rejection.status
             record["error"] = rejection.code
             await _respond(send, rejection.status, rejection.body(), rejection.headers)
+        except Exception:
+            record["error"] = "internal_error"
+            if not outcome.status:  # nothing went out yet: answer in the OpenAI shape; uvicorn logs the traceback
+                outcome.status = 500
+                await _respond(send, 500, {"error": {"message": "internal error: see the server's log",
+                                                     "type": "internal_server_error", "param": None, "code": None}})
+            raise
         finally:
             record["status"] = outcome.status
             record["latency_ms"] = round((time.monotonic() - started) * 1000, 1)
@@ -118,12 +139,29 @@ class Guard:
         if scope["method"] == "OPTIONS" and self.policy.cfg.cors_origins:
             await self.app(scope, receive, outcome.wrap(send))  # CORS preflight carries no key
             return
+        if scope["path"] == "/health":
+            raise Rejection(405, f"/health answers GET and HEAD, not {scope['method']}", "method_not_allowed",
+                            headers={"allow": "GET, HEAD"})
         self._authenticate(scope)
+        if scope["path"] in UNSERVED:
+            raise Rejection(404, f"{scope['path']} is not served here", "not_found")
         body = await self._read_body(scope, receive)
-        if scope["method"] != "POST" or scope["path"] not in GENERATION_PATHS:
+        model = self._models.get(scope["path"]) if scope["method"] == "POST" else None
+        if model is None:  # GET /v1/models, /openapi.json, and what FastAPI answers with 404 or 405
             await self.app(scope, _replay(body, receive), outcome.wrap(send))
             return
-        request = _parse(body)
+        if not is_json(dict(scope["headers"]).get(b"content-type")):
+            raise Rejection(415, "send the body as JSON, with 'Content-Type: application/json'",
+                            "unsupported_media_type")
+        request = parse(body)
+        validate(model, request)
+        # null means "the default" in the OpenAI API; llama-cpp-python hands some (the penalties) to llama.cpp as is
+        request = {name: value for name, value in request.items() if value is not None}
+        await self._check_runtime(scope["path"], request)
+        if scope["path"] not in GENERATION_PATHS:
+            checked = json.dumps(request).encode("utf-8")
+            await self.app(_as_json(scope, checked), _replay(checked, receive), outcome.wrap(send))
+            return
         chat = scope["path"] == "/v1/chat/completions"
         record["stream"] = bool(request.get("stream"))
         request, explicit = self._apply_policy(request, chat, record)
@@ -138,8 +176,9 @@ class Guard:
                             "are waiting; retry shortly", "rate_limit_exceeded", kind="rate_limit_error",
                             headers={"retry-after": "1"})
         self.policy.admitted += 1
+        forwarded = json.dumps(request).encode("utf-8")
         try:
-            await self.app(scope, _replay(json.dumps(request).encode("utf-8"), receive), outcome.wrap(send))
+            await self.app(_as_json(scope, forwarded), _replay(forwarded, receive), outcome.wrap(send))
         finally:
             self.policy.admitted -= 1
 
@@ -153,25 +192,48 @@ class Guard:
                             "invalid_api_key")
 
     async def _read_body(self, scope: Scope, receive: Receive) -> bytes:
-        limit = self.policy.cfg.max_body_bytes
+        limit, timeout = self.policy.cfg.max_body_bytes, self.policy.cfg.body_timeout_s
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
             raise Rejection(413, f"the request body is {int(declared):,} bytes; this server takes at most "
-                            f"{limit:,}", "request_too_large")
+                            f"{limit:,}", "request_too_large", headers=CLOSE)
         chunks, size = [], 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                break
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > limit:
-                raise Rejection(413, f"the request body is over {limit:,} bytes, the most this server takes",
-                                "request_too_large")
-            chunks.append(chunk)
-            if not message.get("more_body"):
-                break
-        return b"".join(chunks)
+        try:
+            async with asyncio.timeout(timeout):
+                while True:
+                    message = await receive()
+                    if message["type"] == "http.disconnect":
+                        raise Rejection(400, "the client closed the connection before the body was complete",
+                                        "client_disconnected", headers=CLOSE)
+                    chunk = message.get("body", b"")
+                    size += len(chunk)
+                    if size > limit:
+                        raise Rejection(413, f"the request body is over {limit:,} bytes, the most this server "
+                                        "takes", "request_too_large", headers=CLOSE)
+                    chunks.append(chunk)
+                    if not message.get("more_body"):
+                        return b"".join(chunks)
+        except TimeoutError as exc:
+            raise Rejection(408, f"the request body did not arrive within {timeout:g} s", "request_timeout",
+                            headers=CLOSE) from exc
+
+    async def _check_runtime(self, path: str, request: dict[str, Any]) -> None:
+        """What the schema cannot say: token ids of this vocabulary, one prompt, grammars llama.cpp parses."""
+        from starlette.concurrency import run_in_threadpool
+
+        llm, chat = self.policy.llm, path == "/v1/chat/completions"
+        if path == "/extras/detokenize":
+            check_tokens(request["tokens"], llm.n_vocab(), "tokens")
+            await run_in_threadpool(check_decodes, llm, request["tokens"])
+        if path not in GENERATION_PATHS:
+            return
+        if not chat:
+            check_prompt(request)
+        check_logit_bias(request, llm.n_vocab())
+        for param, text in await run_in_threadpool(grammars, request, chat):
+            if not await run_in_threadpool(grammar_parses, llm, text):
+                raise Rejection(400, f"{param} asks for a grammar that llama.cpp cannot parse",
+                                "invalid_grammar", param)
 
     def _apply_policy(self, request: dict[str, Any], chat: bool,
                       record: dict[str, Any]) -> tuple[dict[str, Any], bool]:
@@ -184,10 +246,11 @@ class Guard:
         asked = request.get("max_tokens")
         if asked is None:
             request["max_tokens"] = cap
-        elif not isinstance(asked, int) or asked < 1 or asked > cap:
+        elif isinstance(asked, bool) or not isinstance(asked, int) or asked < 1 or asked > cap:
             raise Rejection(400, f"max_tokens is {asked!r}; this server allows 1 to {cap}", "invalid_max_tokens",
                             "max_tokens")
         record["max_tokens"] = request["max_tokens"]
+        request["model"] = policy.model.name  # answers name the served model, never its file's path
         if not chat:
             return request, asked is not None
         messages = request.get("messages")
@@ -210,10 +273,7 @@ class Guard:
         try:
             if chat:
                 return await run_in_threadpool(prompt_tokens, policy.llm, policy.chat_format, request["messages"])
-            prompt = request.get("prompt")
-            prompt = prompt[0] if isinstance(prompt, list) and len(prompt) == 1 else prompt
-            if not isinstance(prompt, str):
-                return None  # token-id prompts and batches: llama-cpp-python's own checks apply
+            prompt = str(request.get("prompt", ""))  # one text, by now (check_prompt)
             return len(await run_in_threadpool(policy.llm.tokenize, prompt.encode("utf-8")))
         except Exception as exc:  # a template that cannot render this conversation
             raise Rejection(400, f"the conversation cannot be rendered with the model's chat template: {exc}",
@@ -223,9 +283,11 @@ class Guard:
         """A prompt the window cannot hold is refused; so is one that leaves no room for a max_tokens
         the client asked for (a defaulted one is shortened to fit instead)."""
         n_ctx, what = self.policy.n_ctx, "messages" if chat else "prompt"
+        if count == 0:  # llama-cpp-python cannot start from nothing (a model that adds no BOS token)
+            raise Rejection(400, f"the {what} hold{'' if chat else 's'} no text to answer", f"invalid_{what}", what)
         if count is None or (count < n_ctx and not (explicit and count + asked > n_ctx)):
             return
-        detail = (f"however the {what} take {count} tokens" if count >= n_ctx else
+        detail = (f"however the {what} take{'' if chat else 's'} {count} tokens" if count >= n_ctx else
                   f"however you requested {count + asked} tokens ({count} in the {what}, {asked} in the completion)")
         raise Rejection(400, f"This model's maximum context length is {n_ctx} tokens, {detail}. Please reduce the "
                         f"length of the {what}{'' if count >= n_ctx else ' or completion'}.",
@@ -307,14 +369,11 @@ class Outcome:
         return str((message or {}).get("content") or "") if message is not None else str(choices[0].get("text", ""))
 
 
-def _parse(body: bytes) -> dict[str, Any]:
-    try:
-        request = json.loads(body)
-    except ValueError as exc:
-        raise Rejection(400, f"the request body is not valid JSON: {exc}", "invalid_json") from exc
-    if not isinstance(request, dict):
-        raise Rejection(400, "the request body must be a JSON object", "invalid_json")
-    return request
+def _as_json(scope: Scope, body: bytes) -> Scope:
+    """The scope of a request whose (checked, possibly rewritten) body goes on as JSON of this length."""
+    headers = [(k, v) for k, v in scope["headers"] if k not in (b"content-type", b"content-length")]
+    return {**scope, "headers": [*headers, (b"content-type", b"application/json"),
+                                 (b"content-length", str(len(body)).encode())]}
 
 
 def _replay(body: bytes, receive: Receive) -> Receive:
@@ -366,6 +425,7 @@ def create_app(cfg: ServeConfig, model: ServedModel, audit: AuditLog) -> Guard:
     proxy = llama_server._llama_proxy
     assert proxy is not None
     llm = proxy()
+    app.openapi_schema = published(app.openapi(), cfg.max_tokens, llm.n_vocab(), UNSERVED)
     chat_format = formatter(model, llm)
     if model.contract is not None:
         llm.chat_handler = chat_format.to_chat_handler()
