@@ -20,8 +20,10 @@ from appliance.safetensors_meta import check_complete
 
 # Hidden entries that are ours and not litter.
 KEEP = frozenset({".job.lock"})
-# The folders of a run whose hidden entries are temporary (stages write hidden names only there).
-_SWEPT = ("", "checkpoints", "eval", "gguf", "data", "sweep")
+# The folders of a run whose hidden entries can only be temporary: the run itself (staging folders, run.yaml
+# being written), checkpoints/ (one being saved) and eval/ (results being written). Folders that were staged
+# whole (data/, gguf/, merged/, adapter/) keep what they hold: gguf/.convert.log is the converter's record.
+_SWEPT = ("", "checkpoints", "eval")
 
 
 def litter(run_dir: Path) -> list[Path]:
