@@ -405,10 +405,10 @@ def test_a_body_that_stops_arriving_gets_408_in_bounded_time(endpoint: Endpoint)
 
 def test_sustained_load_keeps_memory_flat_and_every_request_audited(endpoint: Endpoint) -> None:
     """A few clients sending small chats back to back for LOAD_SECONDS. Every answer is 200, or 429
-    while the queue is full; the server's resident memory after the warm-up (the first quarter)
-    grows by less than 48 MiB: a leak of even 100 KiB per request would pass that within a minute
-    of this traffic, so the bound catches what grows with every request (buffers, audit records,
-    grammar samplers never freed), not the allocator settling."""
+    while the queue is full, and has its audit line. The server's resident memory after the warm-up
+    (the first quarter) grows by less than 48 MiB: between samples it swings by about 10 MiB as the
+    allocator reuses memory, and a leak of a few hundred KiB per answer (a body, a grammar sampler
+    or a context buffer kept) crosses the bound; APPLIANCE_LOAD_SECONDS=600 shows smaller ones."""
     server = endpoint.server
     process = psutil.Process(server.process.pid)
     before = endpoint.audit_lines()
