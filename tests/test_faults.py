@@ -51,6 +51,21 @@ def killed_at(stage: str, run_dir: Path, cfg: Any, point: str) -> None:
     assert integrity.check_run(run_dir) == [], point
 
 
+def full_disk_at(stage: str, run_dir: Path, cfg: Any, point: str) -> JobFailed:
+    """Run `stage` with the disk filling up at `point`; the job must say so, the run stay consistent."""
+    job = jobs.start(stage, run_dir, cfg, env={faults.ENV: f"full@{point}"})
+    with pytest.raises(JobFailed) as failure:
+        job.wait()
+    assert failure.value.title == "Disk full" or "disk is full" in failure.value.message, (point, failure.value)
+    assert integrity.check_run(run_dir) == [], point
+    return failure.value
+
+
+def sample_data(store: Store) -> DataConfig:
+    return DataConfig(inputs=[str(shipped_path())], task="classification", label_field="category", near_dup=False,
+                      store=str(store.root))
+
+
 def completes(stage: str, run_dir: Path, cfg: Any) -> dict[str, Any]:
     done = jobs.run(stage, run_dir, cfg)
     assert integrity.check_run(run_dir) == []
@@ -76,8 +91,7 @@ def test_fault_specs_are_parsed_and_traced(tmp_path: Path, monkeypatch: pytest.M
 def test_data_preparation_killed_then_prepared_again(scratch_store: Store) -> None:
     store = scratch_store
     run_dir = store.new_run_dir()
-    cfg = DataConfig(inputs=[str(shipped_path())], task="classification", label_field="category", near_dup=False,
-                     store=str(store.root))
+    cfg = sample_data(store)
     for point in draw("data", 2):
         killed_at("data", run_dir, cfg, point)
         assert not (run_dir / "data").exists()  # never half there
@@ -118,12 +132,7 @@ def test_a_full_disk_while_training_is_explained_and_keeps_nothing_half_written(
     run_dir = clone_run(store, source, "full-train")
     cfg = TrainConfig(store=str(store.root), **{**TRAIN, "max_steps": 2})
     for point in ("train.checkpoint", "train.adapter"):
-        job = jobs.start("train", run_dir, cfg, env={faults.ENV: f"full@{point}"})
-        with pytest.raises(JobFailed) as failure:
-            job.wait()
-        assert failure.value.title == "Disk full" or "disk is full" in failure.value.message, (point, failure.value)
-        assert "df -h" in failure.value.hint
-        assert integrity.check_run(run_dir) == [], point
+        assert "df -h" in full_disk_at("train", run_dir, cfg, point).hint
         assert not (run_dir / "adapter").exists()
     completes("train", run_dir, cfg)
 
@@ -135,11 +144,7 @@ def test_a_full_disk_at_each_write_of_an_export_is_explained(trained: tuple[Stor
     shutil.copytree(source / "adapter", run_dir / "adapter")
     cfg = ExportConfig(quants=["Q8_0"], ppl_tokens=128, store=str(store.root))
     for point in ("export.merge", "export.convert", "export.quantize", "write:manifest.json"):
-        job = jobs.start("export", run_dir, cfg, env={faults.ENV: f"full@{point}"})
-        with pytest.raises(JobFailed) as failure:
-            job.wait()
-        assert failure.value.title == "Disk full" or "disk is full" in failure.value.message, (point, failure.value)
-        assert integrity.check_run(run_dir) == [], point
+        full_disk_at("export", run_dir, cfg, point)
     completes("export", run_dir, cfg)
 
 
@@ -147,13 +152,9 @@ def test_a_full_disk_at_each_write_of_an_export_is_explained(trained: tuple[Stor
 def test_a_full_disk_while_preparing_data_is_explained(scratch_store: Store) -> None:
     store = scratch_store
     run_dir = store.new_run_dir()
-    cfg = DataConfig(inputs=[str(shipped_path())], task="classification", label_field="category", near_dup=False,
-                     store=str(store.root))
-    job = jobs.start("data", run_dir, cfg, env={faults.ENV: "full@data.splits"})
-    with pytest.raises(JobFailed) as failure:
-        job.wait()
-    assert "disk is full" in failure.value.message or failure.value.title == "Disk full", failure.value
-    assert not (run_dir / "data").exists() and integrity.check_run(run_dir) == []
+    cfg = sample_data(store)
+    full_disk_at("data", run_dir, cfg, "data.splits")
+    assert not (run_dir / "data").exists()
 
 
 @pytest.mark.slow
