@@ -174,10 +174,13 @@ class Job:
             if stop is not None and stop():
                 return
             if event is not None:
-                yield event
                 if isinstance(event, ev.Error | ev.Done):
+                    # The job's last word is written just before its process ends: wait for that end first, so
+                    # a caller that stops reading here (wait() returns on Done) finds the run's lock released.
                     self._wait(None)
+                    yield event
                     return
+                yield event
                 continue
             if finished_at is None and not self.running():
                 self._report_abnormal_end()
