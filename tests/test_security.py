@@ -90,7 +90,7 @@ class _Planted:
 
 def test_a_planted_pickle_is_refused_never_loaded(trained: tuple[Store, Path], tmp_path: Path) -> None:
     store, source = trained
-    run_dir = store.runs_dir / "planted"
+    run_dir = store.runs_dir / "planted-pickle"
     shutil.copytree(source / "data", run_dir / "data")
     shutil.copytree(source / "adapter", run_dir / "adapter")
     (run_dir / "adapter" / "adapter_model.safetensors").unlink()
