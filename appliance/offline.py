@@ -9,6 +9,7 @@ refused attempt raises `EgressBlocked` and is recorded in an audit log (one JSON
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
 import os
@@ -43,7 +44,7 @@ OFFLINE_ENV: dict[str, str] = {
 }
 
 _lock = threading.Lock()
-_state: dict[str, Any] = {"active": False, "log": None, "originals": None}
+_state: dict[str, Any] = {"active": False, "log": None, "originals": None, "peers": set()}
 
 
 def _is_local(address: Any, family: int) -> bool:
@@ -62,7 +63,7 @@ def _is_local(address: Any, family: int) -> bool:
         return False  # an unresolved host name: resolving it would already leak a DNS query
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         ip = ip.ipv4_mapped
-    return ip.is_loopback
+    return ip.is_loopback or str(ip) in _state["peers"]
 
 
 def _local_name(host: Any) -> bool:
@@ -71,6 +72,8 @@ def _local_name(host: Any) -> bool:
         host = host.decode() if host else None
     if host is None or host in ("localhost", "", socket.gethostname()) or str(host).endswith(".localhost"):
         return True
+    if str(host) in _state["peers"]:
+        return True  # the cluster peer named by the user: its lookup is allowed, and each address it has
     try:
         ipaddress.ip_address(str(host).split("%", 1)[0])
     except ValueError:
@@ -151,6 +154,29 @@ def activate(audit_log: Path | None = None) -> None:
         socket.socket.sendto = guarded_sendto  # type: ignore[method-assign,assignment]
         socket.getaddrinfo = guarded_getaddrinfo
         _state["active"] = True
+
+
+def allow_peer(host: str) -> None:
+    """Let this process reach `host`, the main node of a training that spans machines (named by the user
+    with --main-address), and nothing else beyond loopback. A name is resolved here, once, and every
+    address it has is allowed; the permission is recorded in the audit log."""
+    peers: set[str] = _state["peers"]
+    peers.add(host)
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        lookup = _state["originals"][3] if _state["originals"] else socket.getaddrinfo
+        with contextlib.suppress(OSError):  # an unknown name: the connection fails on its own, and says so
+            peers.update(str(info[4][0]) for info in lookup(host, None))
+    log_path: Path | None = _state["log"]
+    if log_path is not None:
+        try:
+            log_path.parent.mkdir(parents=True, exist_ok=True)
+            with open(log_path, "a", encoding="utf-8") as handle:
+                handle.write(json.dumps({"t": time.time(), "event": "peer_allowed", "host": host,
+                                         "addresses": sorted(peers), "pid": os.getpid()}) + "\n")
+        except OSError:
+            pass
 
 
 def deactivate() -> None:
