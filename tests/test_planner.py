@@ -3,6 +3,7 @@ is refused before anything loads, with the nearest setting that fits."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -72,3 +73,76 @@ def test_a_worker_reports_its_own_peak_memory_not_its_parents() -> None:
     child = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
     assert child < 300, child
     del ballast
+
+
+LLAMA_7B = {"architectures": ["LlamaForCausalLM"], "hidden_size": 4096, "intermediate_size": 11008,
+            "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 32000,
+            "tie_word_embeddings": False}
+GIB = 2**30
+
+
+def test_a_model_is_sized_from_its_config_alone() -> None:
+    assert planner.model_params(LLAMA_7B) == 6_738_415_616  # Llama-2-7B's published count
+    assert planner.layer_params(LLAMA_7B) == 4 * 4096 * 4096 + 3 * 4096 * 11008 == 202_375_168
+    assert planner._lora_params(LLAMA_7B, 16, "all-linear") == 32 * 16 * (4 * 8192 + 3 * 15104) == 39_976_960
+
+
+def _plan(processes: int, sharding: str, method: str = "lora") -> planner.Plan:
+    cfg = TrainConfig(store="/tmp/unused", dtype="bfloat16", batch_size=1, max_seq_len=512, method=method,
+                      gradient_checkpointing=True, processes=processes, sharding=sharding)
+    return planner.plan_from_config(cfg, LLAMA_7B, 6_738_415_616, 512, "cuda", 24 * 1024)
+
+
+def test_ddp_costs_each_device_a_gradient_bucket_and_saves_none() -> None:
+    one, two, eight = _plan(1, "ddp"), _plan(2, "ddp"), _plan(8, "ddp")
+    assert (two.peak_mb - one.peak_mb) * 2**20 == pytest.approx(39_976_960 * 4)  # fp32 copy of the LoRA grads
+    assert eight.peak_mb == pytest.approx(two.peak_mb)  # a whole replica everywhere, however many
+    assert one.weights_mb * 2**20 == 6_738_415_616 * 2
+
+
+def test_fsdp_shards_weights_and_state_and_gathers_two_layers() -> None:
+    four = _plan(4, "fsdp")
+    assert four.weights_mb * 2**20 == pytest.approx(6_738_415_616 * 2 / 4)
+    assert four.trainable_state_mb * 2**20 == pytest.approx(39_976_960 * 16 / 4)
+    # two layers in flight at bf16, plus the embeddings and the untied head of the root unit
+    assert four.gathered_mb * 2**20 == pytest.approx(2 * 202_375_168 * 2 + 2 * 32000 * 4096 * 2)
+    assert four.peak_mb == pytest.approx(four.weights_mb + four.trainable_state_mb + four.gathered_mb
+                                         + four.activations_mb)
+    assert _plan(1, "fsdp").gathered_mb == 0  # one process holds everything anyway
+
+
+def test_the_fewest_gpus_for_full_fine_tuning_of_a_7b_model() -> None:
+    cfg = TrainConfig(store="/tmp/unused", dtype="bfloat16", batch_size=1, max_seq_len=512, method="full",
+                      gradient_checkpointing=True, sharding="fsdp")
+    found = planner.devices_needed(cfg, LLAMA_7B, 6_738_415_616, 512, 80 * 1024)
+    assert found is not None
+    devices, per_device = found
+    # by hand: bf16 weights and 16 bytes of AdamW state per weight, sharded; what is not sharded stays
+    sharded = 6_738_415_616 * (2 + 16)
+    fixed = (2 * 202_375_168 * 2 + 2 * 32000 * 4096 * 2) + per_device.activations_mb * 2**20
+    assert devices == math.ceil(sharded / (0.95 * 80 * GIB - fixed)) == 2
+    assert per_device.fits and per_device.processes == 2
+    ddp = planner.devices_needed(cfg.model_copy(update={"sharding": "ddp"}), LLAMA_7B, 6_738_415_616, 512,
+                                 80 * 1024)
+    assert ddp is None  # 121 GB of weights and state on every GPU: no number of 80 GiB GPUs holds a replica
+    lora = planner.devices_needed(cfg.model_copy(update={"method": "lora"}), LLAMA_7B, 6_738_415_616, 512,
+                                  24 * 1024)
+    assert lora is not None and lora[0] == 1
+
+
+def test_the_plan_command_sizes_a_model_from_its_config(tmp_path: Path, store_dir: Path) -> None:
+    import json
+
+    from conftest import run_cli
+
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(LLAMA_7B))
+    result = run_cli("train", "plan", "--config", str(config), "--gpu-memory", "80", "--batch-size", "1",
+                     "--max-seq-len", "512", "--gradient-checkpointing", "--json", store=store_dir)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["parameters"] == 6_738_415_616
+    fewest = {row["method"]: row["fewest_gpus"] for row in report["plans"]}
+    assert fewest["full"] == {"ddp": None, "fsdp": 2} and fewest["lora"] == {"ddp": 1, "fsdp": 1}
+    full = next(row for row in report["plans"] if row["method"] == "full")["per_gpu_gib"]
+    assert full["fsdp"]["8"] < full["fsdp"]["2"] < full["fsdp"]["1"] <= full["ddp"]["2"]

@@ -9,6 +9,12 @@ over, but only for answer tokens (the loss projects nothing else onto the vocabu
 constants were fitted to peak RSS of this project's default model on the CPU at several batch
 sizes, with and without checkpointing (tests/test_planner.py checks two settings against fresh
 measurements). A plan that does not fit is refused with the nearest setting that does.
+
+With several processes the plan is per device. DDP keeps a whole replica on each (plus a bucket
+of the trainable gradients for the all-reduce), so it adds throughput, never room. FSDP shards
+weights, gradients and optimizer state over the processes and gathers one decoder layer at a
+time (two in flight: the next is prefetched), plus the embeddings and head of the root unit;
+`devices_needed` is the smallest number of devices on which such a shard fits.
 """
 
 from __future__ import annotations
@@ -26,6 +32,8 @@ LOGIT_COPIES = 5.5  # fp32 vocabulary-sized tensors per token kept by the loss a
 LAYER_FACTOR = 3.65  # h-sized tensors per token and layer, in units of (6h + 2I): fitted on CPU RSS
 CHECKPOINTED_SHARE = 0.45  # what gradient checkpointing (non-reentrant, with peft) still kept, measured
 ADAM_BYTES = 16  # fp32 parameter, gradient and two moments per trainable parameter
+DDP_BUCKET_BYTES = 4  # the all-reduce's fp32 copy of each trainable gradient
+FSDP_UNITS_IN_FLIGHT = 2  # the layer being computed and the one being prefetched
 
 
 @dataclass
@@ -41,6 +49,9 @@ class Plan:
     peak_mb: float
     available_mb: float
     disk_mb: float
+    processes: int = 1  # every process of the run, on every node
+    sharding: str = "ddp"
+    gathered_mb: float = 0.0  # FSDP: what one device holds unsharded while computing
 
     @property
     def fits(self) -> bool:
@@ -51,35 +62,59 @@ class Plan:
             "fits": self.fits}
 
 
-def _lora_params(config: dict[str, Any], rank: int, targets: list[str] | str) -> int:
+def _projections(config: dict[str, Any]) -> dict[str, tuple[int, int]]:
+    """(inputs, outputs) of each linear projection of one decoder layer."""
     h = config["hidden_size"]
     inter = config.get("intermediate_size", 4 * h)
     heads = config["num_attention_heads"]
     kv = config.get("num_key_value_heads", heads)
     head_dim = config.get("head_dim") or h // heads
-    shapes = {"q_proj": (h, heads * head_dim), "k_proj": (h, kv * head_dim), "v_proj": (h, kv * head_dim),
-              "o_proj": (heads * head_dim, h), "gate_proj": (h, inter), "up_proj": (h, inter),
-              "down_proj": (inter, h)}
+    return {"q_proj": (h, heads * head_dim), "k_proj": (h, kv * head_dim), "v_proj": (h, kv * head_dim),
+            "o_proj": (heads * head_dim, h), "gate_proj": (h, inter), "up_proj": (h, inter), "down_proj": (inter, h)}
+
+
+def _lora_params(config: dict[str, Any], rank: int, targets: list[str] | str) -> int:
+    shapes = _projections(config)
     chosen = shapes if targets == "all-linear" else {k: v for k, v in shapes.items() if k in targets}
     return int(config["num_hidden_layers"] * sum(rank * (i + o) for i, o in chosen.values()))
 
 
+def layer_params(config: dict[str, Any]) -> int:
+    """Weights of one decoder layer (its projections; norms are negligible)."""
+    return sum(i * o for i, o in _projections(config).values())
+
+
+def model_params(config: dict[str, Any]) -> int:
+    """Weights of the whole model from its config alone: layers with their two norms, embeddings, the final
+    norm, and the head unless tied to the embeddings."""
+    h, layers = config["hidden_size"], config["num_hidden_layers"]
+    embed = config["vocab_size"] * h
+    head = 0 if config.get("tie_word_embeddings", False) else embed
+    return int(layers * (layer_params(config) + 2 * h) + embed + h + head)
+
+
 def plan(cfg: TrainConfig, model_dir: Path, parameters: int, data_max_tokens: int, device: str,
          available_mb: float, trained_fraction: float = 1.0) -> Plan:
-    """`trained_fraction`: the largest share of a row's tokens that are answer tokens; the loss
-    projects only those onto the vocabulary."""
+    """Peak memory of one device (one process) of the run. `trained_fraction`: the largest share of a
+    row's tokens that are answer tokens; the loss projects only those onto the vocabulary."""
     config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    return plan_from_config(cfg, config, parameters, data_max_tokens, device, available_mb, trained_fraction)
+
+
+def plan_from_config(cfg: TrainConfig, config: dict[str, Any], parameters: int, data_max_tokens: int, device: str,
+                     available_mb: float, trained_fraction: float = 1.0) -> Plan:
+    """`plan` for a model known by its config.json alone (no weights needed: for sizing a cluster)."""
     h, layers = config["hidden_size"], config["num_hidden_layers"]
     inter = config.get("intermediate_size", 4 * h)
     heads, vocab = config["num_attention_heads"], config["vocab_size"]
     dtype_bytes = 4 if cfg.dtype == "float32" else 2
     seq = max(1, min(cfg.max_seq_len, data_max_tokens))
     tokens = cfg.batch_size * seq
-    weights = parameters * dtype_bytes
+    weights: float = parameters * dtype_bytes
     if cfg.method == "qlora":  # NF4 with double quantisation; embeddings and head stay 16-bit
         weights = parameters * 0.56 + vocab * h * 2 * 2
     trainable = parameters if cfg.method == "full" else _lora_params(config, cfg.rank, cfg.target_modules)
-    state = trainable * ADAM_BYTES
+    state: float = trainable * ADAM_BYTES
     # SDPA keeps no seq x seq score matrix, so attention adds little per token beyond its projections
     per_layer_token = dtype_bytes * ((6 * h + 2 * inter) * LAYER_FACTOR + 0.2 * heads * seq)
     layer_act = tokens * layers * per_layer_token
@@ -87,14 +122,43 @@ def plan(cfg: TrainConfig, model_dir: Path, parameters: int, data_max_tokens: in
         layer_act *= CHECKPOINTED_SHARE
     logits = tokens * min(1.0, trained_fraction) * vocab * 4 * LOGIT_COPIES
     runtime = RUNTIME_MB.get(device, 0.0)
-    peak = runtime + (weights + state + layer_act + logits) / MB
+    world = cfg.world_size
+    gathered = 0.0
+    if cfg.sharding == "fsdp" and world > 1:
+        unit_bytes = weights / parameters if parameters else dtype_bytes  # bytes per weight at the stored precision
+        embed = vocab * h * (1 if config.get("tie_word_embeddings", False) else 2) * dtype_bytes
+        gathered = FSDP_UNITS_IN_FLIGHT * layer_params(config) * unit_bytes + embed
+        weights, state = weights / world, state / world
+    elif world > 1:
+        state += trainable * DDP_BUCKET_BYTES
+    peak = runtime + (weights + state + gathered + layer_act + logits) / MB
     adapter = trainable * dtype_bytes
     disk = (cfg.keep_checkpoints * (adapter + trainable * 8) + adapter + parameters * 2 * 2
             + parameters * 1.1) / MB  # checkpoints, final adapter, merged 16-bit, GGUF f16 + Q8_0
     return Plan(device=device, tokens_per_micro_batch=tokens, seq_len=seq, weights_mb=weights / MB,
                 trainable_params=trainable, trainable_state_mb=state / MB,
                 activations_mb=(layer_act + logits) / MB, runtime_mb=runtime, peak_mb=peak,
-                available_mb=available_mb, disk_mb=disk)
+                available_mb=available_mb, disk_mb=disk, processes=world, sharding=cfg.sharding,
+                gathered_mb=gathered / MB)
+
+
+def devices_needed(cfg: TrainConfig, config: dict[str, Any], parameters: int, data_max_tokens: int,
+                   device_mb: float, trained_fraction: float = 1.0, limit: int = 1024) -> tuple[int, Plan] | None:
+    """The smallest number of devices of `device_mb` each on which the run fits at `cfg.sharding`, with
+    its per-device plan; None when no number does (DDP: when one device is too small, since every
+    device holds a whole replica; FSDP: when even the gathered layers and activations do not fit)."""
+    if cfg.sharding == "ddp":
+        single = plan_from_config(cfg.model_copy(update={"processes": 1, "nodes": 1}), config, parameters,
+                                  data_max_tokens, "cuda", device_mb, trained_fraction)
+        return (1, single) if single.fits else None
+    for devices in range(1, limit + 1):
+        trial = cfg.model_copy(update={"processes": devices, "nodes": 1})
+        result = plan_from_config(trial, config, parameters, data_max_tokens, "cuda", device_mb, trained_fraction)
+        if result.fits:
+            return devices, result
+        if result.peak_mb - (result.weights_mb + result.trainable_state_mb) > device_mb * 0.95:
+            return None  # what does not shrink with more devices is already too big
+    return None
 
 
 def nearest_fit(cfg: TrainConfig, model_dir: Path, parameters: int, data_max_tokens: int, device: str,
