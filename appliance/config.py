@@ -301,7 +301,33 @@ class TrainConfig(StageConfig):
                                   "data is mixed in, each with a weight relative to this run's own data (1.0 = as "
                                   "many rows as this run has)")
     resume: bool = Field(default=False, description="Continue from the run's last complete checkpoint")
+    processes: int = Field(default=1, ge=1, le=1024, description="Training processes on this machine (one per GPU; "
+                           "on a CPU, each takes a share of the cores); more than one trains data-parallel through "
+                           "accelerate with the hf backend")
+    nodes: int = Field(default=1, ge=1, le=1024, description="Machines training together (each runs the same "
+                       "command with its own --node-rank)")
+    node_rank: int = Field(default=0, ge=0, description="This machine's place among the nodes (0 is the main one)")
+    main_address: str | None = Field(default=None, description="HOST:PORT of node 0, where the processes meet "
+                                      "(the only address a multi-node run connects to)")
+    sharding: Literal["ddp", "fsdp"] = Field(default="ddp", description="ddp: every process holds the whole "
+                                             "model; fsdp: weights, gradients and optimizer state are sharded "
+                                             "across the processes (for a model too big for one device)")
     store: str = Field(description="Path of the model store")
+
+    @property
+    def world_size(self) -> int:
+        """All training processes of the run, on every node."""
+        return self.processes * self.nodes
+
+    @field_validator("main_address")
+    @classmethod
+    def _host_port(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        host, sep, port = value.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"main_address {shown(value)} is not HOST:PORT (e.g. 10.0.0.5:29500)")
+        return value
 
     @field_validator("mix")
     @classmethod
@@ -316,6 +342,18 @@ class TrainConfig(StageConfig):
         if self.early_stopping_metric == "task" and self.task_eval_items == 0:
             raise ValueError("early_stopping_metric task watches the label accuracy, which task_eval_items 0 turns "
                              "off: measure some rows, or watch eval_loss")
+        return self
+
+    @model_validator(mode="after")
+    def _cluster_consistent(self) -> TrainConfig:
+        if self.node_rank >= self.nodes:
+            raise ValueError(f"node_rank {self.node_rank} is not among {self.nodes} node(s): ranks count from 0 to "
+                             f"{self.nodes - 1}")
+        if self.nodes > 1 and self.main_address is None:
+            raise ValueError("a run on several nodes needs main_address: HOST:PORT of node 0, the same on every node")
+        if (self.world_size > 1 or self.sharding == "fsdp") and self.backend == "unsloth":
+            raise ValueError("the unsloth backend trains on one device: use backend hf (or auto) with several "
+                             "processes")
         return self
 
 

@@ -53,6 +53,15 @@ def train(
     = None,
     mix: Annotated[list[str] | None, typer.Option(help="Mix in another run's data: RUN=WEIGHT (repeatable)")]
     = None,
+    processes: Annotated[int | None, typer.Option(help="Training processes on this machine (one per GPU): more "
+                                                  "than one trains data-parallel through accelerate")] = None,
+    nodes: Annotated[int | None, typer.Option(help="Machines training together, each running this command")]
+    = None,
+    node_rank: Annotated[int | None, typer.Option(help="This machine's place among --nodes (0: the main one)")]
+    = None,
+    main_address: Annotated[str | None, typer.Option(help="HOST:PORT of node 0, the same on every node")] = None,
+    sharding: Annotated[str | None, typer.Option(help="ddp (a replica per device) or fsdp (weights sharded "
+                                                 "across GPUs)")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Fine-tune on a run's prepared data, as a resumable job with checkpoints."""
@@ -74,7 +83,9 @@ def train(
     overrides = {"base_model": base_model, "method": method, "max_steps": max_steps, "epochs": epochs,
                  "max_minutes": max_minutes,
                  "learning_rate": learning_rate, "batch_size": batch_size, "max_seq_len": max_seq_len,
-                 "backend": backend, "rank": rank, "init_from": init_from, "mix": _parse_mix(mix) or None}
+                 "backend": backend, "rank": rank, "init_from": init_from, "mix": _parse_mix(mix) or None,
+                 "processes": processes, "nodes": nodes, "node_rank": node_rank, "main_address": main_address,
+                 "sharding": sharding}
     given = {k: v for k, v in overrides.items() if v is not None}
     settings.update(given)
     settings.update(store=str(st.root), resume=resume is not None)
@@ -157,3 +168,80 @@ def train_sweep(
                       f"{trial.get('train_loss', float('nan')):.4f}", str(trial.get("seconds", "")))
     console.print(table)
 
+
+
+@train_app.command("plan")
+def train_plan(
+    base_model: Annotated[str | None, typer.Option(help="Base model in the store (default: the default)")] = None,
+    config: Annotated[Path | None, typer.Option(help="config.json of a model that is not in the store (its "
+                                                "weights are not needed), e.g. to size a cluster for a 70B base")]
+    = None,
+    gpu_memory: Annotated[float, typer.Option(help="Memory of one GPU, in GiB")] = 24.0,
+    recipe: Annotated[Path | None, typer.Option(help="YAML recipe with the training settings to plan for")] = None,
+    method: Annotated[str | None, typer.Option(help="lora, qlora or full (default: each of them)")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Rows per forward pass")] = None,
+    max_seq_len: Annotated[int | None, typer.Option(help="Longest row in tokens")] = None,
+    gradient_checkpointing: Annotated[bool | None, typer.Option(help="Recompute activations (what large models "
+                                                                "need)")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Memory per GPU with 1 to 8 processes, DDP and FSDP, and the fewest GPUs each method needs."""
+    import json
+
+    from appliance.config import Settings, TrainConfig, load_settings
+    from appliance.errors import ConfigError
+    from appliance.train import planner
+
+    st = store()
+    if config is not None:
+        try:
+            model_config = json.loads(config.read_text(encoding="utf-8"))
+            parameters = planner.model_params(model_config)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ConfigError(f"{config}: not a readable model config.json ({type(exc).__name__}: {exc})",
+                              "Give the config.json of a Hugging Face causal language model.") from exc
+        name = str(model_config.get("_name_or_path") or config.parent.name)
+    else:
+        name = st.resolve_model(base_model, "base model", "Import it first, or give --config.")
+        model_dir = st.model_dir(name)
+        model_config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+        parameters = int(json.loads((model_dir / "source.json").read_text(encoding="utf-8"))["parameters"])
+    from_recipe = load_settings(recipe) if recipe is not None else Settings()
+    settings: dict[str, Any] = {**from_recipe, "store": str(st.root)}
+    settings.update({k: v for k, v in {"batch_size": batch_size, "max_seq_len": max_seq_len,
+                                       "gradient_checkpointing": gradient_checkpointing}.items() if v is not None})
+    if settings.get("dtype", "auto") == "auto":
+        settings["dtype"] = "bfloat16"  # what a GPU trains in
+    base = validated_settings(TrainConfig, settings, from_recipe.origins)
+    device_mb = gpu_memory * 1024
+    methods = [method] if method else ["lora", "qlora", "full"]
+    rows: list[dict[str, Any]] = []
+    for chosen in methods:
+        cfg = validated_settings(TrainConfig, {**base.model_dump(), "method": chosen}, {})
+        per: dict[str, dict[int, float]] = {}
+        for sharding in ("ddp", "fsdp"):
+            per[sharding] = {n: planner.plan_from_config(cfg.model_copy(update={"processes": n, "sharding": sharding}),
+                                                         model_config, parameters, cfg.max_seq_len, "cuda",
+                                                         device_mb).peak_mb / 1024 for n in (1, 2, 4, 8)}
+        fewest = {s: planner.devices_needed(cfg.model_copy(update={"sharding": s}), model_config, parameters,
+                                            cfg.max_seq_len, device_mb) for s in ("ddp", "fsdp")}
+        rows.append({"method": chosen, "per_gpu_gib": per,
+                     "fewest_gpus": {s: (found[0] if found else None) for s, found in fewest.items()}})
+    if as_json:
+        print_json({"model": name, "parameters": parameters, "gpu_memory_gib": gpu_memory,
+                    "batch_size": base.batch_size, "max_seq_len": base.max_seq_len,
+                    "gradient_checkpointing": base.gradient_checkpointing, "plans": rows})
+        return
+    checkpointed = ", gradient checkpointing" if base.gradient_checkpointing else ""
+    table = Table(title=f"{name} ({parameters / 1e9:.2f} B parameters), batch {base.batch_size} x "
+                        f"{base.max_seq_len} tokens{checkpointed}: GiB per GPU")
+    for column in ("method", "sharding", "1 GPU", "2", "4", "8", f"fewest {gpu_memory:g} GiB GPUs"):
+        table.add_column(column)
+    for row in rows:
+        for sharding in ("ddp", "fsdp"):
+            fewest_text = str(row["fewest_gpus"][sharding] or "none fits")
+            table.add_row(row["method"], sharding.upper(), *(f"{v:.1f}" for v in row["per_gpu_gib"][sharding].values()),
+                          fewest_text)
+    console.print(table)
+    console.print("DDP keeps a whole replica on every GPU (more GPUs: more throughput, not more room); FSDP shards "
+                  "the weights and optimizer state (`appliance train --processes N --sharding fsdp`).")

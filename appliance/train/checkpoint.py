@@ -4,7 +4,11 @@ and the trainer state (step, epoch, position in the epoch, loss history).
 
 Like every weight file of the appliance, the optimizer state is safetensors, never a pickle: its
 tensors go in the file, and the structure around them (param groups, scheduler counters) as JSON in
-the file's metadata, so loading a checkpoint can never run code."""
+the file's metadata, so loading a checkpoint can never run code.
+
+A checkpoint does not depend on how many processes wrote it: the weights are whole (gathered from
+the shards under FSDP) and the optimizer state is keyed by the position of each trainable
+parameter, the same in every layout, so a run may resume on another number of processes."""
 
 from __future__ import annotations
 
@@ -13,10 +17,13 @@ import os
 import shutil
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from appliance import faults
 from appliance.fsutil import atomic_write_text, fsync_dir
+
+if TYPE_CHECKING:
+    from appliance.train.distributed import Group
 
 STATE = "trainer_state.json"
 OPTIMIZER = "optimizer.safetensors"
@@ -37,17 +44,24 @@ def latest(run_dir: Path) -> Path | None:
 
 
 def save(run_dir: Path, step: int, model: Any, optimizer: Any, scheduler: Any, state: dict[str, Any],
-         keep: int) -> Path:
+         keep: int, group: Group | None = None) -> Path | None:
+    """Write checkpoint `step`; returns its folder, or None in a process that does not save (every process
+    of a sharded run takes part in gathering, one writes)."""
     import torch
 
+    weights = full_weights(model, group)
+    optimizer_state = _optimizer_state(model, optimizer, group)
+    if group is not None and not group.saves:
+        group.barrier()
+        return None
     root = run_dir / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step}"
     tmp = root / f".tmp-step-{step}-{uuid.uuid4().hex[:6]}"
     tmp.mkdir()
     try:
-        model.save_pretrained(str(tmp / "model"), safe_serialization=True)
-        save_state(tmp / OPTIMIZER, {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        model.save_pretrained(str(tmp / "model"), safe_serialization=True, state_dict=weights)
+        save_state(tmp / OPTIMIZER, {"optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
                                      "torch_rng": torch.get_rng_state()})
         atomic_write_text(tmp / STATE, json.dumps(state, indent=2) + "\n")  # last: marks it complete
         fsync_dir(tmp)
@@ -62,7 +76,55 @@ def save(run_dir: Path, step: int, model: Any, optimizer: Any, scheduler: Any, s
         shutil.rmtree(old, ignore_errors=True)
     for stale in root.glob(".tmp-step-*"):  # left by a process killed while saving
         shutil.rmtree(stale, ignore_errors=True)
+    if group is not None:
+        group.barrier()  # no rank runs ahead of a checkpoint being written
     return final
+
+
+def _sharded(group: Group | None) -> bool:
+    return group is not None and group.sharding == "fsdp" and group.wrapped is not None
+
+
+def full_weights(model: Any, group: Group | None) -> dict[str, Any] | None:
+    """The whole state dict of a sharded model, gathered (every rank takes part; the saving rank gets it);
+    None when the model's own state dict is already whole."""
+    if not _sharded(group):
+        return None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    weights: dict[str, Any] = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
+                                                                                   cpu_offload=True))
+    return weights
+
+
+def _trainable_names(root: Any) -> list[str]:
+    return [name for name, param in root.named_parameters() if param.requires_grad]
+
+
+def _optimizer_state(model: Any, optimizer: Any, group: Group | None) -> dict[str, Any]:
+    """The optimizer's state dict keyed by parameter position (what a single process writes)."""
+    if not _sharded(group):
+        return dict(optimizer.state_dict())
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    assert group is not None
+    by_name = get_optimizer_state_dict(group.wrapped, optimizer,
+                                       options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return by_position(by_name, _trainable_names(group.wrapped))
+
+
+def by_position(state: dict[str, Any], names: list[str]) -> dict[str, Any]:
+    """An optimizer state dict keyed by parameter name (torch.distributed.checkpoint's form) re-keyed by the
+    parameter's position among the trainable ones (torch.optim's own form)."""
+    index = {name: position for position, name in enumerate(names)}
+    groups = [{**g, "params": [index[n] for n in g["params"]]} for g in state.get("param_groups", [])]
+    return {"state": {index[name]: value for name, value in state.get("state", {}).items()}, "param_groups": groups}
+
+
+def by_name(state: dict[str, Any], names: list[str]) -> dict[str, Any]:
+    """The inverse of `by_position`."""
+    groups = [{**g, "params": [names[i] for i in g["params"]]} for g in state.get("param_groups", [])]
+    return {"state": {names[int(i)]: value for i, value in state.get("state", {}).items()}, "param_groups": groups}
 
 
 def load_state(folder: Path) -> dict[str, Any]:
@@ -70,11 +132,18 @@ def load_state(folder: Path) -> dict[str, Any]:
     return state
 
 
-def load_optimizer(folder: Path, optimizer: Any, scheduler: Any) -> None:
+def load_optimizer(folder: Path, optimizer: Any, scheduler: Any, group: Group | None = None) -> None:
     import torch
 
     saved = load_state_file(folder / OPTIMIZER)
-    optimizer.load_state_dict(saved["optimizer"])
+    if _sharded(group):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        assert group is not None
+        set_optimizer_state_dict(group.wrapped, optimizer, by_name(saved["optimizer"], _trainable_names(group.wrapped)),
+                                 options=StateDictOptions(full_state_dict=True))
+    else:
+        optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
     torch.set_rng_state(saved["torch_rng"])
 

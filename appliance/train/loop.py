@@ -26,11 +26,12 @@ from appliance import faults
 from appliance.config import TrainConfig
 from appliance.errors import ApplianceError, Cancelled, ConfigError
 from appliance.events import Emitter
-from appliance.fsutil import fsync_dir
-from appliance.modeling import IGNORE, answer_nll
+from appliance.fsutil import fsync_dir, sha256_file
+from appliance.modeling import IGNORE
 from appliance.store import Store
-from appliance.train import checkpoint
+from appliance.train import checkpoint, distributed
 from appliance.train.data import Encoded, collate, epoch_batches, load_split
+from appliance.train.distributed import Group
 
 
 class TrainError(ApplianceError):
@@ -72,6 +73,8 @@ class _Session:
     dtype: str
     resumed_from: int | None
     started: float
+    group: Group  # the processes training together (one, unless --processes/--nodes)
+    forward: Any  # micro-batch -> per-row answer loss, through DDP/FSDP when distributed
     probe: Any = None  # the task metric on validation rows (classification runs)
 
 
@@ -87,6 +90,20 @@ def run(cfg: TrainConfig, run_dir: Path, emit: Emitter) -> TrainResult:
                          f"{run_dir.name}` first.")
     torch.manual_seed(cfg.seed)
     backend = _choose_backend(cfg, emit)  # before transformers loads: Unsloth patches it on import
+    if distributed.wanted(cfg) and not distributed.in_rank():
+        return TrainResult.model_validate(distributed.launch(cfg, run_dir, model_dir, emit))
+    group = Group.start(cfg)
+    try:
+        return _run(cfg, run_dir, emit, store, model_dir, backend, group, started)
+    finally:
+        group.end()
+
+
+def _run(cfg: TrainConfig, run_dir: Path, emit: Emitter, store: Store, model_dir: Path, backend: str, group: Group,
+         started: float) -> TrainResult:
+    import torch
+
+    data_dir = run_dir / "data"
     from appliance.data.template import load_tokenizer
 
     tokenizer = load_tokenizer(model_dir)
@@ -100,21 +117,17 @@ def run(cfg: TrainConfig, run_dir: Path, emit: Emitter) -> TrainResult:
     if truncated:
         emit.log(f"{truncated} training rows were truncated to {cfg.max_seq_len} tokens", "warning")
     train_rows = train_rows + _mixed_rows(cfg, store, tokenizer, len(train_rows), emit)
+    group.same_everywhere(f"{sha256_file(data_dir / 'train.jsonl')} {len(train_rows)} {len(val_rows)}",
+                          "training data")
     batches_per_epoch = math.ceil(len(train_rows) / cfg.batch_size)
-    steps_per_epoch = math.ceil(batches_per_epoch / cfg.grad_accum)
+    steps_per_epoch = math.ceil(batches_per_epoch / (cfg.grad_accum * group.world))
     total_steps = cfg.max_steps or max(1, math.ceil(steps_per_epoch * cfg.epochs))
 
     longest = max(len(r.input_ids) for r in train_rows)
     answer_share = max(sum(label != IGNORE for label in r.labels) / len(r.labels) for r in train_rows)
-    memory_plan = _check_plan(cfg, model_dir, longest, answer_share, emit)
+    memory_plan = _check_plan(cfg, model_dir, longest, answer_share, emit, group)
     emit.progress("loading the base model", 0, total_steps)
-    model, dtype = _load_model(cfg, model_dir, backend)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    from transformers import get_scheduler
-
-    scheduler = get_scheduler(cfg.scheduler, optimizer, num_warmup_steps=int(total_steps * cfg.warmup_ratio),
-                              num_training_steps=total_steps)
+    model, dtype = _load_model(cfg, model_dir, backend, group.device)
     state: dict[str, Any] = {"step": 0, "epoch": 0, "batch": 0, "losses": [], "evals": [], "best_eval": None,
                              "bad_evals": 0, "real_tokens": 0, "seconds": 0.0, "total_steps": total_steps}
     if cfg.init_from and not cfg.resume:
@@ -125,11 +138,23 @@ def run(cfg: TrainConfig, run_dir: Path, emit: Emitter) -> TrainResult:
     if cfg.resume and last is None:
         emit.log("no complete checkpoint to resume from: starting from the beginning", "warning")
     if last is not None:
-        _load_weights(model, last / "model", cfg.method)
-        checkpoint.load_optimizer(last, optimizer, scheduler)
+        _load_weights(model, last / "model", cfg.method)  # before the weights are wrapped (and sharded)
+    forward = group.wrap(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    from transformers import get_scheduler
+
+    scheduler = get_scheduler(cfg.scheduler, optimizer, num_warmup_steps=int(total_steps * cfg.warmup_ratio),
+                              num_training_steps=total_steps)
+    if last is not None:
+        checkpoint.load_optimizer(last, optimizer, scheduler, group)
         state = checkpoint.load_state(last)
         resumed_from = state["step"]
-        emit.log(f"resumed from checkpoint step {resumed_from}")
+        processes = state.get("processes", 1)
+        changed = f" (it was trained on {processes} process(es), this run uses {group.world})" \
+            if processes != group.world else ""
+        emit.log(f"resumed from checkpoint step {resumed_from}{changed}")
+    state["processes"] = group.world
     emit.log(f"training {sum(p.numel() for p in params):,} parameters ({backend}, {cfg.method}, {dtype}) for "
              f"{total_steps} steps on {len(train_rows)} rows, {len(val_rows)} validation rows")
 
@@ -137,8 +162,12 @@ def run(cfg: TrainConfig, run_dir: Path, emit: Emitter) -> TrainResult:
         from appliance.evaluate.probe import LabelProbe
 
         probe = LabelProbe.from_run(run_dir, tokenizer, cfg.task_eval_items) if cfg.task_eval_items else None
+        if probe is not None and group.sharding == "fsdp" and group.world > 1:
+            emit.log("the label accuracy is not measured during sharded (FSDP) training: `appliance eval` measures "
+                     "it on the saved adapter", "warning")
+            probe = None
         session = _Session(cfg, run_dir, emit, model, tokenizer, optimizer, scheduler, params, train_rows, val_rows,
-                           pad_id, total_steps, backend, dtype, resumed_from, started, probe)
+                           pad_id, total_steps, backend, dtype, resumed_from, started, group, forward, probe)
         return _train(session, state)
     except MemoryError as exc:
         raise _out_of_memory(cfg, memory_plan, state["step"]) from exc
@@ -149,8 +178,10 @@ def run(cfg: TrainConfig, run_dir: Path, emit: Emitter) -> TrainResult:
 
 
 def _train(s: _Session, state: dict[str, Any]) -> TrainResult:
-    """The step loop, the final evaluation and the saved adapter."""
-    device = next(s.model.parameters()).device
+    """The step loop, the final evaluation and the saved adapter. With several processes every rank runs
+    it in step: the decisions that depend on one rank's clock or probe (time budget, early stopping on the
+    task metric, a cancel) are taken together at each step boundary."""
+    device = s.group.device or next(s.model.parameters()).device
     s.model.train()
     window_tokens, window_start = 0, time.monotonic()
     seconds_before = state["seconds"]
@@ -162,8 +193,8 @@ def _train(s: _Session, state: dict[str, Any]) -> TrainResult:
                                 s.cfg.batching == "length_grouped")
         while state["batch"] < len(batches) and state["step"] < s.total_steps:
             micro = [collate([s.train_rows[i] for i in b], s.pad_id) for b in
-                     batches[state["batch"]:state["batch"] + s.cfg.grad_accum]]
-            loss, tokens = _optimizer_step(s.model, micro, s.params, s.optimizer, s.scheduler, device)
+                     batches[state["batch"]:state["batch"] + s.cfg.grad_accum * s.group.world]]
+            loss, tokens = _optimizer_step(s, micro, device)
             faults.point("train.step")
             state["step"] += 1
             state["batch"] += len(micro)
@@ -179,17 +210,24 @@ def _train(s: _Session, state: dict[str, Any]) -> TrainResult:
                             mem_mb=_peak_mb(device))
             if now - window_start > 30:
                 window_tokens, window_start = 0, now
-            if s.cfg.max_minutes is not None and stop_reason is None:
+            if s.cfg.max_minutes is not None and stop_reason is None and s.group.main:
                 stop_reason = _budget(s, state, now - session_start)
             if s.val_rows and (state["step"] % s.cfg.eval_every == 0 or state["step"] == s.total_steps):
-                stop_reason = _evaluate(s.model, s.val_rows, s.cfg, s.pad_id, device, state, s.emit,
-                                        s.probe) or stop_reason
+                stop_reason = _evaluate(s, device, state) or stop_reason
+            # one decision for every rank: the main process's clock and probe, anyone's cancel
+            stop_all, cancel_all, steps_all = s.group.max([float(bool(stop_reason) and s.group.main),
+                                                           float(s.emit.cancelled()),
+                                                           float(s.total_steps if s.group.main else 0)])
+            if int(steps_all) != s.total_steps:
+                _refit(s, state, int(steps_all))  # the main process fitted the steps to the time budget
+            if stop_all and not stop_reason:
+                stop_reason = "stopped with the main process"
             if state["step"] % s.cfg.save_every == 0:
-                _save(s.run_dir, s.model, s.optimizer, s.scheduler, state, s.cfg, s.emit)
+                _save(s, state)
                 saved_at = state["step"]
-            if s.emit.cancelled() and state["step"] < s.total_steps:
+            if cancel_all and state["step"] < s.total_steps:
                 if saved_at != state["step"]:
-                    _save(s.run_dir, s.model, s.optimizer, s.scheduler, state, s.cfg, s.emit)
+                    _save(s, state)
                 raise Cancelled(f"training stopped at step {state['step']} of {s.total_steps}; a checkpoint is saved",
                                 f"Continue with `appliance train --resume {s.run_dir.name}`.")
             if stop_reason:
@@ -198,12 +236,18 @@ def _train(s: _Session, state: dict[str, Any]) -> TrainResult:
             state["epoch"] += 1
             state["batch"] = 0
     if s.val_rows and (not state["evals"] or state["evals"][-1][0] != state["step"]):
-        _evaluate(s.model, s.val_rows, s.cfg, s.pad_id, device, state, s.emit, s.probe)
+        _evaluate(s, device, state)
     if stop_reason:
         s.emit.log(stop_reason)
-    adapter_dir = _save_final(s.model, s.tokenizer, s.run_dir)
+    adapter_dir = s.run_dir / "adapter"
     weights = adapter_dir / ("model.safetensors" if s.cfg.method == "full" else "adapter_model.safetensors")
-    digest = s.emit.artifact(weights, kind="adapter" if s.cfg.method != "full" else "model")
+    digest = ""
+    if s.group.saves:
+        _save_final(s.model, s.tokenizer, s.run_dir, checkpoint.full_weights(s.model, s.group))
+        digest = s.emit.artifact(weights, kind="adapter" if s.cfg.method != "full" else "model")
+    else:
+        checkpoint.full_weights(s.model, s.group)  # the gathering of shards takes every rank
+    s.group.barrier()
     evals = state["evals"]
     return TrainResult(adapter=str(adapter_dir), sha256=digest, backend=s.backend, method=s.cfg.method,
                        steps=state["step"], train_loss=state["losses"][-1][1],
@@ -218,7 +262,8 @@ FIT_AFTER = 4  # steps measured before a time budget decides how many steps fit
 def _budget(s: _Session, state: dict[str, Any], elapsed: float) -> str | None:
     """Fit the steps (and the learning-rate schedule) to the time budget once the first steps are measured,
     and again after each evaluation or checkpoint (their cost then counts in the time a step takes); say why
-    training stops when the next step would overrun the budget."""
+    training stops when the next step would overrun the budget. With several processes the main one decides
+    by its clock, and the others follow it at the step's end."""
     budget = (s.cfg.max_minutes or 0) * 60
     done = state["step"] - (s.resumed_from or 0)
     per_step = elapsed / max(1, done)
@@ -284,8 +329,10 @@ def _init_from(cfg: TrainConfig, store: Store, model: Any) -> None:
     _load_weights(model, folder, cfg.method)
 
 
-def _check_plan(cfg: TrainConfig, model_dir: Path, longest: int, answer_share: float, emit: Emitter) -> Any:
-    """Predict peak memory and refuse a run that cannot fit, naming the nearest setting that does."""
+def _check_plan(cfg: TrainConfig, model_dir: Path, longest: int, answer_share: float, emit: Emitter,
+                group: Group) -> Any:
+    """Predict peak memory and refuse a run that cannot fit, naming the nearest setting that does. With several
+    processes the plan is per device; on a CPU the processes of a machine share its memory."""
     import torch
 
     from appliance import hardware
@@ -293,11 +340,12 @@ def _check_plan(cfg: TrainConfig, model_dir: Path, longest: int, answer_share: f
 
     info = json.loads((model_dir / "source.json").read_text(encoding="utf-8"))
     if torch.cuda.is_available():
-        device, available = "cuda", torch.cuda.mem_get_info(0)[0] / 2**20
+        device, available = "cuda", torch.cuda.mem_get_info(group.local_rank)[0] / 2**20
     else:
-        device, available = "cpu", float(hardware.memory().available_mb)
+        device, available = "cpu", float(hardware.memory().available_mb) / cfg.processes
     predicted = planner.plan(cfg, model_dir, info["parameters"], longest, device, available, answer_share)
-    emit.log(f"memory plan: about {predicted.peak_mb / 1024:.1f} GiB at peak on {device} "
+    each = f" per process ({cfg.world_size} processes, {cfg.sharding.upper()})" if cfg.world_size > 1 else ""
+    emit.log(f"memory plan: about {predicted.peak_mb / 1024:.1f} GiB at peak on {device}{each} "
              f"({predicted.available_mb / 1024:.1f} GiB available), {predicted.disk_mb / 1024:.1f} GiB of disk")
     emit.metric("planned_peak_mb", predicted.peak_mb)
     if not predicted.fits:
@@ -348,6 +396,11 @@ def _choose_backend(cfg: TrainConfig, emit: Emitter) -> str:
     real tokens/s), so `auto` uses hf there; `--backend unsloth` still chooses it."""
     if cfg.backend == "hf":
         return "hf"
+    if distributed.wanted(cfg):  # the config refuses unsloth with several processes
+        if not distributed.in_rank():
+            emit.log(f"{cfg.world_size} process(es), {cfg.sharding.upper()}: the hf backend (transformers + peft "
+                     "through accelerate), since Unsloth trains on one device")
+        return "hf"
     if cfg.backend == "auto":
         import torch
 
@@ -388,7 +441,8 @@ def _load_unsloth(cfg: TrainConfig, model_dir: Path, dtype: Any) -> Any:
     )
 
 
-def _load_model(cfg: TrainConfig, model_dir: Path, backend: str) -> tuple[Any, str]:
+def _load_model(cfg: TrainConfig, model_dir: Path, backend: str, device: Any = None) -> tuple[Any, str]:
+    """The base model with its adapters, on `device` (a rank's own; the first GPU, or the CPU, by default)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -407,10 +461,12 @@ def _load_model(cfg: TrainConfig, model_dir: Path, backend: str) -> tuple[Any, s
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                                            bnb_4bit_use_double_quant=True,
                                                            bnb_4bit_compute_dtype=dtype)
-        kwargs["device_map"] = {"": 0}
+        kwargs["device_map"] = {"": (device.index or 0) if device is not None else 0}
+        if cfg.sharding == "fsdp":  # FSDP shards the 4-bit weights only when they are stored as the compute dtype
+            kwargs["quantization_config"].bnb_4bit_quant_storage = dtype
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), **kwargs)
     if torch.cuda.is_available() and cfg.method != "qlora":
-        model = model.to("cuda")
+        model = model.to(device if device is not None else "cuda")
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
@@ -428,41 +484,53 @@ def _load_model(cfg: TrainConfig, model_dir: Path, backend: str) -> tuple[Any, s
     return model, str(dtype).removeprefix("torch.")
 
 
-def _optimizer_step(model: Any, micro: list[dict[str, Any]], params: list[Any], optimizer: Any, scheduler: Any,
-                    device: Any) -> tuple[float, int]:
-    import torch
-
+def _optimizer_step(s: _Session, micro: list[dict[str, Any]], device: Any) -> tuple[float, int]:
+    """One optimizer step over the step's micro-batches, token-weighted: every answer token of the step
+    counts the same, however the rows are cut into micro-batches and shared among the ranks."""
     counts = [int((b["labels"][:, 1:] != IGNORE).sum()) for b in micro]
     total = max(1, sum(counts))
+    mine = s.group.share(list(range(len(micro))))
     loss_sum = 0.0
     tokens = 0
-    for batch in micro:
-        batch = {k: v.to(device) for k, v in batch.items()}
-        summed = answer_nll(model, batch).sum()
-        (summed / total).backward()
-        loss_sum += float(summed.detach())
-        tokens += int(batch["attention_mask"].sum())
-    torch.nn.utils.clip_grad_norm_(params, 1.0)
-    optimizer.step()
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
-    return loss_sum / total, tokens
+    for turn, index in enumerate(mine):
+        batch = {k: v.to(device) for k, v in micro[0 if index is None else index].items()}
+        # the all-reduce takes the mean over ranks, hence `world`; a turn without rows of its own counts nothing
+        scale = 0.0 if index is None else s.group.world / total
+        with s.group.no_sync(last=turn == len(mine) - 1):
+            summed = s.forward(batch).sum()
+            (summed * scale).backward()
+        if index is not None:
+            loss_sum += float(summed.detach())
+            tokens += int(batch["attention_mask"].sum())
+    loss_sum, step_tokens = s.group.sum([loss_sum, float(tokens)])
+    s.group.clip(s.params, 1.0)
+    s.optimizer.step()
+    s.scheduler.step()
+    s.optimizer.zero_grad(set_to_none=True)
+    return loss_sum / total, int(step_tokens)
 
 
-def _evaluate(model: Any, rows: list[Encoded], cfg: TrainConfig, pad_id: int, device: Any,
-              state: dict[str, Any], emit: Emitter, probe: Any = None) -> str | None:
+def _evaluate(s: _Session, device: Any, state: dict[str, Any]) -> str | None:
+    """Validation loss over all validation rows (shared among the ranks), the task metric when asked,
+    and early stopping."""
     import torch
 
-    model.eval()
+    cfg, emit = s.cfg, s.emit
+    starts = list(range(0, len(s.val_rows), cfg.batch_size))
+    s.model.eval()
     loss_sum, count_sum = 0.0, 0
     with torch.no_grad():
-        for start in range(0, len(rows), cfg.batch_size):
-            batch = {k: v.to(device) for k, v in collate(rows[start:start + cfg.batch_size], pad_id).items()}
-            loss_sum += float(answer_nll(model, batch).sum())
-            count_sum += int((batch["labels"][:, 1:] != IGNORE).sum())
-        accuracy = probe.accuracy(model) if probe is not None else None
-    model.train()
-    value = loss_sum / max(1, count_sum)
+        for start in s.group.share(starts):
+            first = 0 if start is None else start
+            batch = {k: v.to(device) for k, v in collate(s.val_rows[first:first + cfg.batch_size], s.pad_id).items()}
+            summed = float(s.forward(batch).sum())  # every rank takes as many turns (FSDP gathers in each)
+            if start is not None:
+                loss_sum += summed
+                count_sum += int((batch["labels"][:, 1:] != IGNORE).sum())
+        accuracy = s.probe.accuracy(s.model) if s.probe is not None and s.group.main else None
+    s.model.train()
+    loss_total, count_total = s.group.sum([loss_sum, float(count_sum)])
+    value = loss_total / max(1.0, count_total)
     state["evals"].append([state["step"], round(value, 5)])
     emit.metric("eval_loss", value, step=state["step"])
     if accuracy is not None:
@@ -470,6 +538,8 @@ def _evaluate(model: Any, rows: list[Encoded], cfg: TrainConfig, pad_id: int, de
         state.setdefault("task_evals", []).append([state["step"], round(accuracy, 4)])
         if cfg.early_stopping_metric == "task":
             value = -accuracy  # the best evaluation is the lowest value
+    elif cfg.early_stopping_metric == "task" and s.probe is not None:
+        return None  # another rank: the main process decides on the task metric, and says so at the step's end
     best = state["best_eval"]
     if best is None or value < best:
         state["best_eval"], state["bad_evals"] = value, 0
@@ -483,21 +553,23 @@ def _evaluate(model: Any, rows: list[Encoded], cfg: TrainConfig, pad_id: int, de
     return None
 
 
-def _save(run_dir: Path, model: Any, optimizer: Any, scheduler: Any, state: dict[str, Any], cfg: TrainConfig,
-          emit: Emitter) -> None:
+def _save(s: _Session, state: dict[str, Any]) -> None:
     faults.point("train.checkpoint")
-    folder = checkpoint.save(run_dir, state["step"], model, optimizer, scheduler, state, cfg.keep_checkpoints)
-    weights = next((folder / "model").glob("*.safetensors"))
-    emit.artifact(weights, kind="checkpoint")
+    folder = checkpoint.save(s.run_dir, state["step"], s.model, s.optimizer, s.scheduler, state,
+                             s.cfg.keep_checkpoints, s.group)
+    if folder is not None:
+        weights = next((folder / "model").glob("*.safetensors"))
+        s.emit.artifact(weights, kind="checkpoint")
 
 
-def _save_final(model: Any, tokenizer: Any, run_dir: Path) -> Path:
-    """The adapter (or full model) with the tokenizer, renamed into place when complete."""
+def _save_final(model: Any, tokenizer: Any, run_dir: Path, weights: dict[str, Any] | None = None) -> Path:
+    """The adapter (or full model) with the tokenizer, renamed into place when complete. `weights`: the
+    whole state dict when the model's own is sharded (FSDP)."""
     final = run_dir / "adapter"
     tmp = run_dir / f".adapter-{uuid.uuid4().hex[:6]}"
     try:
         faults.point("train.adapter")
-        model.save_pretrained(str(tmp), safe_serialization=True)
+        model.save_pretrained(str(tmp), safe_serialization=True, state_dict=weights)
         tokenizer.save_pretrained(str(tmp))
         fsync_dir(tmp)
         faults.point("train.adapter.register")

@@ -1,0 +1,31 @@
+"""`python -m appliance.train.agent ARGS`: `accelerate launch ARGS` with the egress guard on.
+
+The launcher (torchrun's agent) of a distributed training runs here, so it is held to the same
+rule as every process of the appliance: loopback only, plus the main node's address when the run
+spans machines. It dies with the job's worker that started it, and the ranks die with it.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from appliance import offline
+
+
+def main(argv: list[str]) -> int:
+    from appliance.train.distributed import PEER_ENV, die_with_parent
+
+    die_with_parent()
+    offline.activate()
+    if os.environ.get(PEER_ENV):
+        offline.allow_peer(os.environ[PEER_ENV])
+    from accelerate.commands.launch import launch_command, launch_command_parser
+
+    args = launch_command_parser().parse_args(argv)
+    launch_command(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

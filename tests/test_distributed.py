@@ -1,0 +1,198 @@
+"""Training on several processes through accelerate: the same code path as on GPUs, here with two CPU
+processes over gloo on loopback. Two processes with the same global batch follow the loss trajectory
+of one; a killed two-process run leaves no process behind and resumes on another number of them."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from conftest import clone_run
+
+from appliance import events as ev
+from appliance import jobs, offline
+from appliance.config import TrainConfig
+from appliance.errors import JobFailed
+from appliance.store import Store
+from appliance.train import checkpoint, distributed
+from appliance.train.distributed import Group
+
+# fp32 and no dropout: the only difference between the layouts is the order of floating-point sums
+SMALL = {"max_steps": 4, "batch_size": 2, "max_seq_len": 128, "learning_rate": 5e-4, "rank": 8, "alpha": 16,
+         "dtype": "float32", "eval_every": 1000, "save_every": 2, "task_eval_items": 0, "backend": "hf"}
+
+
+def test_cluster_settings_are_checked_before_anything_starts() -> None:
+    def refused(**settings: Any) -> str:
+        with pytest.raises(ValueError) as excinfo:
+            TrainConfig(store="/tmp/unused", **settings)
+        return str(excinfo.value)
+
+    assert "node_rank 2 is not among 2 node(s)" in refused(nodes=2, node_rank=2, main_address="10.0.0.5:29500")
+    assert "needs main_address" in refused(nodes=2)
+    assert "is not HOST:PORT" in refused(nodes=2, main_address="10.0.0.5")
+    assert "unsloth backend trains on one device" in refused(processes=2, backend="unsloth")
+    assert TrainConfig(store="/tmp/unused", processes=4, nodes=2, main_address="h:1").world_size == 8
+
+
+def test_every_rank_takes_as_many_turns() -> None:
+    assert Group(world=2, rank=0).share([0, 1, 2]) == [0, 2]
+    assert Group(world=2, rank=1).share([0, 1, 2]) == [1, None]  # joins the collective with no rows of its own
+    assert Group(world=3, rank=2).share([7]) == [None]
+    assert Group().share([0, 1, 2]) == [0, 1, 2]
+
+
+def test_the_accelerate_configuration_names_every_machine_and_process() -> None:
+    cfg = TrainConfig(store="/tmp/unused", processes=4, nodes=2, node_rank=1, main_address="10.0.0.5:29511",
+                      sharding="fsdp")
+    config = distributed.accelerate_config(cfg, cuda=True, port=1, layer_classes=["LlamaDecoderLayer"])
+    assert yaml.safe_load(distributed._yaml(config)) == config
+    assert (config["num_processes"], config["num_machines"], config["machine_rank"]) == (8, 2, 1)
+    assert (config["main_process_ip"], config["main_process_port"]) == ("10.0.0.5", 29511)
+    assert config["distributed_type"] == "FSDP"
+    assert config["fsdp_config"]["fsdp_transformer_layer_cls_to_wrap"] == "LlamaDecoderLayer"
+    single = distributed.accelerate_config(TrainConfig(store="/tmp/unused", processes=2), cuda=False, port=29600,
+                                           layer_classes=[])
+    assert single["distributed_type"] == "MULTI_GPU" and "fsdp_config" not in single
+    assert (single["main_process_ip"], single["main_process_port"]) == ("127.0.0.1", 29600)
+
+
+def test_optimizer_state_keyed_by_name_comes_back_keyed_by_position() -> None:
+    """What FSDP's gathered optimizer state (keyed by parameter name) becomes in a checkpoint, the state a
+    single process keeps, checked against torch's own conversion on an unsharded model."""
+    import torch
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    model[0].weight.requires_grad_(False)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-3)
+    model(torch.ones(1, 3)).sum().backward()
+    optimizer.step()
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    keyed = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True))
+    assert set(keyed["state"]) == set(names) == {"0.bias", "1.weight", "1.bias"}
+    positions = checkpoint.by_position(keyed, names)
+    own = optimizer.state_dict()
+    assert positions["state"].keys() == own["state"].keys()
+    for index, value in own["state"].items():
+        assert torch.equal(positions["state"][index]["exp_avg"], value["exp_avg"])
+    assert [g["params"] for g in positions["param_groups"]] == [g["params"] for g in own["param_groups"]]
+    assert checkpoint.by_name(positions, names)["state"].keys() == keyed["state"].keys()
+
+
+def test_a_named_cluster_peer_is_the_only_address_let_through(tmp_path: Path) -> None:
+    log = tmp_path / "egress.jsonl"
+    was_active = offline.is_active()
+    offline.activate(log)
+    try:
+        assert not offline._is_local(("10.1.2.3", 29500), 2) and not offline._local_name("node0.example")
+        offline.allow_peer("10.1.2.3")
+        assert offline._is_local(("10.1.2.3", 29500), 2) and offline._local_name("10.1.2.3")
+        assert not offline._is_local(("10.1.2.4", 29500), 2)
+    finally:
+        offline._state["peers"].clear()
+        if not was_active:
+            offline.deactivate()
+    entry = [line for line in log.read_text().splitlines() if "peer_allowed" in line]
+    assert entry and "10.1.2.3" in entry[0]
+
+
+def test_sharding_on_cpus_is_refused_with_the_way_that_works(prepared: tuple[Store, Path]) -> None:
+    store, source = prepared
+    run_dir = clone_run(store, source, "fsdp-on-cpu")
+    with pytest.raises(JobFailed) as excinfo:
+        jobs.run("train", run_dir, TrainConfig(store=str(store.root), sharding="fsdp", **SMALL))
+    assert "FSDP" in excinfo.value.message and "--sharding ddp" in excinfo.value.hint
+
+
+def _losses(run_dir: Path, offset: int = 0) -> dict[int, float]:
+    return {e.step: e.loss for e in ev.read_all(run_dir / ev.EVENTS_FILE, offset)
+            if isinstance(e, ev.Progress) and e.phase == "training" and e.loss is not None}
+
+
+def _train(store: Store, source: Path, name: str, **settings: Any) -> tuple[Path, dict[str, Any]]:
+    run_dir = clone_run(store, source, name)
+    done = jobs.run("train", run_dir, TrainConfig(store=str(store.root), **{**SMALL, **settings}))
+    return run_dir, done.result
+
+
+@pytest.fixture(scope="module")
+def references(prepared: tuple[Store, Path]) -> dict[str, tuple[Path, dict[str, Any]]]:
+    """The same training, uninterrupted, with global batch 4 both ways: one process accumulating 2 micro-batches
+    of 2 rows, and two processes of 2 rows each."""
+    store, source = prepared
+    return {"one": _train(store, source, "one-process", grad_accum=2),
+            "two": _train(store, source, "two-processes", processes=2)}
+
+
+@pytest.mark.slow
+def test_two_processes_follow_the_loss_trajectory_of_one(
+        references: dict[str, tuple[Path, dict[str, Any]]]) -> None:
+    (one_dir, one), (two_dir, two) = references["one"], references["two"]
+    one_losses, two_losses = _losses(one_dir), _losses(two_dir)
+    assert sorted(one_losses) == sorted(two_losses) == [1, 2, 3, 4]
+    for step, loss in one_losses.items():
+        assert two_losses[step] == pytest.approx(loss, rel=2e-3), (step, one_losses, two_losses)
+    assert one_losses[4] < one_losses[1]  # it learns, the same way
+    assert two["eval_loss"] == pytest.approx(one["eval_loss"], rel=2e-3)
+    assert two["real_tokens"] == one["real_tokens"] and two["steps"] == 4
+    logs = [e.message for e in ev.read_all(two_dir / ev.EVENTS_FILE) if isinstance(e, ev.Log)]
+    assert any("training on 2 processes" in m and "gloo" in m for m in logs)
+    assert (two_dir / "accelerate.yaml").is_file() and (two_dir / "adapter" / "adapter_model.safetensors").is_file()
+    progress = [e for e in ev.read_all(two_dir / ev.EVENTS_FILE) if isinstance(e, ev.Progress)]
+    assert [e.step for e in progress if e.phase == "training"] == [1, 2, 3, 4]  # one stream, not one per rank
+
+
+def _processes_of(run_dir: Path) -> list[int]:
+    """Live processes whose command line names the run (the worker, the launcher, the ranks)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes()
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if str(run_dir).encode() in cmdline and state != "Z":
+            found.append(int(entry.name))
+    return found
+
+
+@pytest.mark.slow
+def test_a_killed_two_process_run_resumes_on_one(prepared: tuple[Store, Path],
+                                                 references: dict[str, tuple[Path, dict[str, Any]]]) -> None:
+    store, source = prepared
+    run_dir = clone_run(store, source, "killed-two")
+    cfg = TrainConfig(store=str(store.root), processes=2, **SMALL)
+    job = jobs.start("train", run_dir, cfg)
+    deadline = time.monotonic() + 600
+    while checkpoint.latest(run_dir) is None and job.running() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert checkpoint.latest(run_dir) is not None and job.running(), "no checkpoint before the kill"
+    os.kill(job.pid, signal.SIGKILL)  # what the OOM killer or `kill -9` does to the job
+    assert job.process is not None
+    job.process.wait()
+    deadline = time.monotonic() + 30
+    while _processes_of(run_dir) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert _processes_of(run_dir) == [], "ranks outlived their job"
+    saved = checkpoint.load_state(checkpoint.latest(run_dir) or run_dir)
+    assert saved["processes"] == 2 and saved["step"] >= 2
+    offset = (run_dir / ev.EVENTS_FILE).stat().st_size
+    resumed = jobs.run("train", run_dir, cfg.model_copy(update={"processes": 1, "grad_accum": 2, "resume": True}))
+    assert resumed.result["steps"] == 4 and resumed.result["resumed_from"] == saved["step"]
+    logs = [e.message for e in ev.read_all(run_dir / ev.EVENTS_FILE, offset) if isinstance(e, ev.Log)]
+    assert any(f"resumed from checkpoint step {saved['step']} (it was trained on 2 process(es), this run uses 1)"
+               in m for m in logs), logs
+    after = _losses(run_dir, offset)
+    assert sorted(after) == list(range(saved["step"] + 1, 5))
+    uninterrupted = _losses(references["two"][0])
+    for step, loss in after.items():  # the optimizer state, schedule and data position all came back
+        assert loss == pytest.approx(uninterrupted[step], rel=2e-3), (step, after, uninterrupted)
