@@ -372,6 +372,9 @@ class ExportConfig(StageConfig):
                              "server alias); <base model>-<run suffix> when not given")
     ppl_tokens: int = Field(default=4096, ge=64, le=10_000_000, description="Validation tokens scored for the "
                             "perplexity of each file (rows in order, whole rows only)")
+    cluster_gpu_gib: float = Field(default=24.0, gt=0, le=100_000, description="Memory of one GPU of the "
+                                   "cluster that may serve the merged model with vLLM or TGI: sizes the "
+                                   "tensor-parallel degree their launch scripts suggest")
     store: str = Field(description="Path of the model store")
 
     @field_validator("quants")

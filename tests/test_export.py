@@ -109,6 +109,26 @@ def test_modelfile_and_commands_follow_the_contract(exported: tuple[Store, Path,
     assert "ollama create" in (gguf / "README.md").read_text()
 
 
+def test_cluster_engines_get_launch_scripts_for_the_merged_model(
+        exported: tuple[Store, Path, dict[str, Any]]) -> None:
+    """vLLM and TGI serve the merged 16-bit model with the trained chat template, offline, over the GPUs the
+    planner suggests (one 24 GiB GPU is plenty for 135M parameters)."""
+    _store, run_dir, result = exported
+    gguf = run_dir / "gguf"
+    vllm, tgi = (gguf / "vllm.sh").read_text(), (gguf / "tgi.sh").read_text()
+    for script in (vllm, tgi):
+        assert f'"{run_dir / "merged"}"' in script and 'TP="${TP:-1}"' in script
+        assert "HF_HUB_OFFLINE=1" in script and "VLLM_NO_USAGE_STATS=1" in script
+        assert "127.0.0.1" in script and "0.0.0.0" not in script  # loopback unless the operator says otherwise
+    assert f'--chat-template "{gguf / "chat_template.jinja"}"' in vllm and "--num-shard" in tgi
+    assert "TP=1: weights 0.3 GiB" in vllm
+    assert all(os.access(gguf / name, os.X_OK) for name in ("vllm.sh", "tgi.sh"))
+    assert result["commands"]["vllm"] == f"sh {gguf / 'vllm.sh'}"
+    assert "More traffic than one llama.cpp process" in (gguf / "README.md").read_text()
+    for name in ("vllm.sh", "tgi.sh"):  # the shell parses them
+        assert subprocess.run(["sh", "-n", str(gguf / name)], check=False).returncode == 0
+
+
 def test_manifest_covers_the_export_and_verifies(exported: tuple[Store, Path, dict[str, Any]]) -> None:
     store, run_dir, result = exported
     data = json.loads((run_dir / "manifest.json").read_text())

@@ -146,3 +146,17 @@ def test_the_plan_command_sizes_a_model_from_its_config(tmp_path: Path, store_di
     assert fewest["full"] == {"ddp": None, "fsdp": 2} and fewest["lora"] == {"ddp": 1, "fsdp": 1}
     full = next(row for row in report["plans"] if row["method"] == "full")["per_gpu_gib"]
     assert full["fsdp"]["8"] < full["fsdp"]["2"] < full["fsdp"]["1"] <= full["ddp"]["2"]
+
+
+def test_the_serving_plan_splits_a_model_over_the_fewest_gpus() -> None:
+    # Llama-2-7B: 13.5 GB of fp16 weights; K and V of 32 layers x 32 heads x 128 = 512 KiB a token, 8 x 4096 tokens
+    seven = planner.serving_plan({**LLAMA_7B, "max_position_embeddings": 4096}, 24 * 1024, 4096)
+    need_mb = (6_738_415_616 * 2 + 2 * 32 * 32 * 128 * 2 * 4096 * 8) / 2**20
+    assert seven.kv_mb_per_token * 2**20 == 524_288
+    assert need_mb + 1536 > 0.9 * 24 * 1024 >= need_mb / 2 + 1536  # one 24 GiB GPU is too small, two are not
+    assert seven.tensor_parallel == 2 and seven.per_gpu_mb == pytest.approx(need_mb / 2 + 1536)
+    seventy = {"hidden_size": 8192, "intermediate_size": 28672, "num_hidden_layers": 80, "num_attention_heads": 64,
+               "num_key_value_heads": 8, "vocab_size": 32000, "tie_word_embeddings": False}
+    assert planner.model_params(seventy) == 68_976_648_192  # Llama-2-70B
+    assert planner.serving_plan(seventy, 80 * 1024, 4096).tensor_parallel == 2  # 138 GB + 10.7 GB of KV
+    assert planner.serving_plan(seventy, 16 * 1024, 4096).tensor_parallel is None  # not even on 8

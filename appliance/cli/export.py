@@ -43,6 +43,8 @@ def export(
     name: Annotated[str | None, typer.Option(help="Name of the exported model (files, Ollama, server alias)")]
     = None,
     ppl_tokens: Annotated[int, typer.Option(help="Validation tokens scored for each file's perplexity")] = 4096,
+    cluster_gpu_gib: Annotated[float, typer.Option(help="GiB of one GPU that may serve the merged model with vLLM "
+                                                   "or TGI: sizes their scripts' tensor-parallel degree")] = 24.0,
     list_quants: Annotated[bool, typer.Option("--list-quants", help="Show the quantizations with their predicted "
                                               "sizes for this run, and exit")] = False,
     as_json: JsonOpt = False,
@@ -58,7 +60,7 @@ def export(
         return
     quants = [q for value in quant or [] for q in value.split(",") if q.strip()] or None
     settings: dict[str, Any] = {"outtype": outtype, "lora_gguf": lora_gguf, "device": device, "name": name,
-                                "ppl_tokens": ppl_tokens, "store": str(st.root)}
+                                "ppl_tokens": ppl_tokens, "cluster_gpu_gib": cluster_gpu_gib, "store": str(st.root)}
     if quants:
         settings["quants"] = quants
     cfg = validated(ExportConfig, **settings)

@@ -22,8 +22,8 @@ from pydantic import BaseModel
 from appliance import faults, toolchain
 from appliance.config import ExportConfig
 from appliance.events import Emitter
+from appliance.export import cluster, gate, manifest, quants
 from appliance.export import contract as chat_contract
-from appliance.export import gate, manifest, quants
 from appliance.export.merge import ExportError, MergeResult, disk_error, is_full_model, merge, replace_dir
 from appliance.fsutil import atomic_write_text, sha256_file
 from appliance.store import Store, now_iso
@@ -294,7 +294,7 @@ def _register(cfg: ExportConfig, run_dir: Path, staging: Path, produced: dict[st
     if model_quants:
         served = quants.RECOMMENDED if quants.RECOMMENDED in model_quants else model_quants[-1]
         modelfile_path, commands = _write_serving_files(run_dir, staging, contract, name, produced[served][0],
-                                                        base_dir)
+                                                        base_dir, Path(merged.merged), cfg.cluster_gpu_gib)
     record = {"run": run_dir.name, "name": name, "created": now_iso(), "adapter_sha256": merged.adapter_sha256,
               "reference": reference_quant, "ppl_tokens": cfg.ppl_tokens, "contract": contract.model_dump(),
               "rejected": rejected, "rejected_dir": str(rejected_dir) if rejected_dir else None}
@@ -336,7 +336,10 @@ def _reject(run_dir: Path, folder: Path, produced: dict[str, tuple[Path, float]]
 
 
 def _write_serving_files(run_dir: Path, staging: Path, contract: chat_contract.ChatContract, name: str,
-                         served: Path, base_dir: Path) -> tuple[Path, dict[str, str]]:
+                         served: Path, base_dir: Path, merged_dir: Path,
+                         cluster_gpu_gib: float) -> tuple[Path, dict[str, str]]:
+    """The Modelfile, chat template and README of llama.cpp serving, and the launch scripts of vLLM and TGI for
+    the merged model (written in `staging`, which becomes the gguf folder)."""
     config = json.loads((base_dir / "config.json").read_text(encoding="utf-8"))
     num_ctx = min(int(config.get("max_position_embeddings") or 4096), 4096)
     final = run_dir / GGUF_DIR
@@ -345,7 +348,14 @@ def _write_serving_files(run_dir: Path, staging: Path, contract: chat_contract.C
     path = staging / "Modelfile"
     atomic_write_text(path, chat_contract.modelfile(contract, served.name, num_ctx))
     commands = chat_contract.serve_commands(run_dir.name, final / served.name, final / template.name, num_ctx, name)
-    atomic_write_text(staging / "README.md", _readme(name, commands, served.name))
+    plan = cluster.plan_for(merged_dir, cluster_gpu_gib)
+    scripts = {"vllm": cluster.vllm_script(merged_dir, final / template.name, name, plan),
+               "tgi": cluster.tgi_script(merged_dir, name, plan)}
+    for engine, text in scripts.items():
+        atomic_write_text(staging / f"{engine}.sh", text)
+        os.chmod(staging / f"{engine}.sh", 0o755)
+        commands[engine] = f"sh {final / engine}.sh"
+    atomic_write_text(staging / "README.md", _readme(name, commands, served.name) + cluster.readme_section(plan))
     return path, commands
 
 

@@ -195,3 +195,39 @@ def as_flags(change: dict[str, Any]) -> str:
         flag = "--" + key.replace("_", "-")
         parts.append(flag if value is True else f"{flag} {value}")
     return " ".join(parts)
+
+
+SERVING_SEQUENCES = 8  # sequences of full context a serving engine should hold at once to be worth its GPUs
+SERVING_UTILIZATION = 0.9  # the share of each GPU vLLM takes by default (--gpu-memory-utilization)
+SERVING_OVERHEAD_MB = 1536.0  # CUDA context, kernels' workspace, activations of one forward pass
+
+
+@dataclass
+class ServingPlan:
+    tensor_parallel: int | None  # GPUs one replica is split over; None when no degree up to 8 fits
+    context: int
+    sequences: int
+    weights_mb: float  # 16-bit weights, whole model
+    kv_mb_per_token: float
+    per_gpu_mb: float  # at the suggested degree (or at 8 when none fits)
+    gpu_mb: float
+
+
+def serving_plan(config: dict[str, Any], gpu_mb: float, context: int,
+                 sequences: int = SERVING_SEQUENCES) -> ServingPlan:
+    """The smallest tensor-parallel degree (a power of two dividing the attention heads) at which the merged
+    16-bit model plus the KV cache of `sequences` full contexts fits in each GPU, as vLLM or TGI would shard it."""
+    weights = model_params(config) * 2
+    layers, heads = config["num_hidden_layers"], config["num_attention_heads"]
+    kv_heads = config.get("num_key_value_heads", heads)
+    head_dim = config.get("head_dim") or config["hidden_size"] // heads
+    kv_per_token = 2 * layers * kv_heads * head_dim * 2  # K and V, fp16, every layer
+    need = weights + kv_per_token * context * sequences
+    per_gpu = 0.0
+    for degree in (1, 2, 4, 8):
+        if heads % degree:
+            continue
+        per_gpu = need / degree / MB + SERVING_OVERHEAD_MB
+        if per_gpu <= gpu_mb * SERVING_UTILIZATION:
+            return ServingPlan(degree, context, sequences, weights / MB, kv_per_token / MB, per_gpu, gpu_mb)
+    return ServingPlan(None, context, sequences, weights / MB, kv_per_token / MB, per_gpu, gpu_mb)
