@@ -31,6 +31,7 @@ FIELDS: dict[str, tuple[str, type]] = {  # config field -> (label, type)
     "learning_rate": ("learning rate", float),
     "rank": ("LoRA rank", int),
     "eval_every": ("evaluate every", int),
+    "processes": ("processes (GPUs)", int),
 }
 
 
@@ -49,10 +50,11 @@ def describe_plan(cfg: TrainConfig, store: Any) -> str:
     parameters = json.loads((model_dir / "source.json").read_text(encoding="utf-8"))["parameters"]
     gpus = hardware.nvidia_gpus(timeout_s=2.0)
     device, available = ("cuda", float(gpus[0].memory_free_mb or gpus[0].memory_total_mb)) if gpus else \
-        ("cpu", float(hardware.memory().available_mb))
+        ("cpu", float(hardware.memory().available_mb) / cfg.processes)  # the processes share the machine's RAM
     plan = planner.plan(cfg, model_dir, parameters, cfg.max_seq_len, device, available)
     verdict = "[green]fits[/]" if plan.fits else "[red]does not fit[/]"
-    return (f"memory plan: about {plan.peak_mb / 1024:.1f} GiB at peak on {device}, "
+    each = f" per process ({cfg.world_size}, {cfg.sharding.upper()})" if cfg.world_size > 1 else ""
+    return (f"memory plan: about {plan.peak_mb / 1024:.1f} GiB at peak on {device}{each}, "
             f"{plan.available_mb / 1024:.1f} GiB available: {verdict}")
 
 
@@ -90,7 +92,7 @@ class TrainScreen(RunScreen):
 
     def on_mount(self) -> None:
         defaults = {"max_steps": 100, "batch_size": 4, "max_seq_len": 512, "learning_rate": 2e-4, "rank": 16,
-                    "eval_every": 25}
+                    "eval_every": 25, "processes": 1}
         recorded = self._recorded()
         for name in FIELDS:
             self.query_one(f"#f-{name}", Input).value = str(recorded.get(name) or defaults[name])
