@@ -7,17 +7,21 @@ spans machines. It dies with the job's worker that started it, and the ranks die
 
 from __future__ import annotations
 
+import json
 import os
 import sys
+from pathlib import Path
 
 from appliance import offline
 
 
 def main(argv: list[str]) -> int:
-    from appliance.train.distributed import PEER_ENV, die_with_parent
+    from appliance.train.distributed import PEER_ENV, RANKS_DIR, SPEC_FILE, die_with_parent
 
     die_with_parent()
-    offline.activate()
+    run_dir = Path(argv[-1])  # the ranks' argument: the run, whose spec names the store and its audit log
+    store = json.loads((run_dir / RANKS_DIR / SPEC_FILE).read_text(encoding="utf-8"))["store"]
+    offline.activate(Path(store) / "audit" / "egress.jsonl")
     if os.environ.get(PEER_ENV):
         offline.allow_peer(os.environ[PEER_ENV])
     from accelerate.commands.launch import launch_command, launch_command_parser
