@@ -13,11 +13,25 @@ import json
 import signal
 import sys
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
 from appliance import offline
+
+
+def stop_on_signals() -> Callable[[], bool]:
+    """SIGTERM and SIGINT set a flag instead of ending the process; the returned function reads it (a stage
+    checks it at its safe points and stops there, saving first)."""
+    received: list[int] = []
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        received.append(signum)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    return lambda: bool(received)
 
 
 def _resolve(path: str) -> Any:
@@ -39,17 +53,9 @@ def main(argv: list[str]) -> int:
     from appliance.errors import ApplianceError, Cancelled, DiskFull, is_disk_full
     from appliance.jobs import DISK_FULL_STATUS, STAGES
 
-    cancelled = False
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        nonlocal cancelled
-        cancelled = True
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-
+    cancelled = stop_on_signals()
     writer = ev.EventWriter(job_dir / ev.EVENTS_FILE)
-    emit = ev.Emitter(writer, lambda: cancelled)
+    emit = ev.Emitter(writer, cancelled)
     stage = spec["stage"]
 
     def last_word(error: ev.Error, status: int) -> int:

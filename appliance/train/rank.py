@@ -12,11 +12,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
 import sys
 import traceback
 from pathlib import Path
-from types import FrameType
 
 from appliance import offline
 
@@ -39,19 +37,13 @@ def main(argv: list[str]) -> int:
     from appliance.config import TrainConfig
     from appliance.errors import ApplianceError, Cancelled
     from appliance.train import loop
+    from appliance.worker import stop_on_signals
 
-    signalled = False
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        nonlocal signalled
-        signalled = True
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    signalled = stop_on_signals()
     rank = int(os.environ.get("RANK", "0"))
     stop = run_dir / RANKS_DIR / STOP_FILE
     writer = ev.EventWriter(rank_file(run_dir, rank))
-    emit = ev.Emitter(writer, lambda: signalled or stop.exists())
+    emit = ev.Emitter(writer, lambda: signalled() or stop.exists())
     status = 1
     try:
         result = loop.run(TrainConfig.model_validate(spec), run_dir, emit)
