@@ -196,3 +196,31 @@ def test_a_killed_two_process_run_resumes_on_one(prepared: tuple[Store, Path],
     uninterrupted = _losses(references["two"][0])
     for step, loss in after.items():  # the optimizer state, schedule and data position all came back
         assert loss == pytest.approx(uninterrupted[step], rel=2e-3), (step, after, uninterrupted)
+
+
+@pytest.mark.slow
+def test_two_nodes_meet_at_the_main_address(prepared: tuple[Store, Path],
+                                            references: dict[str, tuple[Path, dict[str, Any]]]) -> None:
+    """Two machines of one process each, played by two runs on this one over loopback: each node runs the
+    same command with its own rank, keeps its own copy of the run, and trains what two local processes do."""
+    import socket
+
+    store, source = prepared
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    nodes = [clone_run(store, source, f"node-{rank}") for rank in (0, 1)]
+    started = [jobs.start("train", run_dir, TrainConfig(store=str(store.root), nodes=2, node_rank=rank,
+                                                        main_address=f"127.0.0.1:{port}", **SMALL),
+                          env={"OMP_NUM_THREADS": "1"})  # two "machines" share these cores
+               for rank, run_dir in enumerate(nodes)]
+    results = [job.wait().result for job in started]
+    assert [r["steps"] for r in results] == [4, 4]
+    assert results[0]["sha256"] == results[1]["sha256"]  # the same adapter on both nodes
+    assert (nodes[1] / "ranks" / "rank-1.jsonl").is_file() and not (nodes[1] / "ranks" / "rank-0.jsonl").exists()
+    two = _losses(references["two"][0])
+    for run_dir in nodes:  # each node's own stream shows its leading process's steps
+        for step, loss in _losses(run_dir).items():
+            assert loss == pytest.approx(two[step], rel=2e-3)
+    config = yaml.safe_load((nodes[1] / "accelerate.yaml").read_text())
+    assert (config["num_machines"], config["machine_rank"], config["num_processes"]) == (2, 1, 2)

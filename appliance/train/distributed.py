@@ -146,10 +146,10 @@ def _rank_env(cfg: TrainConfig, run_dir: Path, cuda: bool) -> dict[str, str]:
     env[RANK_ENV] = str(run_dir)
     if cfg.nodes > 1 and cfg.main_address is not None:
         env[PEER_ENV] = cfg.main_address.rpartition(":")[0].strip("[]")
-    if not cuda:  # share the cores: one process per core group, not every process on every core
-        threads = max(1, (os.cpu_count() or 1) // cfg.processes)
-        env.setdefault("OMP_NUM_THREADS", str(threads))
-        env.setdefault("MKL_NUM_THREADS", str(threads))
+    if not cuda:  # share the cores: a group of cores per process, not every process on every core
+        threads = env.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // cfg.processes))
+        env["OMP_NUM_THREADS"] = threads
+        env.setdefault("MKL_NUM_THREADS", threads)  # torch's matrix products: more threads than cores spin
     env.setdefault("PYTHONUNBUFFERED", "1")
     return env
 
