@@ -1,6 +1,7 @@
 """Training on several processes through accelerate: the same code path as on GPUs, here with two CPU
 processes over gloo on loopback. Two processes with the same global batch follow the loss trajectory
-of one; a killed two-process run leaves no process behind and resumes on another number of them."""
+of one, replicated (DDP) or sharded (FSDP2), on one node or two; a killed two-process run leaves no
+process behind, and its checkpoint resumes on another number of processes and another layout."""
 
 from __future__ import annotations
 
@@ -103,12 +104,12 @@ def test_a_named_cluster_peer_is_the_only_address_let_through(tmp_path: Path) ->
     assert entry and "10.1.2.3" in entry[0]
 
 
-def test_sharding_on_cpus_is_refused_with_the_way_that_works(prepared: tuple[Store, Path]) -> None:
+def test_sharding_one_cpu_process_is_refused_with_the_way_that_works(prepared: tuple[Store, Path]) -> None:
     store, source = prepared
-    run_dir = clone_run(store, source, "fsdp-on-cpu")
+    run_dir = clone_run(store, source, "fsdp-on-one-cpu")
     with pytest.raises(JobFailed) as excinfo:
         jobs.run("train", run_dir, TrainConfig(store=str(store.root), sharding="fsdp", **SMALL))
-    assert "FSDP" in excinfo.value.message and "--sharding ddp" in excinfo.value.hint
+    assert "shards nothing" in excinfo.value.message and "--processes 2" in excinfo.value.hint
 
 
 def _losses(run_dir: Path, offset: int = 0) -> dict[int, float]:
@@ -166,39 +167,6 @@ def _processes_of(run_dir: Path) -> list[int]:
 
 
 @pytest.mark.slow
-def test_a_killed_two_process_run_resumes_on_one(prepared: tuple[Store, Path],
-                                                 references: dict[str, tuple[Path, dict[str, Any]]]) -> None:
-    store, source = prepared
-    run_dir = clone_run(store, source, "killed-two")
-    cfg = TrainConfig(store=str(store.root), processes=2, **SMALL)
-    job = jobs.start("train", run_dir, cfg)
-    deadline = time.monotonic() + 600
-    while checkpoint.latest(run_dir) is None and job.running() and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert checkpoint.latest(run_dir) is not None and job.running(), "no checkpoint before the kill"
-    os.kill(job.pid, signal.SIGKILL)  # what the OOM killer or `kill -9` does to the job
-    assert job.process is not None
-    job.process.wait()
-    deadline = time.monotonic() + 30
-    while _processes_of(run_dir) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert _processes_of(run_dir) == [], "ranks outlived their job"
-    saved = checkpoint.load_state(checkpoint.latest(run_dir) or run_dir)
-    assert saved["processes"] == 2 and saved["step"] >= 2
-    offset = (run_dir / ev.EVENTS_FILE).stat().st_size
-    resumed = jobs.run("train", run_dir, cfg.model_copy(update={"processes": 1, "grad_accum": 2, "resume": True}))
-    assert resumed.result["steps"] == 4 and resumed.result["resumed_from"] == saved["step"]
-    logs = [e.message for e in ev.read_all(run_dir / ev.EVENTS_FILE, offset) if isinstance(e, ev.Log)]
-    assert any(f"resumed from checkpoint step {saved['step']} (it was trained on 2 process(es), this run uses 1)"
-               in m for m in logs), logs
-    after = _losses(run_dir, offset)
-    assert sorted(after) == list(range(saved["step"] + 1, 5))
-    uninterrupted = _losses(references["two"][0])
-    for step, loss in after.items():  # the optimizer state, schedule and data position all came back
-        assert loss == pytest.approx(uninterrupted[step], rel=2e-3), (step, after, uninterrupted)
-
-
-@pytest.mark.slow
 def test_two_nodes_meet_at_the_main_address(prepared: tuple[Store, Path],
                                             references: dict[str, tuple[Path, dict[str, Any]]]) -> None:
     """Two machines of one process each, played by two runs on this one over loopback: each node runs the
@@ -224,3 +192,63 @@ def test_two_nodes_meet_at_the_main_address(prepared: tuple[Store, Path],
             assert loss == pytest.approx(two[step], rel=2e-3)
     config = yaml.safe_load((nodes[1] / "accelerate.yaml").read_text())
     assert (config["num_machines"], config["machine_rank"], config["num_processes"]) == (2, 1, 2)
+
+
+def _resume_from(store: Store, source: Path, trained: Path, step: int, name: str, **settings: Any) -> dict[int, float]:
+    """A new run holding `trained`'s checkpoint of `step` alone, resumed with `settings`: its losses after it."""
+    import shutil
+
+    run_dir = clone_run(store, source, name)
+    shutil.copytree(trained / "checkpoints" / f"step-{step}", run_dir / "checkpoints" / f"step-{step}")
+    cfg = TrainConfig(store=str(store.root), resume=True, **{**SMALL, **settings})
+    done = jobs.run("train", run_dir, cfg)
+    assert done.result["resumed_from"] == step and done.result["steps"] == 4
+    return _losses(run_dir)
+
+
+@pytest.mark.slow
+def test_a_killed_sharded_run_leaves_nothing_running_and_resumes_anywhere(
+        prepared: tuple[Store, Path], references: dict[str, tuple[Path, dict[str, Any]]]) -> None:
+    """FSDP2 over two CPU processes (the calls accelerate makes on GPUs), killed like the OOM killer kills: no
+    process of the run survives its job; its checkpoint (weights gathered, optimizer state gathered and keyed by
+    position) resumes as one plain process; a plain process's checkpoint resumes sharded. Every step of all of
+    them follows the loss trajectory of the uninterrupted runs."""
+    store, source = prepared
+    expected = _losses(references["two"][0])
+    run_dir = clone_run(store, source, "killed-fsdp")
+    cfg = TrainConfig(store=str(store.root), processes=2, sharding="fsdp", **SMALL)
+    job = jobs.start("train", run_dir, cfg)
+    deadline = time.monotonic() + 600
+    while checkpoint.latest(run_dir) is None and job.running() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert checkpoint.latest(run_dir) is not None and job.running(), "no checkpoint before the kill"
+    os.kill(job.pid, signal.SIGKILL)  # the job's worker, as the OOM killer or `kill -9` would
+    assert job.process is not None
+    job.process.wait()
+    deadline = time.monotonic() + 30
+    while _processes_of(run_dir) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _processes_of(run_dir) == [], "ranks outlived their job"
+    assert not jobs.busy(run_dir)
+    before = _losses(run_dir)
+    assert before and all(loss == pytest.approx(expected[step], rel=2e-3) for step, loss in before.items()), \
+        (before, expected)
+    saved = checkpoint.load_state(checkpoint.latest(run_dir) or run_dir)
+    assert saved["processes"] == 2 and saved["step"] == 2
+    from safetensors import safe_open
+
+    with safe_open(str(checkpoint.latest(run_dir) / "model" / "adapter_model.safetensors"), framework="pt") as f:
+        assert len(list(f.keys())) == 30 * 7 * 2  # every LoRA matrix of the model, whole: none is a shard
+    offset = (run_dir / ev.EVENTS_FILE).stat().st_size
+    resumed = jobs.run("train", run_dir, cfg.model_copy(update={"processes": 1, "sharding": "ddp", "grad_accum": 2,
+                                                                "resume": True}))
+    assert resumed.result["steps"] == 4 and resumed.result["resumed_from"] == 2
+    logs = [e.message for e in ev.read_all(run_dir / ev.EVENTS_FILE, offset) if isinstance(e, ev.Log)]
+    assert any("resumed from checkpoint step 2 (it was trained on 2 process(es), this run uses 1)" in m
+               for m in logs), logs
+    resharded = _resume_from(store, source, references["one"][0], 2, "plain-to-fsdp", processes=2, sharding="fsdp")
+    for after in (_losses(run_dir, offset), resharded):
+        assert sorted(after) == [3, 4]
+        for step, loss in after.items():  # the optimizer state, schedule and data position all came back
+            assert loss == pytest.approx(expected[step], rel=2e-3), (step, after, expected)
+    assert resumed.result["eval_loss"] == pytest.approx(references["two"][1]["eval_loss"], rel=2e-3)

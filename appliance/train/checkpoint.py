@@ -92,9 +92,15 @@ def full_weights(model: Any, group: Group | None) -> dict[str, Any] | None:
         return None
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    weights: dict[str, Any] = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
-                                                                                   cpu_offload=True))
-    return weights
+    assert group is not None
+    gathered = get_model_state_dict(group.wrapped, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    prefix = "inner."  # the loss module around the model (distributed._loss_module)
+    return {name.removeprefix(prefix): value for name, value in gathered.items()}
+
+
+def _plain(optimizer: Any) -> Any:
+    """The torch optimizer inside accelerate's wrapper (the state dict functions want the optimizer itself)."""
+    return getattr(optimizer, "optimizer", optimizer)
 
 
 def _trainable_names(root: Any) -> list[str]:
@@ -108,9 +114,9 @@ def _optimizer_state(model: Any, optimizer: Any, group: Group | None) -> dict[st
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
     assert group is not None
-    by_name = get_optimizer_state_dict(group.wrapped, optimizer,
-                                       options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return by_position(by_name, _trainable_names(group.wrapped))
+    keyed = get_optimizer_state_dict(group.wrapped, _plain(optimizer),
+                                     options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return by_position(keyed, _trainable_names(group.wrapped)) if keyed else {}
 
 
 def by_position(state: dict[str, Any], names: list[str]) -> dict[str, Any]:
@@ -140,7 +146,8 @@ def load_optimizer(folder: Path, optimizer: Any, scheduler: Any, group: Group | 
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
         assert group is not None
-        set_optimizer_state_dict(group.wrapped, optimizer, by_name(saved["optimizer"], _trainable_names(group.wrapped)),
+        set_optimizer_state_dict(group.wrapped, _plain(optimizer),
+                                 by_name(saved["optimizer"], _trainable_names(group.wrapped)),
                                  options=StateDictOptions(full_state_dict=True))
     else:
         optimizer.load_state_dict(saved["optimizer"])

@@ -211,9 +211,9 @@ def launch(cfg: TrainConfig, run_dir: Path, model_dir: Path, emit: ev.Emitter) -
                                f"Use --processes {torch.cuda.device_count()} (one process per GPU).")
     if not cuda and cfg.method == "qlora":
         raise DistributedError("qlora loads the base in 4-bit, which needs CUDA GPUs", "Use --method lora here.")
-    if not cuda and cfg.sharding == "fsdp":
-        raise DistributedError("sharded training (FSDP) runs on GPUs: accelerate shards only across accelerators",
-                               "On CPUs every process holds the whole model: use --sharding ddp (the default).")
+    if not cuda and cfg.sharding == "fsdp" and cfg.world_size == 1:
+        raise DistributedError("sharding over one CPU process shards nothing",
+                               "Use --processes 2 or more with --sharding fsdp, or leave --sharding at ddp.")
     ranks = run_dir / RANKS_DIR
     shutil.rmtree(ranks, ignore_errors=True)
     ranks.mkdir(parents=True)
@@ -346,25 +346,41 @@ class Group:
                                    "Every node must hold the same prepared data and settings: prepare the data "
                                    "from the same files, or copy the run folder to every node.")
 
-    def wrap(self, model: Any) -> Callable[[dict[str, Any]], Any]:
-        """The function a training step calls for each micro-batch's per-row answer loss: through DDP or
-        FSDP when distributed, so that the backward pass reduces the gradients."""
+    def wrap(self, model: Any, optimizer: Any) -> tuple[Callable[[dict[str, Any]], Any], Any]:
+        """The function a training step calls for each micro-batch's per-row answer loss (through DDP or FSDP
+        when distributed, so that the backward pass reduces the gradients), and the optimizer to step (under
+        FSDP, one over the sharded parameters)."""
         from appliance.modeling import answer_nll
 
-        if self.world == 1:
-            return lambda batch: answer_nll(model, batch)
+        if self.accelerator is None:
+            return (lambda batch: answer_nll(model, batch)), optimizer
         loss_module = _loss_module(model)
-        self.wrapped = self.accelerator.prepare(loss_module)
+        if self.sharding != "fsdp":
+            self.wrapped = self.accelerator.prepare(loss_module)
+        elif self.device.type == "cuda":  # accelerate's FSDP2 shards the model and moves the optimizer onto it
+            self.wrapped, optimizer = self.accelerator.prepare(loss_module, optimizer)
+        else:  # accelerate shards only across accelerators: on CPUs, the same FSDP2 calls, made here
+            self.wrapped = _fully_shard(loss_module, self.world)
+            (only,) = optimizer.param_groups  # no step taken yet: point it at the sharded parameters
+            only["params"] = [p for p in model.parameters() if p.requires_grad]
         wrapped = self.wrapped
-        return lambda batch: wrapped(batch)
+        return (lambda batch: wrapped(batch)), optimizer
 
     @contextlib.contextmanager
     def no_sync(self, last: bool) -> Iterator[None]:
         """Gradient accumulation: reduce across ranks only on the last micro-batch of a step."""
-        if self.world == 1 or last or self.wrapped is None or not hasattr(self.wrapped, "no_sync"):
+        if self.world == 1 or last or self.wrapped is None:
             yield
-            return
-        with self.wrapped.no_sync():
+        elif hasattr(self.wrapped, "set_requires_gradient_sync"):  # FSDP2
+            self.wrapped.set_requires_gradient_sync(False)
+            try:
+                yield
+            finally:
+                self.wrapped.set_requires_gradient_sync(True)
+        elif hasattr(self.wrapped, "no_sync"):  # DDP
+            with self.wrapped.no_sync():
+                yield
+        else:
             yield
 
     def clip(self, params: list[Any], max_norm: float) -> None:
@@ -387,6 +403,22 @@ class Group:
 
             if dist.is_initialized():
                 dist.destroy_process_group()
+
+
+def _fully_shard(module: Any, world: int) -> Any:
+    """FSDP2 over the CPU processes: each decoder layer a unit of its own, then the root (embeddings, norm,
+    head), as accelerate's transformer-based wrap does on GPUs."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    inner = module.inner.get_base_model() if hasattr(module.inner, "get_base_model") else module.inner
+    layer_names = set(getattr(inner, "_no_split_modules", None) or [])
+    mesh = init_device_mesh("cpu", (world,))
+    for sub in module.modules():
+        if type(sub).__name__ in layer_names or (not layer_names and type(sub).__name__.endswith("DecoderLayer")):
+            fully_shard(sub, mesh=mesh)
+    fully_shard(module, mesh=mesh)
+    return module
 
 
 def _loss_module(model: Any) -> Any:

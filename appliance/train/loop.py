@@ -139,9 +139,10 @@ def _run(cfg: TrainConfig, run_dir: Path, emit: Emitter, store: Store, model_dir
         emit.log("no complete checkpoint to resume from: starting from the beginning", "warning")
     if last is not None:
         _load_weights(model, last / "model", cfg.method)  # before the weights are wrapped (and sharded)
-    forward = group.wrap(model)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate,
+                                  weight_decay=cfg.weight_decay)
+    forward, optimizer = group.wrap(model, optimizer)
+    params = [p for p in model.parameters() if p.requires_grad]  # sharded ones, under FSDP
     from transformers import get_scheduler
 
     scheduler = get_scheduler(cfg.scheduler, optimizer, num_warmup_steps=int(total_steps * cfg.warmup_ratio),

@@ -11,8 +11,8 @@ by this appliance, and the wheels of pydantic (which that machine's image does n
 builds a 1B-class Llama (Llama-3.2-1B shapes with this tokenizer's vocabulary, random weights:
 speed does not depend on their values) in a scratch store and trains it through `appliance.jobs`
 exactly as `appliance train` does. It prints real tokens/s, peak memory and the last loss of each
-layout side by side, with the plain process as the peer. `--cpu` runs what a CPU can (the plain
-process and two DDP processes over gloo) to check the script itself.
+layout side by side, with the plain process as the peer. `--cpu` runs the same on a small model with
+two CPU processes (FSDP2 and DDP over gloo), to check the script itself.
 
 On the GPU machine, with `bench/gpu/kit` carried:
 
@@ -130,8 +130,11 @@ def run(steps: int, cpu: bool) -> None:
     try:
         store, _model = _store(root, cuda)
         layouts: list[tuple[str, str, dict[str, Any]]] = [("plain", "1 process, no launcher (peer)", {})]
+        sharded = "fsdp-1" if cuda else "fsdp-2"
         if cuda:
-            layouts.append(("fsdp-1", "1 process, accelerate FSDP", {"sharding": "fsdp"}))
+            layouts.append((sharded, "1 process, accelerate FSDP", {"sharding": "fsdp"}))
+        else:
+            layouts.append((sharded, "2 processes, FSDP2 over gloo", {"processes": 2, "sharding": "fsdp"}))
         if gpus > 1 or not cuda:
             count = gpus if cuda else 2
             layouts.append((f"ddp-{count}", f"{count} processes, accelerate DDP", {"processes": count}))
@@ -139,9 +142,9 @@ def run(steps: int, cpu: bool) -> None:
         for name, label, settings in layouts:
             result = _train(store, name, steps, **settings)
             rows.append((label, result))
-        if cuda:  # the FSDP run's last checkpoint (optimizer state gathered and re-keyed) continued plainly
-            resumed = _train(store, "fsdp-1", steps + 4, resume=True)
-            rows.append(("FSDP checkpoint resumed as 1 plain process", resumed))
+        # the FSDP run's last checkpoint (optimizer state gathered and keyed by position) continued plainly
+        resumed = _train(store, sharded, steps + 4, resume=True)
+        rows.append(("FSDP checkpoint resumed as 1 plain process", resumed))
         print(f"\n{'layout':46} {'steps':>5} {'tokens/s':>9} {'peak MiB':>9} {'loss':>7} {'seconds':>8}")
         for label, result in rows:
             if "error" in result:
