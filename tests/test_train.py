@@ -86,7 +86,7 @@ def test_sigkill_then_resume_continues_exactly(prepared: tuple[Store, Path]) -> 
     # under test is that a resumed run continues the same trajectory, not the kernels.
     cfg = TrainConfig(store=str(store.root), **{**SETTINGS, "max_steps": 6, "save_every": 3, "eval_every": 100,
                                                 "batch_size": 2, "max_seq_len": 128, "backend": "hf",
-                                                "dtype": "float32"})
+                                                "dtype": "float32", "task_eval_items": 0})
     jobs.start("train", reference, cfg).wait()
     job = jobs.start("train", killed, cfg)
     for event in job.follow():

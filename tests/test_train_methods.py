@@ -13,8 +13,9 @@ from appliance import jobs
 from appliance.config import TrainConfig
 from appliance.store import Store
 
+# the label probe has its own test (test_evaluate, on the trained fixture): these measure the loss only
 QUICK = {"max_steps": 3, "batch_size": 4, "max_seq_len": 192, "eval_every": 3, "save_every": 100, "rank": 8,
-         "alpha": 16, "backend": "hf"}
+         "alpha": 16, "backend": "hf", "task_eval_items": 0}
 
 
 @pytest.mark.slow
@@ -44,7 +45,7 @@ def test_sweep_ranks_trials_by_validation_loss(prepared: tuple[Store, Path]) -> 
     store, source = prepared
     run_dir = clone_run(store, source, "sweep")
     recipe = run_dir / "recipe.yaml"
-    recipe.write_text("batch_size: 4\nmax_seq_len: 192\nbackend: hf\nrank: 8\nalpha: 16\n")
+    recipe.write_text("batch_size: 4\nmax_seq_len: 192\nbackend: hf\nrank: 8\nalpha: 16\ntask_eval_items: 0\n")
     result = run_cli("train", "sweep", "--run", "sweep", "--learning-rate", "1e-6,2e-3", "--max-steps", "4",
                      "--recipe", str(recipe), "--json", store=store.root)
     assert result.returncode == 0, result.stderr
