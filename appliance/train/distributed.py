@@ -161,29 +161,18 @@ class _Follower:
     run_dir: Path
     ranks: range  # the ranks of this node; the first one's progress is the job's
     emit: ev.Emitter
-    offsets: dict[int, int] = field(default_factory=dict)
-    buffers: dict[int, str] = field(default_factory=dict)
+    streams: dict[int, Iterator[ev.Event | None]] = field(default_factory=dict)
+    started: set[int] = field(default_factory=set)  # ranks that have said anything
     errors: list[tuple[int, ev.Error]] = field(default_factory=list)
     result: dict[str, Any] | None = None
 
     def poll(self) -> None:
         for rank in self.ranks:
-            path = rank_file(self.run_dir, rank)
-            if not path.exists():
-                continue
-            with open(path, encoding="utf-8") as handle:
-                handle.seek(self.offsets.get(rank, 0))
-                chunk = handle.read()
-                self.offsets[rank] = handle.tell()
-            *lines, rest = (self.buffers.get(rank, "") + chunk).split("\n")
-            self.buffers[rank] = rest
-            for line in lines:
-                if not line.strip():
-                    continue
-                try:
-                    event = ev.parse(line)
-                except ValueError:
-                    continue
+            stream = self.streams.setdefault(rank, ev.follow(rank_file(self.run_dir, rank), poll_s=0))
+            for event in stream:
+                if event is None:  # nothing more for now
+                    break
+                self.started.add(rank)
                 self._forward(rank, event)
 
     def _forward(self, rank: int, event: ev.Event) -> None:
@@ -250,13 +239,14 @@ def _outcome(returncode: int, follower: _Follower, cfg: TrainConfig) -> dict[str
     if returncode == 0 and follower.result is not None:
         return follower.result
     if follower.errors:
-        rank, first = min(follower.errors, key=lambda item: (item[1].title == Cancelled.title, item[0]))
+        # the first to fail, by time: the others mostly fail because it did (a closed connection)
+        rank, first = min(follower.errors, key=lambda item: (item[1].title == Cancelled.title, item[1].t))
         if all(error.title == Cancelled.title for _rank, error in follower.errors):
             raise Cancelled(first.message, first.hint)
         others = len({r for r, _ in follower.errors} - {rank})
         tail = f" ({others} other rank(s) stopped with it)" if others else ""
         raise DistributedError(f"rank {rank}: {first.title}: {first.message}{tail}", first.hint)
-    if cfg.nodes > 1 and not follower.offsets:
+    if cfg.nodes > 1 and not follower.started:
         raise DistributedError(f"the processes of this node never started training (launcher status {returncode})",
                                f"Check that node 0 runs the same command and that {cfg.main_address} is reachable "
                                "from here; job.log shows the launcher's own messages.")
