@@ -252,3 +252,13 @@ def test_a_killed_sharded_run_leaves_nothing_running_and_resumes_anywhere(
         for step, loss in after.items():  # the optimizer state, schedule and data position all came back
             assert loss == pytest.approx(expected[step], rel=2e-3), (step, after, expected)
     assert resumed.result["eval_loss"] == pytest.approx(references["two"][1]["eval_loss"], rel=2e-3)
+
+
+def test_auto_takes_the_hf_backend_for_several_processes_and_says_why() -> None:
+    from appliance.train.loop import _choose_backend
+
+    said: list[str] = []
+    emit = ev.Emitter(lambda event: said.append(getattr(event, "message", "")))
+    assert _choose_backend(TrainConfig(store="/tmp/unused", processes=2), emit) == "hf"
+    assert said and "Unsloth trains on one device" in said[0]
+    assert _choose_backend(TrainConfig(store="/tmp/unused", sharding="fsdp"), emit) == "hf"
