@@ -87,6 +87,53 @@ def test_optimizer_state_keyed_by_name_comes_back_keyed_by_position() -> None:
     assert checkpoint.by_name(positions, names)["state"].keys() == keyed["state"].keys()
 
 
+def test_a_checkpoint_written_sharded_and_one_written_plainly_load_either_way(tmp_path: Path) -> None:
+    """The checkpoint code of a sharded run (gather the weights, re-key the optimizer state by position) and of a
+    plain one write the same files, and each loads into the other layout: here on an unsharded module, which
+    torch's state-dict functions treat as they treat an FSDP one (the two-process runs above shard for real)."""
+    import torch
+
+    def trained_once(seed: int) -> tuple[Any, Any, Any]:
+        torch.manual_seed(seed)
+        model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+        model[0].weight.requires_grad_(False)
+        model.save_pretrained = lambda folder, safe_serialization, state_dict=None: _save(model, folder, state_dict)
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+        model(torch.ones(1, 3)).sum().backward()
+        optimizer.step()
+        scheduler.step()
+        return model, optimizer, scheduler
+
+    def _save(model: Any, folder: str, state_dict: dict[str, Any] | None) -> None:
+        from safetensors.torch import save_file
+
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in (state_dict or model.state_dict()).items()},
+                  str(Path(folder) / "model.safetensors"))
+
+    model, optimizer, scheduler = trained_once(0)
+    sharded = Group(sharding="fsdp", wrapped=distributed._loss_module(model))
+    written = {"sharded": checkpoint.save(tmp_path / "a", 1, model, optimizer, scheduler, {"step": 1}, 1, sharded),
+               "plain": checkpoint.save(tmp_path / "b", 1, model, optimizer, scheduler, {"step": 1}, 1, Group())}
+    from safetensors.torch import load_file
+
+    weights = {name: load_file(str(folder / "model" / "model.safetensors")) for name, folder in written.items()
+               if folder is not None}
+    assert weights["sharded"].keys() == weights["plain"].keys() == {"0.weight", "0.bias", "1.weight", "1.bias"}
+    for name in ("sharded", "plain"):
+        for into in (Group(), "sharded"):
+            fresh, fresh_optimizer, fresh_scheduler = trained_once(1)  # other weights, other moments
+            group = Group(sharding="fsdp", wrapped=distributed._loss_module(fresh)) if into == "sharded" else into
+            assert not torch.equal(fresh_optimizer.state_dict()["state"][0]["exp_avg_sq"],
+                                   optimizer.state_dict()["state"][0]["exp_avg_sq"])
+            checkpoint.load_optimizer(written[name] or tmp_path, fresh_optimizer, fresh_scheduler, group)
+            for index, value in optimizer.state_dict()["state"].items():
+                loaded = fresh_optimizer.state_dict()["state"][index]
+                assert torch.equal(loaded["exp_avg_sq"], value["exp_avg_sq"]), (name, into)
+                assert float(loaded["step"]) == float(value["step"])
+
+
 def test_a_named_cluster_peer_is_the_only_address_let_through(tmp_path: Path) -> None:
     log = tmp_path / "egress.jsonl"
     was_active = offline.is_active()
@@ -194,25 +241,13 @@ def test_two_nodes_meet_at_the_main_address(prepared: tuple[Store, Path],
     assert (config["num_machines"], config["machine_rank"], config["num_processes"]) == (2, 1, 2)
 
 
-def _resume_from(store: Store, source: Path, trained: Path, step: int, name: str, **settings: Any) -> dict[int, float]:
-    """A new run holding `trained`'s checkpoint of `step` alone, resumed with `settings`: its losses after it."""
-    import shutil
-
-    run_dir = clone_run(store, source, name)
-    shutil.copytree(trained / "checkpoints" / f"step-{step}", run_dir / "checkpoints" / f"step-{step}")
-    cfg = TrainConfig(store=str(store.root), resume=True, **{**SMALL, **settings})
-    done = jobs.run("train", run_dir, cfg)
-    assert done.result["resumed_from"] == step and done.result["steps"] == 4
-    return _losses(run_dir)
-
-
 @pytest.mark.slow
 def test_a_killed_sharded_run_leaves_nothing_running_and_resumes_anywhere(
         prepared: tuple[Store, Path], references: dict[str, tuple[Path, dict[str, Any]]]) -> None:
     """FSDP2 over two CPU processes (the calls accelerate makes on GPUs), killed like the OOM killer kills: no
-    process of the run survives its job; its checkpoint (weights gathered, optimizer state gathered and keyed by
-    position) resumes as one plain process; a plain process's checkpoint resumes sharded. Every step of all of
-    them follows the loss trajectory of the uninterrupted runs."""
+    process of the run survives its job, and its checkpoint (weights gathered, optimizer state gathered and keyed
+    by position) resumes as one plain process. Every step of both follows the loss trajectory of the
+    uninterrupted runs. (The other direction, a plain checkpoint loaded sharded, is the test below.)"""
     store, source = prepared
     expected = _losses(references["two"][0])
     run_dir = clone_run(store, source, "killed-fsdp")
@@ -246,11 +281,10 @@ def test_a_killed_sharded_run_leaves_nothing_running_and_resumes_anywhere(
     logs = [e.message for e in ev.read_all(run_dir / ev.EVENTS_FILE, offset) if isinstance(e, ev.Log)]
     assert any("resumed from checkpoint step 2 (it was trained on 2 process(es), this run uses 1)" in m
                for m in logs), logs
-    resharded = _resume_from(store, source, references["one"][0], 2, "plain-to-fsdp", processes=2, sharding="fsdp")
-    for after in (_losses(run_dir, offset), resharded):
-        assert sorted(after) == [3, 4]
-        for step, loss in after.items():  # the optimizer state, schedule and data position all came back
-            assert loss == pytest.approx(expected[step], rel=2e-3), (step, after, expected)
+    after = _losses(run_dir, offset)
+    assert sorted(after) == [3, 4]
+    for step, loss in after.items():  # the optimizer state, schedule and data position all came back
+        assert loss == pytest.approx(expected[step], rel=2e-3), (step, after, expected)
     assert resumed.result["eval_loss"] == pytest.approx(references["two"][1]["eval_loss"], rel=2e-3)
 
 
@@ -262,3 +296,24 @@ def test_auto_takes_the_hf_backend_for_several_processes_and_says_why() -> None:
     assert _choose_backend(TrainConfig(store="/tmp/unused", processes=2), emit) == "hf"
     assert said and "Unsloth trains on one device" in said[0]
     assert _choose_backend(TrainConfig(store="/tmp/unused", sharding="fsdp"), emit) == "hf"
+
+
+@pytest.mark.slow
+def test_stopping_a_distributed_job_stops_every_rank_at_one_step_after_a_checkpoint(
+        prepared: tuple[Store, Path]) -> None:
+    """The TUI's Stop and a Ctrl-C send the job SIGTERM: every rank stops at the same step boundary, one
+    checkpoint is saved, and the job ends as cancelled, with how to continue."""
+    store, source = prepared
+    run_dir = clone_run(store, source, "stopped-two")
+    job = jobs.start("train", run_dir, TrainConfig(store=str(store.root), processes=2,
+                                                    **{**SMALL, "max_steps": 40, "save_every": 100}))
+    for event in job.follow():
+        if isinstance(event, ev.Progress) and event.phase == "training" and event.step >= 1:
+            break
+    job.cancel()
+    with pytest.raises(jobs.Cancelled) as excinfo:
+        job.wait()
+    assert "checkpoint is saved" in excinfo.value.message and f"--resume {run_dir.name}" in excinfo.value.hint
+    saved = checkpoint.checkpoint_dirs(run_dir)
+    assert len(saved) == 1 and 1 <= checkpoint.load_state(saved[0])["step"] < 40
+    assert _processes_of(run_dir) == [] and not (run_dir / "adapter").exists()
