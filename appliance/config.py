@@ -10,7 +10,7 @@ import functools
 import ipaddress
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -167,6 +167,9 @@ def _settings_loader() -> Any:
 class StageConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
+    # settings that describe one start of a stage rather than the stage (run.yaml leaves them out)
+    not_recorded: ClassVar[tuple[str, ...]] = ()
+
 
 class ImportConfig(StageConfig):
     """Bring a base model into the store."""
@@ -210,9 +213,11 @@ class DataConfig(StageConfig):
     output_field: str = Field(default="output", description="Column holding the JSON answer (extraction)")
     labels: list[str] | None = Field(default=None, description="Allowed labels; collected from the data when "
                                      "not given")
-    schema_path: str | None = Field(default=None, description="JSON schema of the extraction output")
+    schema_path: str | None = Field(default=None, description="JSON schema file of the extraction output",
+                                    json_schema_extra={"option": "--schema"})
     template_path: str | None = Field(default=None, description="YAML/JSON file with system/user/assistant "
-                                      "Jinja templates that turn a row into a conversation")
+                                      "Jinja templates that turn a row into a conversation",
+                                      json_schema_extra={"option": "--template"})
     on_error: Literal["fail", "skip"] = Field(default="fail", description="fail: stop and list every bad row; "
                                               "skip: leave bad rows out, each listed with its reason")
     pii: Literal["report", "redact", "drop"] = Field(default="redact", description="What to do with PII")
@@ -243,6 +248,16 @@ class DataConfig(StageConfig):
                              "with some training data, e.g. 0.8,0.1,0.1")
         return value
 
+    @field_validator("delimiter", mode="before")
+    @classmethod
+    def _tab_as_written(cls, value: Any) -> Any:
+        return "\t" if value == "\\t" else value  # `--delimiter '\t'` as typed in a shell
+
+    @field_validator("pii_region", mode="before")
+    @classmethod
+    def _region_in_capitals(cls, value: Any) -> Any:
+        return value.upper() if isinstance(value, str) else value
+
     @field_validator("delimiter")
     @classmethod
     def _delimiter_can_delimit(cls, value: str | None) -> str | None:
@@ -253,6 +268,8 @@ class DataConfig(StageConfig):
 
 class TrainConfig(StageConfig):
     """Fine-tune a base model on a run's prepared data (LoRA, QLoRA or full)."""
+
+    not_recorded: ClassVar[tuple[str, ...]] = ("resume",)
 
     base_model: str | None = Field(default=None, description="Store name of the base model; the store's "
                                    "default when not given")
@@ -357,11 +374,46 @@ class TrainConfig(StageConfig):
         return self
 
 
+SWEEPABLE = ("learning_rate", "rank", "alpha", "epochs", "batch_size")
+
+
+class SweepConfig(StageConfig):
+    """Short trainings over a grid of settings (or a random sample of it), ranked by validation loss: each
+    trial is a training job of its own, on the run's prepared data."""
+
+    train: TrainConfig = Field(description="The settings every trial starts from; each trial changes the grid's")
+    grid: dict[str, list[int | float]] = Field(description="The settings to vary and the values to try: "
+                                               + ", ".join(SWEEPABLE))
+    sample: int | None = Field(default=None, ge=1, le=10_000, description="Random search: try only this many of "
+                               "the combinations")
+    store: str = Field(description="Path of the model store")
+
+    @model_validator(mode="after")
+    def _grid_of_valid_trials(self) -> SweepConfig:
+        if not any(self.grid.values()):
+            raise ValueError(f"nothing to sweep: give values of at least one of {', '.join(SWEEPABLE)}")
+        unknown = [name for name in self.grid if name not in SWEEPABLE]
+        if unknown:
+            raise ValueError(f"{', '.join(map(shown, unknown))} cannot be swept: choose from {', '.join(SWEEPABLE)}")
+        from pydantic import ValidationError
+
+        base = self.train.model_dump()
+        for name, values in self.grid.items():
+            for value in values:  # a value that no trial could take is refused before any trial starts
+                try:
+                    TrainConfig.model_validate({**base, name: value})
+                except ValidationError as exc:
+                    reason = str(exc.errors()[0]["msg"]).removeprefix("Value error, ")
+                    raise ValueError(f"{name} {value:g}: {reason}") from None
+        return self
+
+
 class ExportConfig(StageConfig):
     """Merge a run's adapter, convert to GGUF, quantize, verify, and sign the run's manifest."""
 
     quants: list[str] = Field(default_factory=lambda: ["Q4_K_M"], description="Quantizations to produce beside "
-                              "the 16-bit reference: Q8_0, Q6_K, Q5_K_M, Q4_K_M, Q4_0, Q3_K_M, Q2_K")
+                              "the 16-bit reference: Q8_0, Q6_K, Q5_K_M, Q4_K_M, Q4_0, Q3_K_M, Q2_K",
+                              json_schema_extra={"option": "--quant"})
     outtype: Literal["f16", "bf16"] = Field(default="f16", description="Precision of the reference GGUF that "
                                             "is verified against the merged model and quantized from")
     lora_gguf: bool = Field(default=False, description="Also write the adapter alone as GGUF, with the base "
@@ -380,9 +432,19 @@ class ExportConfig(StageConfig):
     @field_validator("quants")
     @classmethod
     def _known_quants(cls, value: list[str]) -> list[str]:
-        from appliance.export.quants import parse_quants
+        from appliance.quants import parse_quants
 
         return parse_quants(value)
+
+    @field_validator("quants", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: Any) -> Any:
+        """`Q8_0,Q4_K_M` in one setting, as in `--quant Q8_0,Q4_K_M`."""
+        if isinstance(value, str):
+            value = [value]
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return [q.strip() for v in value for q in v.split(",") if q.strip()]
+        return value
 
     @field_validator("name")
     @classmethod
@@ -456,13 +518,15 @@ class ServeConfig(StageConfig):
     api_key: str | None = Field(default=None, min_length=16, repr=False, description="Bearer key every request "
                                 "must carry (at least 16 characters)")
     cors_origins: list[str] = Field(default_factory=list, description="Browser origins allowed to call the "
-                                    "endpoint; none when empty")
+                                    "endpoint; none when empty", json_schema_extra={"option": "--cors-origin"})
     n_ctx: int | None = Field(default=None, ge=256, le=131_072, description="Context window in tokens; the "
-                              "model's own, capped at 4096, when not given")
+                              "model's own, capped at 4096, when not given", json_schema_extra={"option": "--ctx"})
     threads: int | None = Field(default=None, ge=1, le=1024, description="CPU threads; all cores when not given")
-    max_body_bytes: int = Field(default=1_048_576, ge=1024, le=67_108_864, description="Largest request body")
+    max_body_kb: int = Field(default=1024, ge=1, le=65_536, description="Largest request body, in KiB; a larger "
+                             "one gets 413")
     body_timeout_s: float = Field(default=30, gt=0, le=3600, description="How long a request body may take to "
-                                  "arrive; a slower one gets 408")
+                                  "arrive, in seconds; a slower one gets 408",
+                                  json_schema_extra={"option": "--body-timeout"})
     max_tokens: int = Field(default=1024, ge=1, le=32_768, description="Cap on max_tokens of a request, and its "
                             "value when a request names none")
     max_queue: int = Field(default=8, ge=0, le=1024, description="Requests that may wait while one is answered; "
@@ -477,7 +541,8 @@ class ServeConfig(StageConfig):
     audit_log: str | None = Field(default=None, description="Audit log (JSON lines); <store>/audit/serve.jsonl "
                                   "when not given")
     shutdown_timeout_s: int = Field(default=30, ge=0, le=3600, description="How long a SIGTERM waits for "
-                                      "requests in flight before closing them")
+                                      "requests in flight before closing them, in seconds",
+                                      json_schema_extra={"option": "--shutdown-timeout"})
     store: str = Field(description="Path of the model store")
 
     @model_validator(mode="after")

@@ -8,9 +8,11 @@ second (the last one before any other event is always written), so a follower ne
 from __future__ import annotations
 
 import os
+import signal
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import FrameType
 from typing import IO, Annotated, Any, Literal
 
 from pydantic import BaseModel, Field, TypeAdapter, ValidationError
@@ -36,6 +38,19 @@ class Progress(_Event):
     tokens_per_s: float | None = None
     eta_s: float | None = None
     mem_mb: float | None = None
+
+    def describe(self, steps: bool = True) -> str:
+        """One line for a person: what, how far (unless a progress bar shows it), loss, speed, time left, memory."""
+        parts = [self.phase, f"step {self.step}/{self.total}" if steps and self.total else ""]
+        if self.loss is not None:
+            parts.append(f"loss {self.loss:.4f}")
+        if self.tokens_per_s:
+            parts.append(f"{self.tokens_per_s:,.0f} tok/s")
+        if self.eta_s is not None:
+            parts.append(f"ETA {int(self.eta_s) // 60}:{int(self.eta_s) % 60:02d}")
+        if self.mem_mb:
+            parts.append(f"{self.mem_mb / 1024:.1f} GiB")
+        return " · ".join(p for p in parts if p)
 
 
 class Metric(_Event):
@@ -128,15 +143,15 @@ class EventWriter:
         self.close()
 
 
-def read_all(path: Path, offset: int = 0) -> list[Event]:
-    """Every complete event in a file from byte `offset` on (a torn last line, from a killed
-    writer, is skipped)."""
+def read_all(path: Path, offset: int = 0, end: int | None = None) -> list[Event]:
+    """Every complete event in a file from byte `offset` on, up to byte `end` (a torn last line, from a
+    killed writer, is skipped)."""
     if not path.exists():
         return []
     events = []
-    with open(path, encoding="utf-8") as handle:
+    with open(path, "rb") as handle:
         handle.seek(offset)
-        text = handle.read()
+        text = handle.read(-1 if end is None else max(0, end - offset)).decode("utf-8", errors="replace")
     for line in text.splitlines():
         if line.strip():
             try:
@@ -206,3 +221,16 @@ class Emitter:
     def check_cancelled(self) -> None:
         if self._cancelled():
             raise Cancelled("the job was cancelled", "Start it again when you are ready.")
+
+
+def stop_on_signals() -> Callable[[], bool]:
+    """SIGTERM and SIGINT set a flag instead of ending the process; the returned function reads it (a stage
+    checks it at its safe points and stops there, saving first)."""
+    received: list[int] = []
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        received.append(signum)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    return lambda: bool(received)

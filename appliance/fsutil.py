@@ -5,7 +5,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +54,20 @@ def inside(root: Path, relative: str | Path, what: str) -> Path:
         raise StoreError(f"{what} {str(relative)!r} leads outside {root} through a symbolic link",
                          f"Remove the link {path} or replace it with the real folder.")
     return path
+
+
+def replace_dir(built: Path, final: Path) -> None:
+    """Put the complete folder `built` where `final` is, so that readers see the old folder or the new one,
+    whole, never a mix: an older `final` is renamed aside first (a hidden name, which the run's sweep
+    removes should the process die before it does) and deleted after."""
+    if final.exists():
+        old = final.with_name(f".{final.name}-old-{uuid.uuid4().hex[:6]}")
+        os.rename(final, old)
+        os.rename(built, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(built, final)
+    fsync_dir(final.parent)
 
 
 def fsync_dir(path: Path) -> None:

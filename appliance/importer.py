@@ -23,6 +23,7 @@ from appliance.config import ImportConfig, check_model_name
 from appliance.errors import StoreError, UnsafeWeightsError
 from appliance.events import Emitter
 from appliance.fsutil import sha256_file
+from appliance.records import ImportResult
 from appliance.safetensors_meta import count_parameters
 from appliance.store import FileInfo, ModelInfo, SourceInfo, Store, now_iso, write_model_info
 
@@ -40,14 +41,6 @@ TOKENIZER_PROBE = (
     "Ünïcödé façade, Straße, 東京, Привет, مرحبا, 🙂👍\n"
     "def f(x):\n    return x ** 2  # don't\n<|im_start|>user\nHi<|im_end|>\n"
 )
-
-
-class ImportResult(BaseModel):
-    name: str
-    path: str
-    parameters: int
-    dtype: str
-    seconds: float
 
 
 class _Source(BaseModel):

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from appliance.errors import StoreError
 from appliance.fsutil import sha256_file
+from appliance.run import MERGE_RECORD, Run
 from appliance.safetensors_meta import check_complete
 
 # Hidden entries that are ours and not litter.
@@ -50,10 +51,11 @@ def sweep_litter(run_dir: Path) -> list[Path]:
 def check_run(run_dir: Path) -> list[str]:
     """Every inconsistency in a run, one sentence each naming the file ([] when consistent).
     Litter is not an inconsistency: nothing registered points at it."""
+    run = Run.at(run_dir)
     problems: list[str] = []
-    problems += _check_yaml(run_dir / "run.yaml")
-    problems += _check_data(run_dir / "data")
-    for folder in sorted((run_dir / "checkpoints").glob("step-*")) if (run_dir / "checkpoints").is_dir() else []:
+    problems += _record(run.config)
+    problems += _check_data(run)
+    for folder in checkpoint_folders(run):
         if (folder / "trainer_state.json").is_file():  # the marker a checkpoint writes last
             problems += _check_json(folder / "trainer_state.json")
             problems += _check_weights(folder / "model")
@@ -61,63 +63,65 @@ def check_run(run_dir: Path) -> list[str]:
                 problems.append(f"{folder}: a registered checkpoint without its optimizer state")
             else:
                 problems += _check_weights(folder, "optimizer.safetensors")
-    if (run_dir / "adapter").exists():
-        problems += _check_weights(run_dir / "adapter")
-    if (run_dir / "merged").exists():
-        problems += _check_json(run_dir / "merged" / "merge.json")
-        problems += _check_json(run_dir / "merged" / "config.json")
-        problems += _check_weights(run_dir / "merged")
-    for name in ("gguf", "gguf-rejected"):
-        if (run_dir / name).exists():
-            problems += _check_gguf(run_dir / name)
-    if (run_dir / "eval").is_dir():
-        for path in sorted((run_dir / "eval").glob("*.json")):
+    if run.adapter_dir.exists():
+        problems += _check_weights(run.adapter_dir)
+    if run.merged_dir.exists():
+        problems += _check_json(run.merged_dir / MERGE_RECORD)
+        problems += _check_json(run.merged_dir / "config.json")
+        problems += _check_weights(run.merged_dir)
+    if run.gguf_dir.exists():
+        problems += _check_gguf(run, run.gguf_dir)
+    for folder in sorted(run.rejected_dir.iterdir()) if run.rejected_dir.is_dir() else []:
+        problems += _check_gguf(run, folder)
+    if run.eval_dir.is_dir():
+        for path in sorted(run.eval_dir.glob("*.json")):
             problems += _check_json(path)
-    if (run_dir / "manifest.json").exists():
-        problems += _check_json(run_dir / "manifest.json")
+    if run.manifest_path.exists():
+        problems += _record(run.manifest)
     return problems
 
 
-def _check_yaml(path: Path) -> list[str]:
-    if not path.exists():
-        return []
-    from appliance.store import Store
+def checkpoint_folders(run: Run) -> list[Path]:
+    return sorted(run.checkpoints_dir.glob("step-*")) if run.checkpoints_dir.is_dir() else []
 
+
+def _record(read: Callable[[], object]) -> list[str]:
+    """A record read through the run: the sentence that names what is wrong with it, if anything."""
     try:
-        Store.run_config(path.parent)
+        read()
     except StoreError as exc:
         return [exc.message]
     return []
 
 
-def _load_json(path: Path) -> tuple[Any, list[str]]:
-    if not path.is_file():
-        return None, [f"{path} is missing"]
-    try:
-        return json.loads(path.read_text(encoding="utf-8")), []
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        return None, [f"{path} is not complete JSON ({exc})"]
-
-
 def _check_json(path: Path) -> list[str]:
-    return _load_json(path)[1]
+    if not path.is_file():
+        return [f"{path} is missing"]
+    try:
+        json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        return [f"{path} is not complete JSON ({exc})"]
+    return []
 
 
-def _check_data(folder: Path) -> list[str]:
-    if not folder.exists():
+def _check_data(run: Run) -> list[str]:
+    if not run.data_dir.exists():
         return []
-    report, problems = _load_json(folder / "data_report.json")
-    if problems:
-        return problems
-    for name, output in (report.get("outputs") or {}).items():
-        expected = output.get("sha256") if isinstance(output, dict) else None
-        path = folder / str(output.get("path") or f"{name}.jsonl") if isinstance(output, dict) else folder
-        if expected is None:
+    if not run.data_report_path.is_file():
+        return [f"{run.data_report_path} is missing"]
+    try:
+        report = run.data_report()
+    except StoreError as exc:
+        return [exc.message]
+    problems = []
+    for name, output in (report.outputs if report is not None else {}).items():
+        path = run.data_dir / Path(output.path or f"{name}.jsonl").name
+        if output.sha256 is None:
             continue
         if not path.is_file():
-            problems.append(f"{path}: listed in data_report.json but missing")
-        elif sha256_file(path) != expected:
-            problems.append(f"{path}: its sha256 differs from the one data_report.json records")
+            problems.append(f"{path}: listed in {run.data_report_path.name} but missing")
+        elif sha256_file(path) != output.sha256:
+            problems.append(f"{path}: its sha256 differs from the one {run.data_report_path.name} records")
     return problems
 
 
@@ -134,15 +138,19 @@ def _check_weights(folder: Path, pattern: str = "*.safetensors") -> list[str]:
     return problems
 
 
-def _check_gguf(folder: Path) -> list[str]:
-    record, problems = _load_json(folder / "verification.json")
-    if problems:
-        return problems
-    for entry in record.get("files") or []:
-        path = folder / Path(str(entry.get("file", ""))).name
+def _check_gguf(run: Run, folder: Path) -> list[str]:
+    try:
+        record = run.verification(folder)
+    except StoreError as exc:
+        return [exc.message]
+    if record is None:
+        return [f"{folder}: the record of its files is missing"]
+    problems = []
+    for entry in record.files:
+        path = folder / Path(entry.file).name
         if not path.is_file():
-            problems.append(f"{path}: listed in verification.json but missing")
-        elif entry.get("size_bytes") is not None and path.stat().st_size != entry["size_bytes"]:
-            problems.append(f"{path}: {path.stat().st_size} bytes where verification.json records "
-                            f"{entry['size_bytes']}")
+            problems.append(f"{path}: listed in its folder's verification record but missing")
+        elif path.stat().st_size != entry.size_bytes:
+            problems.append(f"{path}: {path.stat().st_size} bytes where the verification record says "
+                            f"{entry.size_bytes}")
     return problems

@@ -9,7 +9,6 @@ A death by signal becomes a readable `error` event appended on the child's behal
 from __future__ import annotations
 
 import fcntl
-import json
 import os
 import signal
 import subprocess
@@ -18,16 +17,16 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from pydantic import BaseModel
 
 from appliance import events as ev
 from appliance import integrity
 from appliance.errors import ApplianceError, Cancelled, JobBusy, JobFailed
-from appliance.fsutil import atomic_write_text
+from appliance.records import JobEntry, JobRecord
+from appliance.run import Run, job_record, last_job, write_job_record
+from appliance.store import Store
 
-JOB_FILE = "job.json"
 LOG_FILE = "job.log"
 LOCK_FILE = ".job.lock"
 DISK_FULL_STATUS = 74  # EX_IOERR: the worker could not even write why it stopped
@@ -39,7 +38,9 @@ STAGES: dict[str, tuple[str, str]] = {
     "train": ("appliance.config:TrainConfig", "appliance.train.loop:run"),
     "export": ("appliance.config:ExportConfig", "appliance.export.run:run"),
     "eval": ("appliance.config:EvalConfig", "appliance.evaluate.run:run"),
+    "sweep": ("appliance.config:SweepConfig", "appliance.sweep:run"),
 }
+RUN_STAGES = ("data", "train", "export", "eval", "sweep")  # the stages that work in a run (import: in jobs/)
 
 _SIGNAL_HINTS: dict[int, tuple[str, str]] = {
     signal.SIGKILL: (
@@ -99,6 +100,7 @@ class Job:
     process: subprocess.Popen[bytes] | None
     offset: int = 0  # where this job's events begin: a run's earlier stages wrote before it
     pid: int = 0
+    end: int | None = None  # where its events end, for a job that a later job followed (None: the last job)
     _ended_reported: bool = field(default=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -116,7 +118,11 @@ class Job:
     def running(self) -> bool:
         if self.process is not None:
             return self.process.poll() is None
-        return _worker_alive(self.pid, self.dir)
+        return self.end is None and _worker_alive(self.pid, self.dir)
+
+    def events(self) -> list[ev.Event]:
+        """Its events so far."""
+        return ev.read_all(self.events_path, self.offset, self.end)
 
     def cancel(self, grace_s: float = 30.0) -> None:
         """Ask the stage to stop at its next safe point (SIGTERM); kill it after `grace_s`."""
@@ -153,10 +159,10 @@ class Job:
 
     def _report_abnormal_end(self) -> None:
         """Append an error event when the child died without writing its own last word."""
-        if self._ended_reported:
+        if self._ended_reported or self.end is not None:
             return
         self._ended_reported = True
-        final = [e for e in ev.read_all(self.events_path, self.offset) if isinstance(e, ev.Error | ev.Done)]
+        final = [e for e in self.events() if isinstance(e, ev.Error | ev.Done)]
         if final:
             return
         returncode = self.returncode
@@ -169,6 +175,9 @@ class Job:
     def follow(self, poll_s: float = 0.1, stop: Callable[[], bool] | None = None) -> Iterator[ev.Event]:
         """Yield the job's events as they come, until it has ended and all are read, or until `stop()`
         says the follower is going away (the job itself carries on)."""
+        if self.end is not None:  # an earlier job of the folder: its events are all written
+            yield from self._replay()
+            return
         finished_at: float | None = None
         for event in ev.follow(self.events_path, poll_s=poll_s, offset=self.offset):
             if stop is not None and stop():
@@ -188,6 +197,15 @@ class Job:
             elif finished_at is not None:
                 return
 
+    def _replay(self) -> Iterator[ev.Event]:
+        events = self.events()
+        final = next((i for i, e in enumerate(events) if isinstance(e, ev.Error | ev.Done)), None)
+        yield from events if final is None else events[: final + 1]
+        if final is None:
+            yield ev.Error(title="Job ended unexpectedly", message="the job's process ended without reporting why "
+                           "(it may have been killed, e.g. out of memory)",
+                           hint=f"The last lines of {self.log_path} show what happened.")
+
     def wait(self, on_event: Callable[[ev.Event], None] | None = None) -> ev.Done:
         """Follow to the end; return the `done` event or raise the job's error."""
         last_error: ev.Error | None = None
@@ -206,28 +224,27 @@ class Job:
         raise error_class(last_error.message, last_error.hint, title=last_error.title)
 
 
-def start(stage: str, job_dir: Path, config: BaseModel, env: dict[str, str] | None = None,
-          record: dict[str, Any] | None = None) -> Job:
+def start(stage: str, job_dir: Path, config: BaseModel, env: dict[str, str] | None = None) -> Job:
     """Launch `stage` with `config` in its own process, writing into `job_dir` (a run or a job folder).
 
     One job at a time per folder: the worker holds the folder's lock (an flock, released by the kernel
     however the worker ends), and a second start while it lives raises JobBusy before touching anything.
-    Under the lock, what killed jobs left behind is swept, and `record` (the stage's settings) is kept in
-    the run's run.yaml."""
+    Under the lock, what killed jobs left behind is swept, and the stage's settings are recorded in the
+    run's run.yaml, so the record is the same whichever front end started the job."""
     if stage not in STAGES:
         raise ApplianceError(f"unknown stage {stage!r}", f"Known stages: {', '.join(STAGES)}.")
     job_dir.mkdir(parents=True, exist_ok=True)
     lock = _lock(job_dir)
     try:
         integrity.sweep_litter(job_dir)
-        if record is not None:
-            from appliance.store import Store
-
-            Store.record_config(job_dir, stage, record)
+        if stage in RUN_STAGES:
+            Run(Store(Path(config.model_dump()["store"])), job_dir).record(stage, config)
         events_path = job_dir / ev.EVENTS_FILE
         offset = events_path.stat().st_size if events_path.exists() else 0
-        spec = {"stage": stage, "config": config.model_dump(mode="json")}
-        atomic_write_text(job_dir / JOB_FILE, json.dumps(spec, indent=2) + "\n")
+        previous = job_record(job_dir)
+        record = JobRecord(stage=stage, config=config.model_dump(mode="json"), offset=offset,
+                           history=previous.jobs() if previous is not None else [])
+        write_job_record(job_dir, record)
         child_env = dict(os.environ)
         if env:
             child_env.update(env)
@@ -241,8 +258,9 @@ def start(stage: str, job_dir: Path, config: BaseModel, env: dict[str, str] | No
                 start_new_session=True,  # a Ctrl-C in the terminal reaches the parent, which cancels
                 pass_fds=(lock,),  # the worker holds the lock for as long as it lives
             )
-        atomic_write_text(job_dir / JOB_FILE, json.dumps({**spec, "pid": process.pid, "offset": offset,
-                                                          "started": time.time()}, indent=2) + "\n")
+        record.pid, record.started = process.pid, time.time()
+        record.history.append(JobEntry(stage=stage, offset=offset, pid=process.pid, started=record.started))
+        write_job_record(job_dir, record)
     finally:
         os.close(lock)
     return Job(stage=stage, dir=job_dir, process=process, offset=offset)
@@ -277,17 +295,15 @@ def busy(job_dir: Path) -> bool:
     return False
 
 
-def attach(job_dir: Path) -> Job | None:
-    """The job last started in `job_dir` (by any process), or None when there is none.
-
-    Its events are read from where it began; `running()` says whether its worker still lives.
-    """
-    try:
-        spec = json.loads((job_dir / JOB_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+def attach(job_dir: Path, stage: str | None = None) -> Job | None:
+    """The job last started in `job_dir` (by any process), or the last job of `stage` there; None when there
+    is none. Its events are read from where it began to where the next job's begin; `running()` says whether
+    its worker still lives."""
+    found = last_job(job_dir, stage)
+    if found is None:
         return None
-    return Job(stage=str(spec["stage"]), dir=job_dir, process=None, offset=int(spec.get("offset", 0)),
-               pid=int(spec.get("pid", 0)))  # no pid: written before pids were kept, long finished
+    entry, end = found
+    return Job(stage=entry.stage, dir=job_dir, process=None, offset=entry.offset, pid=entry.pid, end=end)
 
 
 def _worker_alive(pid: int, job_dir: Path) -> bool:
@@ -304,15 +320,9 @@ def _worker_alive(pid: int, job_dir: Path) -> bool:
                if arg)
 
 
-def run(
-    stage: str,
-    job_dir: Path,
-    config: BaseModel,
-    on_event: Callable[[ev.Event], None] | None = None,
-    record: dict[str, Any] | None = None,
-) -> ev.Done:
+def run(stage: str, job_dir: Path, config: BaseModel, on_event: Callable[[ev.Event], None] | None = None) -> ev.Done:
     """Start a job and wait for it; Ctrl-C cancels it cleanly instead of orphaning it."""
-    job = start(stage, job_dir, config, record=record)
+    job = start(stage, job_dir, config)
     try:
         return job.wait(on_event)
     except KeyboardInterrupt:

@@ -1,4 +1,5 @@
-"""Log-likelihood of answer tokens, shared by training (the loss) and evaluation (label scoring).
+"""Log-likelihood of answer tokens, shared by training (the loss, the label probe) and evaluation (label
+scoring).
 
 With answers a small share of each row, projecting every position onto the vocabulary (what a plain
 forward with labels does) spends most of the time and memory on logits that carry no loss. We run
@@ -31,3 +32,27 @@ def answer_nll(model: Any, batch: dict[str, Any]) -> Any:
         logits = head(hidden[:, :-1][keep])
     losses = torch.nn.functional.cross_entropy(logits.float(), targets[keep], reduction="none")
     return torch.zeros(targets.shape[0], dtype=losses.dtype, device=losses.device).index_add_(0, rows, losses)
+
+
+def score_answers(model: Any, prompt: list[int], answers: list[list[int]]) -> list[float]:
+    """The log-likelihood of each answer after the prompt. The prompt runs once; each answer continues from
+    its cache, which is cropped back after, and only the answer's positions are projected onto the
+    vocabulary."""
+    import torch
+
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor([prompt], device=device), use_cache=True, logits_to_keep=1)
+        cache = out.past_key_values
+        first = torch.log_softmax(out.logits[0, -1].float(), dim=-1)
+        scores = []
+        for answer in answers:
+            total = float(first[answer[0]])
+            if len(answer) > 1:
+                step = model(input_ids=torch.tensor([answer[:-1]], device=device), past_key_values=cache,
+                             use_cache=True)
+                log_probs = torch.log_softmax(step.logits[0].float(), dim=-1)
+                total += float(log_probs[torch.arange(len(answer) - 1), torch.tensor(answer[1:])].sum())
+                cache.crop(-(len(answer) - 1))  # back to the prompt alone
+            scores.append(total)
+    return scores

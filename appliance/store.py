@@ -19,12 +19,15 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, Field
 
 from appliance.errors import StoreError
 from appliance.fsutil import atomic_write_text, fsync_dir, inside
+
+if TYPE_CHECKING:
+    from appliance.run import Run
 
 SOURCE_FILE = "source.json"
 RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -101,6 +104,7 @@ class Store:
         self.runs_dir = self.root / "runs"
         self.jobs_dir = self.root / "jobs"
         self.egress_log = self.root / "audit" / "egress.jsonl"
+        self.serve_audit_log = self.root / "audit" / "serve.jsonl"  # `appliance serve`'s, unless told otherwise
 
     @classmethod
     def open(cls, root: str | Path | None = None) -> Store:
@@ -252,62 +256,48 @@ class Store:
 
     # -- runs and jobs -----------------------------------------------------------------------
 
-    def new_run_dir(self) -> Path:
-        folder = self.runs_dir / new_id("run")
-        folder.mkdir(parents=True)
-        return folder
+    def run(self, run_id: str) -> Run:
+        """An existing run; ids that are paths (`..`, `/`) or links out of the store are refused."""
+        from appliance.run import Run
 
-    def run_dir(self, run_id: str) -> Path:
-        """The folder of an existing run; ids that are paths (`..`, `/`) or links out of the store are refused."""
-        if not RUN_ID_RE.match(run_id):
-            raise StoreError(f"{run_id!r} is not a run id",
-                             "Run ids are names like run-20261129-101500-a1b2c3 (the TUI's Home lists them).")
-        folder = inside(self.runs_dir, run_id, "run")
+        folder = self._run_path(run_id)
         if not folder.is_dir():
-            raise StoreError(f"no run {run_id!r} in {self.runs_dir}", "List runs with `ls` of that folder, "
-                             "or leave out --run to start a new one.")
-        return folder
+            raise StoreError(f"no run {run_id!r} in {self.runs_dir}", "The TUI's Home and `appliance runs` list "
+                             "them; leave out --run to start a new one.")
+        return Run(self, folder)
 
-    @staticmethod
-    def run_config(run_dir: Path) -> dict[str, Any]:
-        """What record_config kept for each stage of a run ({} before the first); a damaged run.yaml is a
-        StoreError that names it."""
-        import yaml
+    def new_run(self, name: str | None = None) -> Run:
+        """A new, empty run: named `name`, or `run-<time>-<random>` when not given."""
+        from appliance.run import Run
 
-        path = run_dir / "run.yaml"
-        if not path.is_file():
-            return {}
+        folder = self._run_path(name or new_id("run"))
         try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-            raise StoreError(f"{path} is unreadable or damaged: {exc}",
-                             "Each stage records its settings there; run the stage again to rewrite it.") from exc
-        return data if isinstance(data, dict) else {}
+            folder.mkdir(parents=True)
+        except FileExistsError:
+            raise StoreError(f"a run named {folder.name!r} already exists in {self.runs_dir}",
+                             "Choose another name, or give that run to a stage that works on it.") from None
+        return Run(self, folder)
 
-    @staticmethod
-    def stage_config(run_dir: Path, stage: str) -> dict[str, Any]:
-        """What run.yaml keeps for one stage ({} when it keeps nothing, or something that is not settings)."""
-        section = Store.run_config(run_dir).get(stage)
-        return section if isinstance(section, dict) else {}
+    def run_or_new(self, name: str | None) -> Run:
+        """The run called `name` when it exists, else a new run of that name (or a new unnamed run)."""
+        if name is not None and self._run_path(name).is_dir():
+            return self.run(name)
+        return self.new_run(name)
 
-    def run_base_model(self, run_dir: Path) -> str | None:
-        """The base model a run names: its training's, else the one its data was templated with (None: the
-        default)."""
-        name = self.stage_config(run_dir, "train").get("base_model") or self.stage_config(run_dir, "data").get("model")
-        return str(name) if name is not None else None
+    def runs(self) -> list[Run]:
+        """Every run of the store, by name."""
+        from appliance.run import Run
 
-    @staticmethod
-    def record_config(run_dir: Path, stage: str, config: dict[str, Any]) -> None:
-        """Keep the whole validated config of every stage of a run in run.yaml."""
-        import yaml
+        if not self.runs_dir.is_dir():
+            return []
+        return [Run(self, d) for d in sorted(self.runs_dir.iterdir()) if d.is_dir() and not d.name.startswith(".")]
 
-        path = run_dir / "run.yaml"
-        data = Store.run_config(run_dir)
-        data[stage] = config
-        text = yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
-        if yaml.safe_load(text) != data:  # PyYAML writes some characters (U+0085) raw that it reads back otherwise
-            text = yaml.safe_dump(data, sort_keys=False, allow_unicode=False)
-        atomic_write_text(path, text)
+    def _run_path(self, run_id: str) -> Path:
+        if not RUN_ID_RE.match(run_id):
+            raise StoreError(f"{run_id!r} is not a run name",
+                             "Run names are 1-128 letters, digits, '.', '_' or '-', starting with a letter or "
+                             "digit, like run-20261129-101500-a1b2c3 (the TUI's Home lists them).")
+        return inside(self.runs_dir, run_id, "run")
 
     def new_job_dir(self, kind: str) -> Path:
         folder = self.jobs_dir / new_id(kind)

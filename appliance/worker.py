@@ -9,29 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-import json
-import signal
 import sys
 import traceback
-from collections.abc import Callable
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 from appliance import offline
-
-
-def stop_on_signals() -> Callable[[], bool]:
-    """SIGTERM and SIGINT set a flag instead of ending the process; the returned function reads it (a stage
-    checks it at its safe points and stops there, saving first)."""
-    received: list[int] = []
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        received.append(signum)
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    return lambda: bool(received)
+from appliance.run import job_record  # light (no ML library): the guard goes on before any of those loads
 
 
 def _resolve(path: str) -> Any:
@@ -44,8 +28,11 @@ def main(argv: list[str]) -> int:
         print("usage: python -m appliance.worker JOB_DIR", file=sys.stderr)
         return 2
     job_dir = Path(argv[1])
-    spec = json.loads((job_dir / "job.json").read_text(encoding="utf-8"))
-    store_root = spec["config"].get("store")
+    record = job_record(job_dir)
+    if record is None:
+        print(f"{job_dir} holds no job record to run", file=sys.stderr)
+        return 2
+    store_root = record.config.get("store")
     offline.activate(Path(store_root) / "audit" / "egress.jsonl" if store_root else None)
 
     # Imported after the guard is on, so nothing below can reach the network.
@@ -53,10 +40,10 @@ def main(argv: list[str]) -> int:
     from appliance.errors import ApplianceError, Cancelled, DiskFull, is_disk_full
     from appliance.jobs import DISK_FULL_STATUS, STAGES
 
-    cancelled = stop_on_signals()
+    cancelled = ev.stop_on_signals()
     writer = ev.EventWriter(job_dir / ev.EVENTS_FILE)
     emit = ev.Emitter(writer, cancelled)
-    stage = spec["stage"]
+    stage = record.stage
 
     def last_word(error: ev.Error, status: int) -> int:
         """Record how the job ended; when even that cannot be written (a full disk), the exit status says it."""
@@ -68,7 +55,7 @@ def main(argv: list[str]) -> int:
 
     try:
         config_path, run_path = STAGES[stage]
-        config = _resolve(config_path).model_validate(spec["config"])
+        config = _resolve(config_path).model_validate(record.config)
         result = _resolve(run_path)(config, job_dir, emit)
         payload = result.model_dump(mode="json") if hasattr(result, "model_dump") else dict(result)
         writer(ev.Done(result=payload))
@@ -82,7 +69,7 @@ def main(argv: list[str]) -> int:
                                   hint="Lower the batch size or sequence length, or free memory."), 1)
     except Exception as exc:  # noqa: BLE001 (the last line of defence: the traceback goes to job.log)
         if is_disk_full(exc):
-            where = getattr(exc, "filename", None) or spec["config"].get("store") or job_dir
+            where = getattr(exc, "filename", None) or store_root or job_dir
             return last_word(ev.Error(title=DiskFull.title, message=f"the {stage} job could not write ({exc})",
                                       hint=f"Free space on the disk that holds {where} (`df -h` shows it), then run "
                                            "it again: nothing half-written was kept."), DISK_FULL_STATUS)

@@ -112,7 +112,7 @@ class Bench:
     def round(self, number: int, rng: random.Random, stages: list[str]) -> dict[str, Any]:
         from appliance import faults, integrity, jobs
         from appliance.errors import ApplianceError
-        from appliance.export import manifest
+        from appliance import manifest
 
         stage = rng.choice(stages)
         reference = self.reference[stage]

@@ -95,8 +95,8 @@ def measure(args: argparse.Namespace, quants: list[str]) -> dict[str, Any]:
 
     offline.activate()
     from appliance import toolchain
-    from appliance.data.template import load_tokenizer
-    from appliance.evaluate import encoding
+    from appliance.templating import load_tokenizer
+    from appliance import templating as encoding
     from appliance.evaluate.items import load_items
     from appliance.evaluate.targets import GGUFTarget, HFTarget
     from appliance.store import Store

@@ -10,7 +10,9 @@ from typing import Any
 
 import pytest
 
-from appliance.export import contract as chat_contract
+from appliance import templating
+from appliance.export import modelfile
+from appliance.templating import ChatContract
 
 CONVERSATIONS = [
     [{"role": "user", "content": "Hello"}],
@@ -21,7 +23,7 @@ CONVERSATIONS = [
 
 @pytest.fixture(scope="module")
 def tokenizer(default_model_dir: Path) -> Any:
-    from appliance.data.template import load_tokenizer
+    from appliance.templating import load_tokenizer
 
     return load_tokenizer(default_model_dir)
 
@@ -38,7 +40,7 @@ def _go_render(template: str, system: str, messages: list[dict[str, str]]) -> st
 
 
 def test_contract_of_the_default_model(tokenizer: Any) -> None:
-    contract = chat_contract.from_tokenizer(tokenizer, system="Classify.", task="classification", labels=["a", "b"])
+    contract = templating.contract(tokenizer, system="Classify.", task="classification", labels=["a", "b"])
     assert contract.eos_token == "<|im_end|>" and contract.eos_id == 2
     assert contract.stop_tokens == ["<|im_end|>"] and contract.stop_ids == [2]
     assert contract.turns is not None
@@ -52,8 +54,8 @@ def test_contract_of_the_default_model(tokenizer: Any) -> None:
 
 
 def test_modelfile_renders_what_the_jinja_template_renders(tokenizer: Any) -> None:
-    contract = chat_contract.from_tokenizer(tokenizer, system="Classify the ticket.", task="classification")
-    text = chat_contract.modelfile(contract, "m-Q4_K_M.gguf", 4096)
+    contract = templating.contract(tokenizer, system="Classify the ticket.", task="classification")
+    text = modelfile.modelfile(contract, "m-Q4_K_M.gguf", 4096)
     assert text.startswith("FROM ./m-Q4_K_M.gguf\n")
     assert 'SYSTEM """Classify the ticket."""' in text
     assert 'PARAMETER stop "<|im_end|>"' in text and "PARAMETER num_ctx 4096" in text
@@ -74,17 +76,17 @@ def test_a_template_that_is_not_a_sequence_of_turns_has_no_go_template(tokenizer
         "{% elif m['role'] == 'user' %}[INST] {% if loop.index0 == 1 %}<<SYS>>{{ sys }}<</SYS>> {% endif %}"
         "{{ m['content'] }} [/INST]{% else %} {{ m['content'] }}<|im_end|>{% endif %}{% endfor %}")
     try:
-        contract = chat_contract.from_tokenizer(tokenizer)
+        contract = templating.contract(tokenizer)
     finally:
         del tokenizer.chat_template  # back to the file's template for the other tests
-    assert contract.turns is None and chat_contract.go_template(contract) is None
-    text = chat_contract.modelfile(contract, "m.gguf", 2048)
+    assert contract.turns is None and modelfile.go_template(contract) is None
+    text = modelfile.modelfile(contract, "m.gguf", 2048)
     assert "TEMPLATE" not in text.replace("# The chat template", "") and 'PARAMETER stop "<|im_end|>"' in text
 
 
 def test_shared_system_prompt() -> None:
     rows = [{"messages": [{"role": "system", "content": "S"}, {"role": "user", "content": str(i)}]} for i in range(3)]
-    assert chat_contract.shared_system_prompt(rows) == "S"
+    assert templating.shared_system_prompt(rows) == "S"
     rows.append({"messages": [{"role": "user", "content": "no system"}]})
-    assert chat_contract.shared_system_prompt(rows) is None
-    assert chat_contract.shared_system_prompt([]) is None
+    assert templating.shared_system_prompt(rows) is None
+    assert templating.shared_system_prompt([]) is None

@@ -51,7 +51,7 @@ def test_similar_examples_are_the_closest_questions(default_store: Store) -> Non
 
 @pytest.fixture(scope="module")
 def tiny_targets(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Any, Any]:
-    from appliance.data.template import load_tokenizer
+    from appliance.templating import load_tokenizer
     from appliance.evaluate.targets import GGUFTarget, HFTarget
 
     gguf = tmp_path_factory.mktemp("tiny-gguf") / "tiny-F16.gguf"

@@ -188,7 +188,7 @@ def test_a_file_that_fails_the_gate_is_kept_aside_and_not_registered(
     report; the 16-bit reference that passed is registered, and the manifest lists only it."""
     from appliance import toolchain
     from appliance.config import ExportConfig
-    from appliance.export import gguf_meta
+    from appliance import gguf_meta
     from appliance.export import run as export_run
 
     store, source = trained

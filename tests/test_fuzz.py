@@ -49,7 +49,7 @@ from appliance.config import (
 from appliance.data import prepare
 from appliance.data.clean import clean_messages
 from appliance.data.inspect import inspect_file, suggest
-from appliance.data.pii import Redactor, find_pii
+from appliance.pii import Redactor, find_pii
 from appliance.data.readers import FILE_KINDS, MAX_DEPTH, FileProblem, file_kind, read, record_format
 from appliance.data.schema import Problem, Record, RowError
 from appliance.data.tasks import TaskSpec, check_messages, load_schema, load_template, to_example

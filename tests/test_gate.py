@@ -11,8 +11,11 @@ from pathlib import Path
 import pytest
 
 from appliance import toolchain
-from appliance.export import contract as chat_contract
-from appliance.export import gate, gguf_meta
+from appliance import templating
+from appliance.export import modelfile
+from appliance.templating import ChatContract
+from appliance import gguf_meta
+from appliance.export import gate
 
 PROMPTS = [[{"role": "user", "content": "What is the capital of France?"}],
            [{"role": "user", "content": "Name a primary colour. One word."}]]
@@ -28,16 +31,16 @@ def reference_gguf(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactor
 
 
 @pytest.fixture(scope="module")
-def setting(tiny_model_dir: Path) -> tuple[gate.Reference, chat_contract.ChatContract]:
-    from appliance.data.template import load_tokenizer
+def setting(tiny_model_dir: Path) -> tuple[gate.Reference, ChatContract]:
+    from appliance.templating import load_tokenizer
 
     tokenizer = load_tokenizer(tiny_model_dir)
-    contract = chat_contract.from_tokenizer(tokenizer)
+    contract = templating.contract(tokenizer)
     rows = gate.scored_rows(tokenizer, VALIDATION, budget=512)
     return gate.build_reference(tiny_model_dir, tokenizer, contract, PROMPTS, rows), contract
 
 
-def _verify(path: Path, setting: tuple[gate.Reference, chat_contract.ChatContract]) -> dict[str, gate.Check]:
+def _verify(path: Path, setting: tuple[gate.Reference, ChatContract]) -> dict[str, gate.Check]:
     reference, contract = setting
     report = gate.verify_file(path, "F16", reference, contract, "llama", reference.tensor_count, 512,
                               required_agreement=True)
@@ -45,7 +48,7 @@ def _verify(path: Path, setting: tuple[gate.Reference, chat_contract.ChatContrac
 
 
 def test_the_untouched_export_passes_every_check(reference_gguf: Path,
-                                                  setting: tuple[gate.Reference, chat_contract.ChatContract]) -> None:
+                                                  setting: tuple[gate.Reference, ChatContract]) -> None:
     checks = _verify(reference_gguf, setting)
     assert {name: c.status for name, c in checks.items()} == {
         "architecture": "pass", "tensor count": "pass", "chat template": "pass", "special tokens": "pass",
@@ -62,7 +65,7 @@ def test_the_untouched_export_passes_every_check(reference_gguf: Path,
 ])
 def test_each_planted_failure_is_caught(planted: str, changes: dict[str, object], drop: tuple[str, ...],
                                         caught_by: str, says: str, reference_gguf: Path, tmp_path: Path,
-                                        setting: tuple[gate.Reference, chat_contract.ChatContract]) -> None:
+                                        setting: tuple[gate.Reference, ChatContract]) -> None:
     damaged = tmp_path / f"{planted.replace(' ', '-')}.gguf"
     gguf_meta.rewrite(reference_gguf, damaged, changes, drop)
     checks = _verify(damaged, setting)

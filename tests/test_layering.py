@@ -23,7 +23,7 @@ LIGHT = ["tui", "tui.app", "tui.screens.home", "tui.screens.train", "tui.screens
          "appliance.runs", "appliance.serve.model", "appliance.serve.server", "appliance.serve.chat",
          "appliance.config", "appliance.store", "appliance.events", "appliance.jobs", "appliance.cli",
          "appliance.doctor", "appliance.toolchain", "appliance.hardware", "appliance.data.prepare",
-         "appliance.export.run", "appliance.export.manifest"]
+         "appliance.export.run", "appliance.manifest"]
 
 
 @pytest.mark.parametrize("module", LIGHT)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from conftest import run_cli
 
-from appliance.export import manifest
+from appliance import manifest
 from appliance.store import Store
 
 

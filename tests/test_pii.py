@@ -12,7 +12,7 @@ from conftest import run_cli
 from data_helpers import run_prepare, split_rows, write_jsonl
 from stdnum import iban as stdnum_iban
 
-from appliance.data.pii import PII_TYPES, Redactor, find_pii
+from appliance.pii import PII_TYPES, Redactor, find_pii
 from appliance.data.sample import shipped_path
 from appliance.store import Store
 

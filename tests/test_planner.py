@@ -12,7 +12,7 @@ from conftest import DEFAULT_MODEL, clone_run
 from appliance import jobs
 from appliance.config import TrainConfig
 from appliance.store import Store
-from appliance.train import planner
+from appliance import planner
 
 
 @pytest.mark.slow

@@ -18,7 +18,7 @@ from conftest import REPO, run_cli
 from appliance import jobs
 from appliance.config import ExportConfig
 from appliance.errors import JobFailed, StoreError
-from appliance.export import manifest
+from appliance import manifest
 from appliance.fsutil import inside
 from appliance.serve.model import resolve
 from appliance.store import Store

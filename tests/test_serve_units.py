@@ -12,8 +12,8 @@ import pytest
 from pydantic import ValidationError
 
 from appliance.config import ServeConfig, is_loopback
-from appliance.data.pii import Redactor
-from appliance.export.contract import ChatContract
+from appliance.pii import Redactor
+from appliance.templating import ChatContract
 from appliance.serve.audit import AuditLog, redacted_messages
 from appliance.serve.model import ServedModel, grammar
 from appliance.serve.server import Outcome

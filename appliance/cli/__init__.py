@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import typer
+from pydantic import BaseModel
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -114,63 +115,16 @@ def doctor(as_json: JsonOpt = False) -> None:
         raise typer.Exit(1)
 
 
-def validated(cls: Any, /, **values: Any) -> Any:
-    """Build a config, turning every validation problem into one readable error."""
-    return validated_settings(cls, values)
+R = TypeVar("R", bound=BaseModel)
 
 
-def validated_settings(cls: Any, values: Mapping[str, Any], origins: Mapping[str, str] | None = None) -> Any:
-    """Build a config from settings of any shape (a recipe file's, the command line's), turning every
-    validation problem into one readable error. A setting listed in `origins` ("file:line") is named
-    there; any other is named as its command-line option."""
-    from pydantic import ValidationError
-
-    from appliance.errors import ConfigError
-
-    try:
-        return cls.model_validate(dict(values))
-    except ValidationError as exc:
-        problems = "; ".join(_problem(e, cls, origins or {}) for e in exc.errors())
-        raise ConfigError(problems, "See --help for the allowed values.") from exc
-
-
-def _problem(error: Any, cls: Any, origins: Mapping[str, str]) -> str:
-    message = str(error["msg"]).removeprefix("Value error, ")
-    loc = error["loc"]
-    if not loc:  # a rule about several fields together
-        return message
-    name = str(loc[0])
-    if error["type"] == "extra_forbidden":
-        import difflib
-
-        close = difflib.get_close_matches(name, list(cls.model_fields), n=1)
-        message = "is not a setting" + (f"; did you mean {close[0]}?" if close else "")
-    field = ".".join(map(str, loc))
-    if name in origins:
-        return f"{origins[name]}: {field}: {message}"
-    return f"--{field.replace('_', '-')}: {message}"
-
-
-def _describe_progress(event: Any) -> str:
-    parts = [event.phase]
-    if event.loss is not None:
-        parts.append(f"loss {event.loss:.4f}")
-    if event.tokens_per_s is not None:
-        parts.append(f"{event.tokens_per_s:,.0f} tok/s")
-    if event.mem_mb is not None:
-        parts.append(f"{event.mem_mb / 1024:.1f} GiB")
-    if event.eta_s is not None:
-        parts.append(f"eta {int(event.eta_s) // 60}:{int(event.eta_s) % 60:02d}")
-    return " · ".join(parts)
-
-
-def follow_job(stage: str, job_dir: Path, cfg: Any, quiet: bool = False, record: dict[str, Any] | None = None) -> Any:
-    """Run a stage as a child job, rendering its events as a rich progress bar; `record` goes to run.yaml."""
+def follow_job(stage: str, job_dir: Path, cfg: BaseModel, result: type[R], quiet: bool = False) -> R:
+    """Run a stage as a child job, rendering its events as a rich progress bar; its typed result."""
     from appliance import events as ev
     from appliance import jobs
 
     if quiet:
-        return jobs.run(stage, job_dir, cfg, record=record)
+        return result.model_validate(jobs.run(stage, job_dir, cfg).result)
     columns = (TextColumn("[bold]{task.description}"), BarColumn(),
                TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn())
     with Progress(*columns, console=err_console, transient=True) as bar:
@@ -178,11 +132,12 @@ def follow_job(stage: str, job_dir: Path, cfg: Any, quiet: bool = False, record:
 
         def on_event(event: ev.Event) -> None:
             if isinstance(event, ev.Progress):
-                bar.update(task, description=_describe_progress(event), completed=event.step, total=event.total)
+                bar.update(task, description=escape(event.describe(steps=False)), completed=event.step,
+                           total=event.total)
             elif isinstance(event, ev.Log) and event.level in ("warning", "error"):
-                bar.console.print(f"[yellow]{event.level}:[/] {event.message}")
+                bar.console.print(f"[yellow]{event.level}:[/] {escape(event.message)}")
 
-        return jobs.run(stage, job_dir, cfg, on_event, record=record)
+        return result.model_validate(jobs.run(stage, job_dir, cfg, on_event).result)
 
 
 def main() -> None:
@@ -190,8 +145,6 @@ def main() -> None:
         app()
     except ApplianceError as exc:
         # soft_wrap: an error is one logical line however narrow the terminal, so it can be grepped
-        from rich.markup import escape
-
         err_console.print(f"[bold red]{escape(exc.title)}:[/] {escape(exc.message)}", soft_wrap=True)
         if exc.hint:
             err_console.print(f"[dim]hint:[/] {escape(exc.hint)}", soft_wrap=True)
@@ -199,8 +152,6 @@ def main() -> None:
     except KeyboardInterrupt:
         err_console.print("[yellow]Interrupted.[/]")
         sys.exit(130)
-
-
 
 
 # The command groups register themselves on `app` when imported.

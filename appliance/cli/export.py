@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 from rich.table import Table
 
-from appliance.cli import JsonOpt, app, console, err_console, follow_job, print_json, store, validated
+from appliance.cli import JsonOpt, app, console, err_console, follow_job, print_json, store
+from appliance.cli.options import Settings, config_options
+from appliance.config import ExportConfig
+from appliance.fields import validated
+from appliance.records import ExportResult
 
 
 def _mib(size: int | None) -> str:
@@ -16,7 +20,7 @@ def _mib(size: int | None) -> str:
 
 
 def _quant_table(model_dir: Path) -> Table:
-    from appliance.export import quants
+    from appliance import quants
 
     table = Table(title=f"Quantizations (sizes predicted for {model_dir.name})")
     for column in ("quant", "size", "K-quant fallback", "what it is"):
@@ -31,84 +35,57 @@ def _quant_table(model_dir: Path) -> Table:
 
 
 @app.command()
+@config_options(ExportConfig)
 def export(
+    settings: Settings,
     run: Annotated[str, typer.Option(help="Run whose trained adapter to export")],
-    quant: Annotated[list[str] | None, typer.Option(help="Quantization(s) beside the 16-bit reference, e.g. "
-                                                    "--quant Q8_0 --quant Q4_K_M or Q8_0,Q4_K_M "
-                                                    "(default Q4_K_M); --list-quants shows them all")] = None,
-    outtype: Annotated[str, typer.Option(help="Reference GGUF precision: f16 or bf16")] = "f16",
-    lora_gguf: Annotated[bool, typer.Option("--lora-gguf", help="Also write the adapter alone as GGUF, with the "
-                                            "base model as GGUF, to serve base + adapter")] = False,
-    device: Annotated[str, typer.Option(help="Where to merge: auto, cpu or cuda")] = "auto",
-    name: Annotated[str | None, typer.Option(help="Name of the exported model (files, Ollama, server alias)")]
-    = None,
-    ppl_tokens: Annotated[int, typer.Option(help="Validation tokens scored for each file's perplexity")] = 4096,
-    cluster_gpu_gib: Annotated[float, typer.Option(help="GiB of one GPU that may serve the merged model with vLLM "
-                                                   "or TGI: sizes their scripts' tensor-parallel degree")] = 24.0,
     list_quants: Annotated[bool, typer.Option("--list-quants", help="Show the quantizations with their predicted "
                                               "sizes for this run, and exit")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Merge the adapter, convert to GGUF, quantize, verify every file, and sign the run's manifest."""
-    from appliance.config import ExportConfig
-
     st = store()
-    run_dir = st.run_dir(run)
+    target = st.run(run)
     if list_quants:
-        merged = run_dir / "merged"
-        console.print(_quant_table(merged if merged.is_dir() else _base_dir(run_dir)))
+        console.print(_quant_table(target.merged_dir if target.merged_dir.is_dir() else target.base_model_dir()))
         return
-    quants = [q for value in quant or [] for q in value.split(",") if q.strip()] or None
-    settings: dict[str, Any] = {"outtype": outtype, "lora_gguf": lora_gguf, "device": device, "name": name,
-                                "ppl_tokens": ppl_tokens, "cluster_gpu_gib": cluster_gpu_gib, "store": str(st.root)}
-    if quants:
-        settings["quants"] = quants
-    cfg = validated(ExportConfig, **settings)
-    done = follow_job("export", run_dir, cfg, quiet=as_json)
-    result = done.result
+    cfg = validated(ExportConfig, {**settings, "store": str(st.root)})
+    result = follow_job("export", target.path, cfg, ExportResult, quiet=as_json)
     if as_json:
-        print_json(result)
+        print_json(result.model_dump(mode="json"))
     else:
         _print_export(result)
-    if result["rejected"]:
-        err_console.print(f"[bold red]Verification failed:[/] {', '.join(result['rejected'])} did not pass the gate; "
-                          f"kept for inspection in {result['rejected_dir']} (its verification.json says why). "
+    if result.rejected:
+        err_console.print(f"[bold red]Verification failed:[/] {', '.join(result.rejected)} did not pass the gate; "
+                          f"kept for inspection in {result.rejected_dir} (its verification.json says why). "
                           "The files that passed are registered.", soft_wrap=True)
         raise typer.Exit(1)
 
 
-def _base_dir(run_dir: Path) -> Path:
-    from appliance.export.run import base_model_of
-
-    st = store()
-    return st.model_dir(base_model_of(st, run_dir))
-
-
-def _print_export(result: dict[str, Any]) -> None:
-    merged = result["merged"]
-    how = "reused" if merged["reused"] else f"{merged['seconds']} s on {merged['device']}"
-    console.print(f"merge: {how}, top-1 agreement with base + adapter {merged['top1_agreement']:.1%}")
-    table = Table(title=f"Exported {result['name']} (run {result['run']}) to {result['gguf_dir']}")
+def _print_export(result: ExportResult) -> None:
+    merged = result.merged
+    how = "reused" if merged.reused else f"{merged.seconds} s on {merged.device}"
+    console.print(f"merge: {how}, top-1 agreement with base + adapter {merged.top1_agreement:.1%}")
+    table = Table(title=f"Exported {result.name} (run {result.run}) to {result.gguf_dir}")
     for column in ("quant", "gate", "size", "predicted", "agreement", "perplexity", "vs reference", "seconds"):
         table.add_column(column)
-    for f in result["files"]:
-        agreement = f"{f['agreement']:.1%}" if f["agreement"] is not None else ""
-        ppl = f"{f['ppl']:.3f}" if f["ppl"] is not None else ""
-        delta = f"{f['ppl_delta']:+.2%}" if f["ppl_delta"] is not None else ""
-        status = "[green]pass[/]" if f["passed"] else "[red]REJECTED[/]"
-        predicted = _mib(f["predicted_bytes"]) if f["predicted_bytes"] else ""
-        table.add_row(f["quant"], status, _mib(f["bytes"]), predicted,
-                      agreement, ppl, delta, str(f["seconds"]))
+    for f in result.files:
+        agreement = f"{f.agreement:.1%}" if f.agreement is not None else ""
+        ppl = f"{f.ppl:.3f}" if f.ppl is not None else ""
+        delta = f"{f.ppl_delta:+.2%}" if f.ppl_delta is not None else ""
+        status = "[green]pass[/]" if f.passed else "[red]REJECTED[/]"
+        predicted = _mib(f.predicted_bytes) if f.predicted_bytes else ""
+        table.add_row(f.quant, status, _mib(f.bytes), predicted, agreement, ppl, delta, str(f.seconds))
     console.print(table)
-    for f in result["files"]:
-        if f["note"]:
-            console.print(f"[dim]{f['note']}[/]")
-    if result["rejected"]:
-        console.print(f"[red]Rejected by the verification gate:[/] {', '.join(result['rejected'])} "
-                      f"(kept in {result['rejected_dir']})")
-    console.print(f"[green]Verified[/] in {result['verify_seconds']} s; files in {result['gguf_dir']}; "
-                  f"signed manifest {result['manifest']}")
-    for label, command in result["commands"].items():
+    for f in result.files:
+        if f.note:
+            console.print(f"[dim]{f.note}[/]")
+    if result.rejected:
+        console.print(f"[red]Rejected by the verification gate:[/] {', '.join(result.rejected)} "
+                      f"(kept in {result.rejected_dir})")
+    console.print(f"[green]Verified[/] in {result.verify_seconds} s; files in {result.gguf_dir}; "
+                  f"signed manifest {result.manifest}")
+    for label, command in result.commands.items():
         console.print(f"  {label}: [bold]{command}[/]", soft_wrap=True)
 
 
@@ -118,10 +95,9 @@ def verify(
     as_json: JsonOpt = False,
 ) -> None:
     """Re-hash every file of a run's manifest and check its signature; name whatever changed."""
-    from appliance.export import manifest
+    from appliance import manifest
 
-    st = store()
-    report = manifest.verify(st, st.run_dir(run))
+    report = manifest.verify(store().run(run))
     if as_json:
         print_json(report.model_dump())
     else:

@@ -7,7 +7,11 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from appliance.cli import JsonOpt, app, console, follow_job, print_json, store, validated
+from appliance.cli import JsonOpt, app, console, follow_job, print_json, store
+from appliance.cli.options import Settings, config_options
+from appliance.config import ImportConfig
+from appliance.fields import validated
+from appliance.records import ImportResult
 from appliance.store import ModelInfo
 
 models_app = typer.Typer(help="The model store: list, show, import and remove base models.",
@@ -78,25 +82,17 @@ def models_show(name: str, as_json: JsonOpt = False) -> None:
 
 
 @models_app.command("import")
-def models_import(
-    source: Annotated[str, typer.Argument(help="'default', a catalog name, a model folder or a .gguf file")],
-    name: Annotated[str | None, typer.Option(help="Name in the store (default: from the source)")] = None,
-    dtype: Annotated[str, typer.Option(help="bfloat16, float16 or float32 (GGUF sources)")] = "bfloat16",
-    as_json: JsonOpt = False,
-) -> None:
+@config_options(ImportConfig, arguments=("source",))
+def models_import(settings: Settings, as_json: JsonOpt = False) -> None:
     """Import a base model into the store, atomically, as a child job."""
-    from appliance.config import ImportConfig
-
     st = store()
-    cfg = validated(ImportConfig, source=source, name=name, dtype=dtype, store=str(st.root))
-    job_dir = st.new_job_dir("import")
-    done = follow_job("import", job_dir, cfg, quiet=as_json)
+    cfg = validated(ImportConfig, {**settings, "store": str(st.root)})
+    result = follow_job("import", st.new_job_dir("import"), cfg, ImportResult, quiet=as_json)
     if as_json:
-        print_json(done.result)
+        print_json(result.model_dump(mode="json"))
     else:
-        r = done.result
-        console.print(f"[green]Imported[/] {r['name']}: {_fmt_params(r['parameters'])} parameters, "
-                      f"{r['dtype']}, in {r['seconds']} s -> {r['path']}")
+        console.print(f"[green]Imported[/] {result.name}: {_fmt_params(result.parameters)} parameters, "
+                      f"{result.dtype}, in {result.seconds} s -> {result.path}")
 
 
 @models_app.command("remove")

@@ -12,15 +12,20 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import typer
+from pydantic import BaseModel
 from rich.table import Table
 
 from appliance.cli import JsonOpt, app, console, err_console, follow_job, print_json, store
+from appliance.cli.data import print_data_summary
+from appliance.cli.evaluate import interval
+from appliance.records import DataReport, DataResult, EvalResult, ExportResult, ImportResult, TrainResult
 
 RECIPE = Path(__file__).resolve().parent.parent / "train" / "recipes" / "smollm2-cpu.yaml"
 QUANTS = ["Q8_0", "Q4_K_M"]
+R = TypeVar("R", bound=BaseModel)
 
 
 @app.command("quickstart")
@@ -43,123 +48,108 @@ def quickstart(
     started = time.monotonic()
     seconds: dict[str, float] = {}
 
-    def stage(name: str, title: str, job_dir: Path, cfg: Any) -> dict[str, Any]:
-        """Run one stage as a job; a run's stages keep their settings in its run.yaml."""
+    def stage(name: str, title: str, job_dir: Path, cfg: BaseModel, result: type[R]) -> R:
+        """Run one stage as a job (a run's stages keep their settings in its run.yaml)."""
         if not as_json:
             console.rule(f"[b]{title}")
         begun = time.monotonic()
-        record = None if name == "import" else cfg.model_dump(mode="json", exclude={"resume"})
-        result: dict[str, Any] = follow_job(name, job_dir, cfg, quiet=as_json, record=record).result
+        done = follow_job(name, job_dir, cfg, result, quiet=as_json)
         seconds[name] = round(time.monotonic() - begun, 1)
-        return result
+        return done
 
     default = st.catalog_entry("default")
     if default is not None and not st.has_model(default.name):
         stage("import", f"Importing the default model {default.name}", st.new_job_dir("import"),
-              ImportConfig(source="default", store=str(st.root)))
+              ImportConfig(source="default", store=str(st.root)), ImportResult)
     base = default.name if default is not None else None
 
-    run_dir = st.new_run_dir()
+    run = st.new_run()
     data_cfg = DataConfig(inputs=[str(shipped_path())], task="classification", text_field="text",
                           label_field="category", on_error="skip", model=base, store=str(st.root))
-    data = stage("data", f"1/4 Preparing the sample into {run_dir.name} (PII redacted, deduplicated, split)", run_dir,
-                 data_cfg)
+    data = stage("data", f"1/4 Preparing the sample into {run.id} (PII redacted, deduplicated, split)", run.path,
+                 data_cfg, DataResult)
+    report = run.require_data_report()
     if not as_json:
-        from appliance.cli.data import _print_data_summary
-
-        _print_data_summary(run_dir)
+        print_data_summary(run.id, report, run.data_dir)
 
     recipe = load_settings(RECIPE)
     recipe.update(base_model=base, max_minutes=minutes, store=str(st.root),
                   **({"max_steps": max_steps} if max_steps else {}))
-    train_cfg = TrainConfig.model_validate(recipe)
-    train = stage("train", f"2/4 Fine-tuning {base} (recipe {RECIPE.stem}, at most {minutes:g} min)", run_dir,
-                  train_cfg)
-
+    train = stage("train", f"2/4 Fine-tuning {base} (recipe {RECIPE.stem}, at most {minutes:g} min)", run.path,
+                  TrainConfig.model_validate(recipe), TrainResult)
     if not as_json:
-        eval_text = f", validation loss {train['eval_loss']:.4f}" if train.get("eval_loss") is not None else ""
-        console.print(f"Trained {train['steps']} steps ({train['backend']}, {train['method']}) in "
-                      f"{train['train_seconds']:.0f} s: train loss {train['train_loss']:.4f}{eval_text}")
+        eval_text = f", validation loss {train.eval_loss:.4f}" if train.eval_loss is not None else ""
+        console.print(f"Trained {train.steps} steps ({train.backend}, {train.method}) in "
+                      f"{train.train_seconds:.0f} s: train loss {train.train_loss:.4f}{eval_text}")
 
-    export_cfg = ExportConfig(quants=QUANTS, ppl_tokens=ppl_tokens, store=str(st.root))
-    export = stage("export", "3/4 Merging, converting and quantizing, through the verification gate", run_dir,
-                   export_cfg)
-
+    export = stage("export", "3/4 Merging, converting and quantizing, through the verification gate", run.path,
+                   ExportConfig(quants=QUANTS, ppl_tokens=ppl_tokens, store=str(st.root)), ExportResult)
     if not as_json:
-        for f in export["files"]:
-            state = "[green]verified[/]" if f["passed"] else "[red]rejected by the gate[/]"
-            agreement = f", greedy agreement {f['agreement']:.0%}" if f.get("agreement") is not None else ""
-            console.print(f"{f['quant']}: {state}, {f['bytes'] / 2**20:,.0f} MiB{agreement}")
+        for f in export.files:
+            state = "[green]verified[/]" if f.passed else "[red]rejected by the gate[/]"
+            agreement = f", greedy agreement {f.agreement:.0%}" if f.agreement is not None else ""
+            console.print(f"{f.quant}: {state}, {f.bytes / 2**20:,.0f} MiB{agreement}")
 
-    eval_cfg = EvalConfig(targets=["base", "fewshot", "tuned", "gguf"], max_items=max_items, store=str(st.root))
     evaluation = stage("eval", "4/4 Evaluating base, few-shot, tuned and every exported file on the test rows",
-                       run_dir, eval_cfg)
+                       run.path, EvalConfig(targets=["base", "fewshot", "tuned", "gguf"], max_items=max_items,
+                                            store=str(st.root)), EvalResult)
     seconds["total"] = round(time.monotonic() - started, 1)
-    summary = _summary(run_dir, data, train, export, evaluation, seconds)
+    summary = _summary(run.id, run.path, data, report, train, export, evaluation, seconds)
     if as_json:
         print_json(summary)
     else:
-        _print_summary(summary)
+        _print_summary(train, export, evaluation, seconds, summary["next"])
 
 
-def _summary(run_dir: Path, data: dict[str, Any], train: dict[str, Any], export: dict[str, Any],
-             evaluation: dict[str, Any], seconds: dict[str, float]) -> dict[str, Any]:
-    scores = {t["target"]: t["score"]["point"] for t in evaluation["targets"]}
-    run = run_dir.name
+def _summary(run: str, run_dir: Path, data: DataResult, report: DataReport, train: TrainResult, export: ExportResult,
+             evaluation: EvalResult, seconds: dict[str, float]) -> dict[str, Any]:
+    scores = {t.target: t.score.point for t in evaluation.targets}
     return {
         "run": run,
         "run_dir": str(run_dir),
-        "data": {"counts": data["counts"], "pii": data["pii"]},
-        "train": {k: train.get(k) for k in ("steps", "backend", "method", "train_loss", "eval_loss", "real_tokens",
-                                            "train_seconds", "peak_mem_mb")},
-        "export": {"name": export["name"], "gguf_dir": export["gguf_dir"], "rejected": export["rejected"],
-                   "files": [{"quant": f["quant"], "file": f["file"], "passed": f["passed"], "size_bytes": f["bytes"],
-                              "agreement": f["agreement"], "ppl_delta": f["ppl_delta"]} for f in export["files"]],
-                   "modelfile": export["modelfile"], "manifest": export["manifest"]},
-        "eval": {"task": evaluation["task"], "split": evaluation["split"], "n": evaluation["n"],
-                 "primary": evaluation["primary"],
-                 "targets": [{k: t.get(k) for k in ("target", "score", "macro_f1", "size_bytes", "tokens_per_s")}
-                             for t in evaluation["targets"]],
-                 "comparisons": [c["sentence"] for c in evaluation["comparisons"]],
-                 "recommendation": evaluation["recommendation"]},
+        "data": {"counts": data.counts.model_dump(), "pii": data.pii, "masked_samples": report.pii.masked_samples},
+        "train": train.model_dump(include={"steps", "backend", "method", "train_loss", "eval_loss", "real_tokens",
+                                           "train_seconds", "peak_mem_mb"}),
+        "export": {"name": export.name, "gguf_dir": export.gguf_dir, "rejected": export.rejected,
+                   "files": [{"quant": f.quant, "file": f.file, "passed": f.passed, "size_bytes": f.bytes,
+                              "agreement": f.agreement, "ppl_delta": f.ppl_delta} for f in export.files],
+                   "modelfile": export.modelfile, "manifest": export.manifest},
+        "eval": {"task": evaluation.task, "split": evaluation.split, "n": evaluation.n, "primary": evaluation.primary,
+                 "targets": [t.model_dump(mode="json", include={"target", "score", "macro_f1", "size_bytes",
+                                                                "tokens_per_s"}) for t in evaluation.targets],
+                 "comparisons": [c.sentence for c in evaluation.comparisons],
+                 "recommendation": evaluation.recommendation.model_dump(mode="json")
+                 if evaluation.recommendation else None},
         "tuned_ahead_of_base": scores.get("tuned", 0.0) > scores.get("base", 0.0),
-        "next": [f"appliance chat {run}", f"appliance serve {run}", "appliance tui",
-                 f"appliance verify {run}"],
+        "next": [f"appliance chat {run}", f"appliance serve {run}", "appliance tui", f"appliance verify {run}"],
         "seconds": seconds,
     }
 
 
-def _print_summary(summary: dict[str, Any]) -> None:
-    evaluation = summary["eval"]
+def _print_summary(train: TrainResult, export: ExportResult, evaluation: EvalResult, seconds: dict[str, float],
+                   next_steps: list[str]) -> None:
     console.rule("[b]Summary")
-    table = Table(title=f"{evaluation['task']} on {evaluation['n']} held-out {evaluation['split']} rows: "
-                  f"{evaluation['primary']} and macro F1 with 95% intervals")
-    for column in ("model", evaluation["primary"], "macro F1", "size", "tokens/s"):
+    table = Table(title=f"{evaluation.task} on {evaluation.n} held-out {evaluation.split} rows: "
+                  f"{evaluation.primary} and macro F1 with 95% intervals")
+    for column in ("model", evaluation.primary, "macro F1", "size", "tokens/s"):
         table.add_column(column, justify="left" if column == "model" else "right")
-    for t in evaluation["targets"]:
-        size = f"{t['size_bytes'] / 2**20:,.0f} MiB" if t.get("size_bytes") else ""
-        f1 = _interval(t["macro_f1"]) if t.get("macro_f1") else ""
-        table.add_row(t["target"], _interval(t["score"]), f1, size, f"{t['tokens_per_s'] or 0:,.0f}")
+    for t in evaluation.targets:
+        size = f"{t.size_bytes / 2**20:,.0f} MiB" if t.size_bytes else ""
+        table.add_row(t.target, interval(t.score), interval(t.macro_f1) if t.macro_f1 else "", size,
+                      f"{t.tokens_per_s:,.0f}")
     console.print(table)
-    for sentence in evaluation["comparisons"]:
-        console.print(f"  {sentence}")
-    recommendation = evaluation["recommendation"]
-    if recommendation:
-        console.print(f"[green]Recommended:[/] {recommendation['file']}: {recommendation['reason']}")
-    export = summary["export"]
-    if export["rejected"]:
-        err_console.print(f"[yellow]The verification gate rejected {', '.join(export['rejected'])}[/] (kept aside "
+    for comparison in evaluation.comparisons:
+        console.print(f"  {comparison.sentence}")
+    if evaluation.recommendation:
+        console.print(f"[green]Recommended:[/] {evaluation.recommendation.file}: {evaluation.recommendation.reason}")
+    if export.rejected:
+        err_console.print(f"[yellow]The verification gate rejected {', '.join(export.rejected)}[/] (kept aside "
                           f"with its report, not shipped).")
-    train = summary["train"]
-    console.print(f"Trained {train['steps']} steps ({train['backend']}, {train['method']}) in "
-                  f"{train['train_seconds']:.0f} s; the whole quickstart took {summary['seconds']['total'] / 60:.1f} "
-                  f"min ({', '.join(f'{k} {v:.0f} s' for k, v in summary['seconds'].items() if k != 'total')}).")
-    console.print(f"Files: {export['gguf_dir']} (GGUF, Modelfile, README), signed manifest {export['manifest']}",
+    console.print(f"Trained {train.steps} steps ({train.backend}, {train.method}) in {train.train_seconds:.0f} s; "
+                  f"the whole quickstart took {seconds['total'] / 60:.1f} min "
+                  f"({', '.join(f'{k} {v:.0f} s' for k, v in seconds.items() if k != 'total')}).")
+    console.print(f"Files: {export.gguf_dir} (GGUF, Modelfile, README), signed manifest {export.manifest}",
                   soft_wrap=True)
     console.print("Next:")
-    for command in summary["next"]:
+    for command in next_steps:
         console.print(f"  {command}", soft_wrap=True)
-
-
-def _interval(score: dict[str, Any]) -> str:
-    return f"{score['point'] * 100:.1f} [{score['low'] * 100:.1f}, {score['high'] * 100:.1f}]"

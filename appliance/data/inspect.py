@@ -105,7 +105,7 @@ def _column(name: str, values: list[Any]) -> Column:
 
 def _shown(text: str) -> str:
     """An example value as shown: PII masked (this is a preview, not the prepared data), cut to 60 characters."""
-    from appliance.data.pii import find_pii, mask
+    from appliance.pii import find_pii, mask
 
     out, last = [], 0
     for finding in find_pii(text):

@@ -20,48 +20,56 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from pydantic import BaseModel
 
-from appliance import faults
+from appliance import faults, records
 from appliance.config import DataConfig, shown
 from appliance.data import dedup, split
 from appliance.data.clean import clean_messages
-from appliance.data.pii import Finding, PiiSummary, Redactor, find_pii, mask
 from appliance.data.readers import FileProblem, file_kind, read, record_format
 from appliance.data.schema import Example, Problem, Record, RowError
 from appliance.data.tasks import TaskSpec, check_messages, load_schema, load_template, to_example
 from appliance.errors import ApplianceError, ConfigError, StoreError
 from appliance.events import Emitter
-from appliance.fsutil import atomic_write_text, sha256_file
+from appliance.fsutil import replace_dir, sha256_file
+from appliance.pii import Finding, PiiSummary, Redactor, find_pii, mask
+from appliance.records import (
+    Contaminated,
+    Contamination,
+    Counts,
+    DataReport,
+    DataResult,
+    Duplicate,
+    Duplicates,
+    InputFile,
+    Labels,
+    Lengths,
+    Output,
+    PiiDropped,
+    PiiPreview,
+    PiiReport,
+)
+from appliance.run import PROBLEMS, SPLITS, Run
 from appliance.store import Store
 
 PII_PREVIEWS = 8  # rows shown before and after PII handling in the report
 MAX_LISTED = 10_000  # rows listed inline in the report; every problem is in problems.jsonl too
-SPLITS = ("train", "val", "test")
 
 
 class DataError(ApplianceError):
     title = "Data problems"
 
 
-class DataResult(BaseModel):
-    run_dir: str
-    data_dir: str
-    counts: dict[str, int]
-    pii: dict[str, int]
-    seconds: float
-
-
 def run(cfg: DataConfig, run_dir: Path, emit: Emitter) -> DataResult:
     started = time.monotonic()
     store = Store.open(cfg.store)
+    target = Run(store, run_dir)
     inputs = _inputs(cfg)
     spec = _task_spec(cfg, inputs)
     tokenizer, model_name = _tokenizer(cfg, store)
     embedder = None
     if cfg.near_dup:
         emit.progress("loading the sentence encoder", 0)
-        from appliance.data.embed import Embedder, ensure_onnx
+        from appliance.embedder import Embedder, ensure_onnx
 
         embedder = Embedder(ensure_onnx(store.root))
     staging = run_dir / f".data-staging-{os.getpid()}-{uuid.uuid4().hex[:6]}"
@@ -69,38 +77,35 @@ def run(cfg: DataConfig, run_dir: Path, emit: Emitter) -> DataResult:
     try:
         scan = _Scan(cfg, spec, tokenizer, embedder, emit)
         with (open(staging / "pool.jsonl", "w", encoding="utf-8") as pool,
-              open(staging / "problems.jsonl", "w", encoding="utf-8") as problems):
+              open(staging / PROBLEMS, "w", encoding="utf-8") as problems):
             scan.problem_spool = problems
             for path in inputs:
                 scan.file(path, pool)
         if scan.problems and cfg.on_error == "fail":
-            _fail(run_dir, staging, scan)
+            _fail(target, staging, scan)
         emit.check_cancelled()
         report = _finish(cfg, scan, staging, emit)
-        report.update(inputs=[{"path": str(p), "sha256": sha256_file(p), "bytes": p.stat().st_size}
-                              for p in inputs],
-                      config=cfg.model_dump(mode="json"), model=model_name,
-                      seconds=round(time.monotonic() - started, 2))
+        report.inputs = [InputFile(path=str(p), sha256=sha256_file(p), bytes=p.stat().st_size) for p in inputs]
+        report.config, report.model = cfg, model_name
+        report.seconds = round(time.monotonic() - started, 2)
         (staging / "pool.jsonl").unlink()
         for name in SPLITS:
-            report["outputs"][name]["sha256"] = sha256_file(staging / f"{name}.jsonl")
-        report["outputs"]["problems"] = {"rows": scan.problem_count + len(scan.file_problems),
-                                         "path": "problems.jsonl", "sha256": sha256_file(staging / "problems.jsonl")}
-        atomic_write_text(staging / "data_report.json", json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+            report.outputs[name].sha256 = sha256_file(staging / f"{name}.jsonl")
+        report.outputs["problems"] = Output(rows=scan.problem_count + len(scan.file_problems), path=PROBLEMS,
+                                            sha256=sha256_file(staging / PROBLEMS))
+        target.write_data_report(report, staging)
         if spec.schema is not None:  # the run keeps the schema its answers were checked against (evaluation uses it)
-            atomic_write_text(staging / "schema.json", json.dumps(spec.schema, indent=2, ensure_ascii=False) + "\n")
-        final = run_dir / "data"
+            target.write_schema(spec.schema, staging)
         faults.point("data.register")
-        _swap_into_place(staging, final)
+        replace_dir(staging, target.data_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    for name in (*[f"{s}.jsonl" for s in SPLITS], "problems.jsonl", "data_report.json"):
-        emit.artifact(final / name, kind="data")
-    counts = report["counts"]
-    emit.log(f"kept {counts['train']} train, {counts['val']} val, {counts['test']} test rows of "
-             f"{counts['rows_read']} read")
-    return DataResult(run_dir=str(run_dir), data_dir=str(final), counts=counts,
-                      pii=report["pii"]["counts"], seconds=report["seconds"])
+    for path in (*[target.split_path(s) for s in SPLITS], target.data_dir / PROBLEMS, target.data_report_path):
+        emit.artifact(path, kind="data")
+    counts = report.counts
+    emit.log(f"kept {counts.train} train, {counts.val} val, {counts.test} test rows of {counts.rows_read} read")
+    return DataResult(run_dir=str(run_dir), data_dir=str(target.data_dir), counts=counts, pii=report.pii.counts,
+                      seconds=report.seconds)
 
 
 def _inputs(cfg: DataConfig) -> list[Path]:
@@ -153,7 +158,7 @@ def _tokenizer(cfg: DataConfig, store: Store) -> tuple[Any, str | None]:
     name = store.resolve_model(cfg.model, "model whose chat template the data uses",
                                "Import it (appliance models import default), name another with --model, "
                                "or pass --no-templating.")
-    from appliance.data.template import load_tokenizer
+    from appliance.templating import load_tokenizer
 
     tokenizer = load_tokenizer(store.model_dir(name))
     if not tokenizer.chat_template:
@@ -218,11 +223,11 @@ class _Scan:
         self.problem_count = 0
         self.file_problems: list[Problem] = []
         self.pii = PiiSummary()
-        self.pii_dropped: list[dict[str, Any]] = []
+        self.pii_dropped: list[PiiDropped] = []
         self.pii_dropped_count = 0
-        self.pii_previews: list[dict[str, Any]] = []
+        self.pii_previews: list[PiiPreview] = []
         self.seen: dict[int, int] = {}  # exact key -> packed source of the first row with it
-        self.exact_dups: list[dict[str, str]] = []
+        self.exact_dups: list[Duplicate] = []
         self.exact_dup_count = 0
         self.rows = _Rows()
         self.problem_spool: Any = None
@@ -284,13 +289,13 @@ class _Scan:
             types = sorted({f.type for f in flat})
             self.pii_dropped_count += 1
             if len(self.pii_dropped) < MAX_LISTED:
-                self.pii_dropped.append({"source": example.source, "types": types})
+                self.pii_dropped.append(PiiDropped(source=example.source, types=types))
             return
         key = dedup.exact_key(example.messages)
         if self.cfg.dedup and key in self.seen:
             self.exact_dup_count += 1
             if len(self.exact_dups) < MAX_LISTED:
-                self.exact_dups.append({"source": example.source, "duplicate_of": self.rows.unpack(self.seen[key])})
+                self.exact_dups.append(Duplicate(source=example.source, duplicate_of=self.rows.unpack(self.seen[key])))
             return
         self.seen[key] = self.rows.packed_source(example.file, example.line)
         if flat and self.cfg.pii == "redact":
@@ -309,14 +314,14 @@ class _Scan:
             last = finding.end
         after = {"redact": Redactor().redact(text, found), "report": "".join(before) + text[last:],
                  "drop": "(the row is dropped)"}[self.cfg.pii]
-        self.pii_previews.append({"source": example.source, "role": message["role"],
-                                  "types": sorted({f.type for f in found}),
-                                  "before": _cut("".join(before) + text[last:]), "after": _cut(after)})
+        self.pii_previews.append(PiiPreview(source=example.source, role=message["role"],
+                                            types=sorted({f.type for f in found}),
+                                            before=_cut("".join(before) + text[last:]), after=_cut(after)))
 
     def _measure(self, example: Example) -> tuple[int, int]:
         if self.tokenizer is None:
             return 0, 0
-        from appliance.data.template import encode
+        from appliance.templating import encode
 
         ids, trained = encode(self.tokenizer, example.messages)
         if len(ids) > self.cfg.max_seq_len and not self.cfg.truncate:
@@ -338,9 +343,9 @@ class _Scan:
             self._texts = []
 
 
-def _fail(run_dir: Path, staging: Path, scan: _Scan) -> None:
-    listing = run_dir / "data_problems.jsonl"
-    os.replace(staging / "problems.jsonl", listing)
+def _fail(run: Run, staging: Path, scan: _Scan) -> None:
+    listing = run.failed_problems_path
+    os.replace(staging / PROBLEMS, listing)
     listed = "\n".join(f"  {p}" for p in scan.problems[:20])
     more = len(scan.problems) - 20
     counts = [f"{scan.problem_count} of {scan.rows_read} rows have problems"] if scan.problem_count else []
@@ -352,7 +357,7 @@ def _fail(run_dir: Path, staging: Path, scan: _Scan) -> None:
     )
 
 
-def _finish(cfg: DataConfig, scan: _Scan, staging: Path, emit: Emitter) -> dict[str, Any]:
+def _finish(cfg: DataConfig, scan: _Scan, staging: Path, emit: Emitter) -> DataReport:
     rows = scan.rows
     n = len(rows)
     if n == 0:
@@ -389,50 +394,40 @@ def _finish(cfg: DataConfig, scan: _Scan, staging: Path, emit: Emitter) -> dict[
     finally:
         for handle in handles.values():
             handle.close()
-    counts = {s: where.count(s) for s in SPLITS}
-    counts = {
-        "rows_read": scan.rows_read,
-        "invalid": scan.problem_count,
-        "pii_dropped": scan.pii_dropped_count,
-        "duplicates_exact": scan.exact_dup_count,
-        "duplicates_near": len(near),
-        **counts,
-    }
-    accounted = sum(v for k, v in counts.items() if k != "rows_read")
-    counts["moved_to_train"] = len(contaminated)
+    split_counts = {s: where.count(s) for s in SPLITS}
+    counts = Counts(rows_read=scan.rows_read, invalid=scan.problem_count, pii_dropped=scan.pii_dropped_count,
+                    duplicates_exact=scan.exact_dup_count, duplicates_near=len(near), **split_counts,
+                    moved_to_train=len(contaminated))
+    accounted = sum(v for k, v in counts.model_dump().items() if k not in ("rows_read", "moved_to_train"))
     assert accounted == scan.rows_read, f"row accounting is off: {counts}"
-    from appliance.data.template import length_stats
+    from appliance.data.lengths import length_stats
 
     final_rows = [row for row in range(n) if where[row] is not None]
-    labels = [rows.label(i) for i in final_rows]
-    report: dict[str, Any] = {
-        "counts": counts,
-        "formats": scan.formats,
-        "problems": [p.as_dict() for p in scan.problems],  # the first MAX_LISTED; all in problems.jsonl
-        "file_problems": [p.as_dict() for p in scan.file_problems],
-        "pii": {"mode": cfg.pii, **scan.pii.as_dict(), "dropped": scan.pii_dropped, "previews": scan.pii_previews},
-        "duplicates": {
-            "exact": scan.exact_dups,
-            "near": [{"source": rows.source(r), "duplicate_of": rows.source(k), "cosine": round(s, 4)}
-                     for r, (k, s) in sorted(near.items())[:MAX_LISTED]],
-            "near_threshold": cfg.near_dup_threshold if cfg.near_dup else None,
-        },
-        "contamination": {
-            "checked": embeddings is not None,
-            "threshold": cfg.contamination_threshold,
-            "action": "moved to train",
-            "rows": [{"source": rows.source(r), "cosine": round(s, 4)} for r, s in sorted(contaminated.items())],
-        },
-        "labels": ({"set": sorted({label for label in labels if label}),
-                    "distribution": {s: _label_counts([rows.label(i) for i in final_rows if where[i] == s])
-                                     for s in SPLITS}} if cfg.task == "classification" else None),
-        "lengths": (length_stats([rows.length[i] for i in final_rows], [rows.trained[i] for i in final_rows],
-                                 cfg.max_seq_len) if scan.tokenizer is not None else None),
-        "outputs": {s: {"rows": counts[s], "path": f"{s}.jsonl"} for s in SPLITS},
-    }
-    if cfg.task == "classification" and scan.spec.labels:
-        report["labels"]["set"] = scan.spec.labels
-    return report
+    labels = None
+    if cfg.task == "classification":
+        seen = sorted({label for label in (rows.label(i) for i in final_rows) if label})
+        labels = Labels(set=scan.spec.labels or seen,
+                        distribution={s: _label_counts([rows.label(i) for i in final_rows if where[i] == s])
+                                      for s in SPLITS})
+    return DataReport(
+        counts=counts,
+        formats=scan.formats,
+        problems=[records.Problem(**p.as_dict()) for p in scan.problems],  # the first MAX_LISTED; all in problems.jsonl
+        file_problems=[records.Problem(**p.as_dict()) for p in scan.file_problems],
+        pii=PiiReport(mode=cfg.pii, **scan.pii.as_dict(), dropped=scan.pii_dropped, previews=scan.pii_previews),
+        duplicates=Duplicates(
+            exact=scan.exact_dups,
+            near=[Duplicate(source=rows.source(r), duplicate_of=rows.source(k), cosine=round(s, 4))
+                  for r, (k, s) in sorted(near.items())[:MAX_LISTED]],
+            near_threshold=cfg.near_dup_threshold if cfg.near_dup else None),
+        contamination=Contamination(
+            checked=embeddings is not None, threshold=cfg.contamination_threshold,
+            rows=[Contaminated(source=rows.source(r), cosine=round(s, 4)) for r, s in sorted(contaminated.items())]),
+        labels=labels,
+        lengths=(Lengths(**length_stats([rows.length[i] for i in final_rows], [rows.trained[i] for i in final_rows],
+                                        cfg.max_seq_len)) if scan.tokenizer is not None else None),
+        outputs={s: Output(rows=split_counts[s], path=f"{s}.jsonl") for s in SPLITS},
+    )
 
 
 def _cut(text: str, limit: int = 240) -> str:
@@ -444,16 +439,3 @@ def _label_counts(labels: list[str | None]) -> dict[str, int]:
     for label in labels:
         out[str(label)] = out.get(str(label), 0) + 1
     return dict(sorted(out.items()))
-
-
-def _swap_into_place(staging: Path, final: Path) -> None:
-    """Replace `final` with `staging` so that readers see the old folder or the new one, whole."""
-    staging_final = staging.with_name(staging.name + "-ready")
-    os.rename(staging, staging_final)
-    if final.exists():
-        old = final.with_name(f".data-old-{uuid.uuid4().hex[:6]}")
-        os.rename(final, old)
-        os.rename(staging_final, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(staging_final, final)

@@ -1,51 +1,20 @@
-"""The evaluation items of a run's split, and few-shot prompts built from its training rows.
+"""Few-shot prompts built from a run's training rows.
 
-Every target is asked the same prompts: the conversation up to its last assistant turn, with that
-turn as the reference. Few-shot prompts put k training examples (question and answer) before the
+Every target is asked the same prompts (`Run.items`: the conversation up to its last assistant turn,
+with that turn as the reference). Few-shot prompts put k training examples (question and answer) before the
 question, chosen by sentence-embedding similarity to it (the onnxruntime encoder of data
 preparation) or at random, so "did fine-tuning beat prompting with examples?" has an answer.
 """
 
 from __future__ import annotations
 
-import json
 import random
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
+
+from appliance.run import Item
 
 Message = dict[str, str]
-
-
-@dataclass(frozen=True)
-class Item:
-    prompt: list[Message]  # the conversation up to the answer
-    reference: str  # the answer the data gives
-    label: str | None = None  # classification rows carry their label
-
-
-def _last_assistant(messages: list[Message]) -> int:
-    return max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=-1)
-
-
-def load_items(path: Path, limit: int | None = None) -> list[Item]:
-    """The rows of a prepared split that end in an answer, as prompts and references."""
-    items: list[Item] = []
-    if not path.is_file():
-        return items
-    with open(path, encoding="utf-8") as handle:
-        for line in handle:
-            if not line.strip():
-                continue
-            row: dict[str, Any] = json.loads(line)
-            messages = row["messages"]
-            last = _last_assistant(messages)
-            if last < 0:
-                continue
-            items.append(Item(prompt=messages[:last], reference=messages[last]["content"], label=row.get("label")))
-            if limit is not None and len(items) >= limit:
-                break
-    return items
 
 
 def question(item: Item) -> str:
@@ -71,7 +40,7 @@ def choose_examples(items: list[Item], pool: list[Item], k: int, how: Literal["s
     if how == "random":
         rng = random.Random(seed)
         return [rng.sample(pool, k) for _ in items]
-    from appliance.data.embed import Embedder, ensure_onnx
+    from appliance.embedder import Embedder, ensure_onnx
 
     embedder = Embedder(ensure_onnx(store_root))
     asked = embedder.embed([question(i) for i in items])

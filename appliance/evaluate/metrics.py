@@ -26,21 +26,14 @@ import numpy as np
 from numpy.typing import NDArray
 from pydantic import BaseModel
 
+from appliance.records import Interval
+
 OTHER = "<other>"  # the confusion-matrix column of answers outside the label set
 _CHUNK = 1 << 22  # resampled cells held in memory at once (32 MiB of int64)
 
 Indices = NDArray[np.intp]
 Floats = NDArray[np.float64]
 MetricFn = Callable[[Indices], float]  # a score of the items at these indices (repeats allowed)
-
-
-class Interval(BaseModel):
-    """A point estimate on all items and the bootstrap percentile interval around it."""
-
-    low: float
-    high: float
-    point: float
-    confidence: float = 0.95
 
 
 # ----------------------------------------------------------------------------------------- bootstrap

@@ -9,22 +9,23 @@ quantization kept the fine-tuned model's quality, and recommends the smallest on
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
 
+from appliance import manifest
 from appliance.config import EvalConfig
 from appliance.errors import ApplianceError
 from appliance.evaluate import metrics
-from appliance.evaluate.encoding import answer_ids, prompt_ids, stop_ids
-from appliance.evaluate.items import Item, choose_examples, load_items, with_examples
+from appliance.evaluate.items import choose_examples, with_examples
 from appliance.evaluate.targets import GGUFTarget, HFTarget, Target
 from appliance.events import Emitter
-from appliance.fsutil import atomic_write_text
+from appliance.records import ComparisonRow, EvalResult, Interval, Recommendation, TargetResult, TargetRow
+from appliance.run import Item, Run, plain_name
 from appliance.store import Store
+from appliance.templating import answer_ids, load_tokenizer, prompt_ids, stop_ids
 
 PRIMARY = {"classification": "accuracy", "extraction": "all_fields_match", "chat": "token_f1"}
 SPEED_TOKENS = 32
@@ -35,153 +36,92 @@ class EvalError(ApplianceError):
     title = "Evaluation problem"
 
 
-class TargetResult(BaseModel):
-    target: str
-    n: int
-    primary: str
-    score: metrics.Interval
-    report: dict[str, Any]
-    per_item: list[float]  # the primary metric per item, for paired comparisons
-    size_bytes: int | None
-    tokens_per_s: float
-    seconds: float
-    predictions: list[str]  # every item's answer, in the split's order
-    samples: list[dict[str, Any]]
-
-
-class Recommendation(BaseModel):
-    target: str
-    file: str
-    size_bytes: int
-    tokens_per_s: float
-    score: float
-    difference: float  # against the fine-tuned model, in points
-    reason: str
-
-
-class EvalResult(BaseModel):
-    run: str
-    task: str
-    split: str
-    n: int
-    primary: str
-    targets: list[dict[str, Any]]  # target, score interval, size, tokens/s
-    comparisons: list[dict[str, Any]]
-    recommendation: Recommendation | None
-    note: str | None
-    seconds: float
-
-
 def run(cfg: EvalConfig, run_dir: Path, emit: Emitter) -> EvalResult:
     started = time.monotonic()
     store = Store.open(cfg.store)
-    report = _data_report(run_dir)
-    task = (report.get("config") or {}).get("task", "chat")
-    labels: list[str] = (report.get("labels") or {}).get("set") or []
-    items = load_items(run_dir / "data" / f"{cfg.split}.jsonl", cfg.max_items)
+    target_run = Run(store, run_dir)
+    report = target_run.data_report()
+    if report is None:
+        raise EvalError(f"run {target_run.id} has no prepared data", f"Prepare data first: appliance data prepare "
+                        f"FILES --run {target_run.id}")
+    task, labels = report.task, report.label_set
+    items = target_run.items(cfg.split, cfg.max_items)
     if not items:
-        raise EvalError(f"the {cfg.split} split of run {run_dir.name} has no rows with an answer",
+        raise EvalError(f"the {cfg.split} split of run {target_run.id} has no rows with an answer",
                         "Prepare the data with a test share (--split 0.8,0.1,0.1), or evaluate --split val.")
-    base_dir = _base_dir(store, run_dir)
-    targets = _resolve_targets(cfg, run_dir)
-    from appliance.data.template import load_tokenizer
-
-    tokenizer = load_tokenizer(run_dir / "adapter" if (run_dir / "adapter").is_dir() else base_dir)
+    base_dir = target_run.base_model_dir()
+    targets = _resolve_targets(cfg, target_run)
+    tokenizer = load_tokenizer(target_run.adapter_dir if target_run.trained else base_dir)
     stops = stop_ids(tokenizer)
-    examples = choose_examples(items, load_items(run_dir / "data" / "train.jsonl"), cfg.fewshot_k,
-                               cfg.fewshot_select, store.root, cfg.seed) if "fewshot" in targets else None
+    examples = choose_examples(items, target_run.items("train"), cfg.fewshot_k, cfg.fewshot_select, store.root,
+                               cfg.seed) if "fewshot" in targets else None
+    schema = target_run.schema()
     results: list[TargetResult] = []
-    out_dir = run_dir / "eval"
     for position, name in enumerate(targets):
         emit.check_cancelled()
         emit.progress(f"evaluating {name}", position, len(targets))
-        target = _open(name, run_dir, base_dir, items, tokenizer)
+        target = _open(name, target_run, base_dir, items, tokenizer)
         try:
             conversations = [with_examples(i, e) for i, e in zip(items, examples, strict=True)] \
                 if name == "fewshot" and examples is not None else [i.prompt for i in items]
-            result = _evaluate(target, name, conversations, items, task, labels, tokenizer, stops, cfg, emit,
-                               _schema(run_dir))
+            result = _evaluate(target, name, conversations, items, task, labels, tokenizer, stops, cfg, emit, schema)
         finally:
             target.close()
-        result.size_bytes = _size(name, run_dir, base_dir)
-        atomic_write_text(out_dir / f"{name.replace(':', '-')}.json", result.model_dump_json(indent=2) + "\n")
+        result.size_bytes = _size(name, target_run, base_dir)
+        target_run.write_evaluation(result)
         emit.metric(f"eval_{name}_{result.primary}", result.score.point)
         results.append(result)
     references = [i.label or i.reference for i in items]
-    outcome = _compare(run_dir, task, cfg, results, references, labels, round(time.monotonic() - started, 1))
-    atomic_write_text(out_dir / "comparison.json", outcome.model_dump_json(indent=2) + "\n")
-    _refresh_manifest(store, run_dir, base_dir.name)
+    outcome = _compare(target_run, task, cfg, results, references, labels, round(time.monotonic() - started, 1))
+    target_run.write_comparison(outcome)
+    if target_run.manifest_path.is_file():  # an exported run's signed manifest gains the results (signed again)
+        manifest.write(target_run)
     return outcome
 
 
-def _data_report(run_dir: Path) -> dict[str, Any]:
-    path = run_dir / "data" / "data_report.json"
-    if not path.is_file():
-        raise EvalError(f"run {run_dir.name} has no prepared data", f"Prepare data first: appliance data prepare "
-                        f"FILES --run {run_dir.name}")
-    data: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
-    return data
-
-
-def _base_dir(store: Store, run_dir: Path) -> Path:
-    from appliance.export.run import base_model_of
-
-    return store.model_dir(base_model_of(store, run_dir))
-
-
-def _exported(run_dir: Path) -> dict[str, Path]:
+def _exported(run: Run) -> dict[str, Path]:
     """Registered GGUF files (they passed the export gate), by quantization."""
-    try:
-        record = json.loads((run_dir / "gguf" / "verification.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    record = run.verification()
+    if record is None:
         return {}
-    return {f["quant"]: run_dir / "gguf" / f["file"] for f in record.get("files", [])
-            if f.get("passed") and f["quant"] not in ("LORA",) and _plain(f["file"])
-            and (run_dir / "gguf" / f["file"]).is_file()}
+    return {quant: run.gguf_dir / f.file for quant, f in record.served().items()
+            if plain_name(f.file) and (run.gguf_dir / f.file).is_file()}
 
 
-def _plain(name: Any) -> bool:
-    """A file name as exports record them: no folders, no way out of gguf/."""
-    return isinstance(name, str) and name == Path(name).name and name not in ("", ".", "..")
-
-
-def _resolve_targets(cfg: EvalConfig, run_dir: Path) -> list[str]:
-    exported = _exported(run_dir)
-    trained = (run_dir / "adapter").is_dir()
-    wanted = cfg.targets or (["base", "fewshot"] + (["tuned"] if trained else []) + ["gguf"])
+def _resolve_targets(cfg: EvalConfig, run: Run) -> list[str]:
+    exported = _exported(run)
+    wanted = cfg.targets or (["base", "fewshot"] + (["tuned"] if run.trained else []) + ["gguf"])
     names: list[str] = []
     for name in wanted:
         if name == "gguf":
             names += [f"gguf:{q}" for q in exported]
             continue
         if name.startswith("gguf:") and name[5:].upper() not in exported:
-            raise EvalError(f"run {run_dir.name} has no verified {name[5:].upper()} GGUF",
-                            f"Export it first: appliance export --run {run_dir.name} --quant {name[5:].upper()}")
-        if name == "tuned" and not trained:
-            raise EvalError(f"run {run_dir.name} has no trained adapter", f"Train it: appliance train --run "
-                            f"{run_dir.name}")
-        if name == "merged" and not (run_dir / "merged").is_dir():
-            raise EvalError(f"run {run_dir.name} has no merged model", f"Export it: appliance export --run "
-                            f"{run_dir.name}")
+            raise EvalError(f"run {run.id} has no verified {name[5:].upper()} GGUF",
+                            f"Export it first: appliance export --run {run.id} --quant {name[5:].upper()}")
+        if name == "tuned" and not run.trained:
+            raise EvalError(f"run {run.id} has no trained adapter", f"Train it: appliance train --run {run.id}")
+        if name == "merged" and not run.merged_dir.is_dir():
+            raise EvalError(f"run {run.id} has no merged model", f"Export it: appliance export --run {run.id}")
         names.append(name if not name.startswith("gguf:") else f"gguf:{name[5:].upper()}")
     return list(dict.fromkeys(names))
 
 
-def _open(name: str, run_dir: Path, base_dir: Path, items: list[Item], tokenizer: Any) -> Target:
+def _open(name: str, run: Run, base_dir: Path, items: list[Item], tokenizer: Any) -> Target:
     if name in ("base", "fewshot"):
         return HFTarget(name, base_dir)
     if name == "tuned":
-        return HFTarget(name, base_dir, run_dir / "adapter")
+        return HFTarget(name, base_dir, run.adapter_dir)
     if name == "merged":
-        return HFTarget(name, run_dir / "merged")
+        return HFTarget(name, run.merged_dir)
     longest = max(len(prompt_ids(tokenizer, i.prompt)) for i in items)
-    return GGUFTarget(name, _exported(run_dir)[name[5:]], n_ctx=min(8192, 2 * longest + 1024))
+    return GGUFTarget(name, _exported(run)[name[5:]], n_ctx=min(8192, 2 * longest + 1024))
 
 
-def _size(name: str, run_dir: Path, base_dir: Path) -> int | None:
+def _size(name: str, run: Run, base_dir: Path) -> int | None:
     if name.startswith("gguf:"):
-        return _exported(run_dir)[name[5:]].stat().st_size
-    folder = run_dir / "merged" if name == "merged" else base_dir
+        return _exported(run)[name[5:]].stat().st_size
+    folder = run.merged_dir if name == "merged" else base_dir
     return sum(p.stat().st_size for p in folder.glob("*.safetensors"))
 
 
@@ -219,18 +159,12 @@ def _evaluate(target: Target, name: str, conversations: list[list[dict[str, str]
             report = qa
     primary = PRIMARY.get(task, "token_f1")
     data = report.model_dump()
-    return TargetResult(target=name, n=len(items), primary=primary, score=metrics.Interval(**data[primary]),
+    return TargetResult(target=name, n=len(items), primary=primary, score=Interval(**data[primary]),
                         report={**data, **extra}, per_item=per_item, size_bytes=None,
                         tokens_per_s=round(target.speed(prompts[0], SPEED_TOKENS), 1),
                         seconds=round(time.monotonic() - began, 1), predictions=predictions,
                         samples=[{"reference": i.reference, "prediction": p}
                                  for i, p in zip(items[:SAMPLES_KEPT], predictions, strict=False)])
-
-
-def _schema(run_dir: Path) -> dict[str, Any] | None:
-    path = run_dir / "data" / "schema.json"
-    schema: dict[str, Any] | None = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
-    return schema
 
 
 def _perplexity(target: Target, tokenizer: Any, conversations: list[list[dict[str, str]]], items: list[Item]) -> float:
@@ -243,7 +177,7 @@ def _perplexity(target: Target, tokenizer: Any, conversations: list[list[dict[st
     return round(metrics.perplexity(nll, max(tokens, 1)), 4)
 
 
-def _compare(run_dir: Path, task: str, cfg: EvalConfig, results: list[TargetResult], references: list[str],
+def _compare(run: Run, task: str, cfg: EvalConfig, results: list[TargetResult], references: list[str],
              labels: list[str], seconds: float) -> EvalResult:
     by_name = {r.target: r for r in results}
     pairs = [("base", "fewshot"), ("base", "tuned"), ("fewshot", "tuned")]
@@ -262,17 +196,17 @@ def _compare(run_dir: Path, task: str, cfg: EvalConfig, results: list[TargetResu
                 comparisons.append(_comparison_row(a, b, "macro_f1", f1))
     recommendation, note = _recommend(by_name, cfg.tolerance)
     primary = PRIMARY.get(task, "token_f1")
-    table = [{"target": r.target, "score": r.score.model_dump(), "macro_f1": r.report.get("macro_f1"),
-              "size_bytes": r.size_bytes, "tokens_per_s": r.tokens_per_s, "seconds": r.seconds} for r in results]
-    return EvalResult(run=run_dir.name, task=task, split=cfg.split, n=len(references), primary=primary, targets=table,
+    table = [TargetRow(target=r.target, score=r.score, macro_f1=r.report.get("macro_f1"), size_bytes=r.size_bytes,
+                       tokens_per_s=r.tokens_per_s, seconds=r.seconds) for r in results]
+    return EvalResult(run=run.id, task=task, split=cfg.split, n=len(references), primary=primary, targets=table,
                       comparisons=comparisons, recommendation=recommendation, note=note, seconds=seconds)
 
 
-def _comparison_row(a: str, b: str, metric: str, comparison: metrics.Comparison) -> dict[str, Any]:
+def _comparison_row(a: str, b: str, metric: str, comparison: metrics.Comparison) -> ComparisonRow:
     sentence = metrics.describe(comparison, a, b)
-    return {"baseline": a, "target": b, "metric": metric, "baseline_score": comparison.a,
-            "target_score": comparison.b, "difference": comparison.difference.model_dump(),
-            "significant": comparison.significant, "sentence": f"{metric.replace('_', ' ')}: {sentence}"}
+    return ComparisonRow(baseline=a, target=b, metric=metric, baseline_score=comparison.a, target_score=comparison.b,
+                         difference=comparison.difference, significant=comparison.significant,
+                         sentence=f"{metric.replace('_', ' ')}: {sentence}")
 
 
 def _recommend(by_name: dict[str, TargetResult], tolerance: float) -> tuple[Recommendation | None, str | None]:
@@ -290,14 +224,6 @@ def _recommend(by_name: dict[str, TargetResult], tolerance: float) -> tuple[Reco
                           tokens_per_s=best.tokens_per_s, score=best.score.point, difference=difference,
                           reason=f"the smallest file within {_points(tolerance)} of the fine-tuned model "
                           f"({difference:+.1f} points)"), None
-
-
-def _refresh_manifest(store: Store, run_dir: Path, base_name: str) -> None:
-    """An exported run's signed manifest gains the evaluation results (and is signed again)."""
-    if (run_dir / "manifest.json").is_file():
-        from appliance.export import manifest
-
-        manifest.write(store, run_dir, base_name)
 
 
 def _points(value: float) -> str:

@@ -56,33 +56,10 @@ class HFTarget:
         self.model = model.eval()
         self.batch_size = batch_size
 
-    @classmethod
-    def around(cls, name: str, model: Any, batch_size: int = 8) -> HFTarget:
-        """A target over a model already in memory (the one being trained), left where it is."""
-        target = cls.__new__(cls)
-        target.name, target.model, target.batch_size = name, model, batch_size
-        target.device = next(model.parameters()).device
-        return target
-
     def score(self, prompt: list[int], answers: list[list[int]]) -> list[float]:
-        """The prompt runs once; each answer continues from its cache, which is cropped back after."""
-        import torch
+        from appliance.modeling import score_answers
 
-        with torch.no_grad():
-            out = self.model(input_ids=torch.tensor([prompt], device=self.device), use_cache=True, logits_to_keep=1)
-            cache = out.past_key_values
-            first = torch.log_softmax(out.logits[0, -1].float(), dim=-1)
-            scores = []
-            for answer in answers:
-                total = float(first[answer[0]])
-                if len(answer) > 1:
-                    step = self.model(input_ids=torch.tensor([answer[:-1]], device=self.device),
-                                      past_key_values=cache, use_cache=True)
-                    log_probs = torch.log_softmax(step.logits[0].float(), dim=-1)
-                    total += float(log_probs[torch.arange(len(answer) - 1), torch.tensor(answer[1:])].sum())
-                    cache.crop(-(len(answer) - 1))  # back to the prompt alone
-                scores.append(total)
-        return scores
+        return score_answers(self.model, prompt, answers)
 
     def generate(self, prompts: list[list[int]], max_new: int, stop_ids: list[int]) -> list[list[int]]:
         import torch

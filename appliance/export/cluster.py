@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from appliance.train.planner import ServingPlan, serving_plan
+from appliance.planner import ServingPlan, serving_plan
 
 OFFLINE = "HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1"
 MAX_CONTEXT = 8192

@@ -14,22 +14,20 @@ A file that fails a required check is not registered as usable; the report says 
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
-from pydantic import BaseModel
 
-from appliance.export import gguf_meta
-from appliance.export.contract import ChatContract
+from appliance import gguf_meta
+from appliance.records import Check, FileReport
+from appliance.templating import ChatContract
 
-Status = Literal["pass", "fail", "warn"]
 TIE_MARGIN = 0.05  # logits this close are a tie; float rounding may pick either token
 STOP_BOUND = 256  # tokens within which greedy generation must end its turn
 MAX_NEW = 32  # greedy tokens of the merged model per prompt
@@ -43,29 +41,6 @@ GOLDEN_TEXTS = [
     "runs   of    spaces\t\ttabs\n\n\n\nnewlines \r\n and trailing   ",
     "Numbers 1234567890 3.14159 -42 1e-5 and URLs like http://intranet.local/a?b=c&d=e#f",
 ]
-
-
-class Check(BaseModel):
-    name: str
-    status: Status
-    detail: str
-
-
-class FileReport(BaseModel):
-    file: str
-    quant: str
-    size_bytes: int
-    checks: list[Check]
-    agreement: float | None = None  # share of positions where llama.cpp picks the merged model's token
-    ppl: float | None = None  # over every token of the validation rows
-    answer_ppl: float | None = None  # over the trained (assistant) tokens only
-    ppl_delta: float | None = None  # relative change of ppl against the 16-bit reference
-    tensor_types: dict[str, int] = {}
-    note: str | None = None
-
-    @property
-    def passed(self) -> bool:
-        return all(c.status != "fail" for c in self.checks)
 
 
 @dataclass
@@ -93,7 +68,7 @@ def golden_conversations(contract: ChatContract) -> list[list[dict[str, str]]]:
 def scored_rows(tokenizer: Any, conversations: list[list[dict[str, str]]],
                 budget: int) -> list[tuple[list[int], list[bool]]]:
     """The validation rows whose tokens perplexity is measured on, in order, up to `budget` tokens."""
-    from appliance.data.template import encode
+    from appliance.templating import encode
 
     rows: list[tuple[list[int], list[bool]]] = []
     used = 0
@@ -283,7 +258,7 @@ def verify_file(path: Path, quant: str, reference: Reference, contract: ChatCont
                 expected_tensors: int, n_ctx: int, required_agreement: bool,
                 reference_ppl: float | None = None) -> FileReport:
     """Every check of the gate on one GGUF file."""
-    from appliance.export.quants import count_types, fallback_note
+    from appliance.quants import count_types, fallback_note
 
     info = gguf_meta.read(path)
     report = FileReport(file=path.name, quant=quant, size_bytes=path.stat().st_size,
@@ -332,18 +307,12 @@ def verify_lora(adapter: Path, base: Path, reference: Reference, stop_ids: list[
 
 
 def _count(types: list[str]) -> dict[str, int]:
-    from appliance.export.quants import count_types
+    from appliance.quants import count_types
 
     return count_types(types)
 
 
 def _quant_names() -> set[str]:
-    from appliance.export.quants import QUANTS
+    from appliance.quants import QUANTS
 
     return set(QUANTS)
-
-
-def as_json(reports: list[FileReport], extra: dict[str, Any]) -> str:
-    data = {**extra, "passed": all(r.passed for r in reports),
-            "files": [{**r.model_dump(), "passed": r.passed} for r in reports]}
-    return json.dumps(data, indent=2, ensure_ascii=False) + "\n"

@@ -17,31 +17,18 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel
-
 from appliance import faults
 from appliance.errors import ApplianceError, is_disk_full
 from appliance.events import Emitter
-from appliance.fsutil import atomic_write_text, fsync_dir, sha256_file
+from appliance.fsutil import fsync_dir, replace_dir, sha256_file
+from appliance.records import MergeResult
+from appliance.run import Run
 
-MERGE_FILE = "merge.json"
 PROBE = [{"role": "user", "content": "Summarise in one line: the printer on floor 3 jams every morning."}]
 
 
 class ExportError(ApplianceError):
     title = "Export problem"
-
-
-class MergeResult(BaseModel):
-    merged: str
-    adapter_sha256: str
-    base_model: str
-    dtype: str
-    device: str
-    reused: bool
-    seconds: float
-    max_logit_diff: float  # merged (as saved) vs base + adapter, on a probe prompt
-    top1_agreement: float
 
 
 def adapter_weights(adapter_dir: Path) -> Path:
@@ -56,26 +43,25 @@ def is_full_model(adapter_dir: Path) -> bool:
     return not (adapter_dir / "adapter_config.json").is_file() and (adapter_dir / "config.json").is_file()
 
 
-def merge(run_dir: Path, base_dir: Path, emit: Emitter, device: str = "auto") -> MergeResult:
+def merge(run: Run, base_dir: Path, emit: Emitter, device: str = "auto") -> MergeResult:
     """`merged/` for the run's adapter; reused when it already holds this adapter."""
-    adapter_dir = run_dir / "adapter"
+    adapter_dir = run.adapter_dir
     if not adapter_dir.is_dir():
-        raise ExportError(f"run {run_dir.name} has no trained adapter",
-                          f"Train it first: appliance train --run {run_dir.name}")
+        raise ExportError(f"run {run.id} has no trained adapter", f"Train it first: appliance train --run {run.id}")
     digest = sha256_file(adapter_weights(adapter_dir))
-    final = run_dir / "merged"
-    previous = _read_record(final)
+    final = run.merged_dir
+    previous = run.merge_record()
     if previous is not None and previous.adapter_sha256 == digest and _complete(final):
         emit.log(f"merged model already holds adapter {digest[:12]}; reusing {final}")
         return previous.model_copy(update={"reused": True, "seconds": 0.0})
     _refuse_quantized_base(base_dir)
     started = time.monotonic()
-    tmp = run_dir / f".merged-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    tmp = run.path / f".merged-{os.getpid()}-{uuid.uuid4().hex[:6]}"
     try:
         faults.point("export.merge")
         result = _merge_into(tmp, adapter_dir, base_dir, digest, device, emit)
         result = result.model_copy(update={"seconds": round(time.monotonic() - started, 2), "merged": str(final)})
-        atomic_write_text(tmp / MERGE_FILE, result.model_dump_json(indent=2) + "\n")
+        run.write_merge_record(result, tmp)
         fsync_dir(tmp)
         faults.point("export.merge.register")
         replace_dir(tmp, final)
@@ -161,27 +147,8 @@ def _refuse_quantized_base(base_dir: Path) -> None:
         )
 
 
-def _read_record(folder: Path) -> MergeResult | None:
-    try:
-        return MergeResult.model_validate_json((folder / MERGE_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-
-
 def _complete(folder: Path) -> bool:
     return (folder / "config.json").is_file() and any(folder.glob("*.safetensors"))
-
-
-def replace_dir(tmp: Path, final: Path) -> None:
-    """Rename `tmp` to `final`; an older `final` is moved aside first and deleted after."""
-    if final.exists():
-        old = final.with_name(f".{final.name}-old-{uuid.uuid4().hex[:6]}")
-        os.rename(final, old)
-        os.rename(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, final)
-    fsync_dir(final.parent)
 
 
 def disk_error(exc: BaseException, doing: str) -> ExportError:

@@ -17,92 +17,58 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel
-
-from appliance import faults, toolchain
+from appliance import faults, manifest, quants, templating, toolchain
 from appliance.config import ExportConfig
+from appliance.errors import StoreError
 from appliance.events import Emitter
-from appliance.export import cluster, gate, manifest, quants
-from appliance.export import contract as chat_contract
-from appliance.export.merge import ExportError, MergeResult, disk_error, is_full_model, merge, replace_dir
-from appliance.fsutil import atomic_write_text, sha256_file
+from appliance.export import cluster, gate
+from appliance.export import modelfile as runtime_files
+from appliance.export.merge import ExportError, disk_error, is_full_model, merge
+from appliance.fsutil import atomic_write_text, replace_dir, sha256_file
+from appliance.records import ExportedFile, ExportResult, FileReport, MergeResult, Verification
+from appliance.run import Run, plain_name
 from appliance.store import Store, now_iso
+from appliance.templating import ChatContract
 
-GGUF_DIR = "gguf"
-REJECTED_DIR = "gguf-rejected"
-VERIFICATION = "verification.json"
 MAX_PROMPTS = 6
-
-
-class ExportedFile(BaseModel):
-    file: str
-    path: str
-    quant: str
-    bytes: int
-    predicted_bytes: int | None
-    sha256: str
-    passed: bool
-    agreement: float | None
-    ppl: float | None
-    ppl_delta: float | None
-    seconds: float  # to produce it (convert or quantize)
-    note: str | None = None
-
-
-class ExportResult(BaseModel):
-    run: str
-    name: str
-    gguf_dir: str
-    merged: MergeResult
-    files: list[ExportedFile]
-    rejected: list[str]
-    rejected_dir: str | None
-    modelfile: str | None
-    commands: dict[str, str]
-    manifest: str
-    verify_seconds: float
-    seconds: float
 
 
 def run(cfg: ExportConfig, run_dir: Path, emit: Emitter) -> ExportResult:
     started = time.monotonic()
-    store = Store.open(cfg.store)
+    target = Run(Store.open(cfg.store), run_dir)
     toolchain.check_versions()
-    base_name = base_model_of(store, run_dir)
-    base_dir = store.model_dir(base_name)
-    name = cfg.name or f"{base_name}-{run_dir.name.rsplit('-', 1)[-1]}"
+    base_name = target.base_model()
+    base_dir = target.store.model_dir(base_name)
+    name = cfg.name or f"{base_name}-{target.id.rsplit('-', 1)[-1]}"
     wanted = [q for q in cfg.quants if q not in ("F16", "BF16")]
     reference_quant = cfg.outtype.upper()
-    merged = merge(run_dir, base_dir, emit, cfg.device)
+    merged = merge(target, base_dir, emit, cfg.device)
     merged_dir = Path(merged.merged)
     for quant in [reference_quant, *wanted]:
         predicted = quants.predict(merged_dir, quant)
         emit.log(f"{quant}: {quants.QUANTS[quant].description}; predicted {predicted.bytes / 2**20:.0f} MiB")
     emit.check_cancelled()
 
-    from appliance.data.template import load_tokenizer
-
-    tokenizer = load_tokenizer(merged_dir)
-    contract = _contract(tokenizer, run_dir)
+    tokenizer = templating.load_tokenizer(merged_dir)
+    contract = _contract(tokenizer, target)
     staging = run_dir / f".gguf-staging-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-    previous = _previous(run_dir, merged, cfg)
+    previous = _previous(target, merged, cfg)
     wanted += [q for q in previous if q != reference_quant and q not in wanted]  # earlier quants stay
     staging.mkdir()
     try:
-        produced = _produce(cfg, run_dir, staging, merged, base_dir, name, reference_quant, wanted, previous, emit)
+        produced = _produce(cfg, target, staging, merged, base_dir, name, reference_quant, wanted, previous, emit)
         emit.check_cancelled()
         verify_started = time.monotonic()
         carried = {q: report for q, (_path, report) in previous.items()}
-        reports = _verify(staging, produced, merged_dir, tokenizer, contract, run_dir, cfg, carried, emit)
+        reports = _verify(staging, produced, merged_dir, tokenizer, contract, target, cfg, carried, emit)
         verify_seconds = round(time.monotonic() - verify_started, 1)
-        result = _register(cfg, run_dir, staging, produced, reports, contract, merged, name, base_dir, emit)
+        result = _register(cfg, target, staging, produced, reports, contract, merged, name, base_dir, emit)
     except OSError as exc:
         raise disk_error(exc, "exporting") from exc
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    store.record_config(run_dir, "export", cfg.model_dump(mode="json"))
     try:
-        manifest_path = manifest.write(store, run_dir, base_name)
+        manifest_path = manifest.write(target)
     except OSError as exc:
         raise disk_error(exc, "writing the manifest") from exc
     emit.artifact(manifest_path, kind="manifest")
@@ -110,56 +76,42 @@ def run(cfg: ExportConfig, run_dir: Path, emit: Emitter) -> ExportResult:
                                      "seconds": round(time.monotonic() - started, 1)})
 
 
-def base_model_of(store: Store, run_dir: Path) -> str:
-    return store.resolve_model(store.run_base_model(run_dir), "base model of this run",
-                               "Import the base model the run was trained on (appliance models import ...).")
-
-
-def _contract(tokenizer: Any, run_dir: Path) -> chat_contract.ChatContract:
-    report_path = run_dir / "data" / "data_report.json"
-    report = json.loads(report_path.read_text(encoding="utf-8")) if report_path.is_file() else {}
-    task = (report.get("config") or {}).get("task", "chat")
-    labels = (report.get("labels") or {}).get("set")
-    rows = _rows(run_dir / "data" / "train.jsonl")
+def _contract(tokenizer: Any, run: Run) -> ChatContract:
+    report = run.data_report()
+    task = report.task if report is not None else "chat"
+    labels = report.labels.set if report is not None and report.labels is not None else None
+    system = templating.shared_system_prompt(row["messages"] for row in run.rows("train"))
     try:
-        return chat_contract.from_tokenizer(tokenizer, chat_contract.shared_system_prompt(rows), task, labels)
+        return templating.contract(tokenizer, system, task, labels)
     except ValueError as exc:
         raise ExportError(f"the trained model's tokenizer cannot be exported for chat: {exc}",
                           "Import a base model with a chat template (tokenizer_config.json or "
                           "chat_template.jinja) and train again.") from exc
 
 
-def _rows(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    with open(path, encoding="utf-8") as handle:
-        return [json.loads(line) for line in handle if line.strip()]
-
-
 # -- producing the files --------------------------------------------------------------------
 
 
-def _previous(run_dir: Path, merged: MergeResult, cfg: ExportConfig) -> dict[str, tuple[Path, gate.FileReport]]:
+def _previous(run: Run, merged: MergeResult, cfg: ExportConfig) -> dict[str, tuple[Path, FileReport]]:
     """Registered files of an earlier export of this same adapter and reference, by quant, with their
     reports: kept, and not made or verified again."""
     try:
-        data = json.loads((run_dir / GGUF_DIR / VERIFICATION).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    same = (data.get("adapter_sha256"), data.get("reference"), data.get("ppl_tokens")) == (
-        merged.adapter_sha256, cfg.outtype.upper(), cfg.ppl_tokens)
-    if not same:
+        record = run.verification()
+    except StoreError:
+        return {}  # damaged: everything is made and verified again
+    if record is None or (record.adapter_sha256, record.reference, record.ppl_tokens) != (
+            merged.adapter_sha256, cfg.outtype.upper(), cfg.ppl_tokens):
         return {}
     files = {}
-    for entry in data.get("files", []):
-        path = run_dir / GGUF_DIR / entry["file"]
-        if entry.get("passed") and entry.get("quant") in quants.QUANTS and path.is_file():
-            files[entry["quant"]] = (path, gate.FileReport.model_validate(entry))
+    for entry in record.files:
+        path = run.gguf_dir / entry.file
+        if entry.passed and entry.quant in quants.QUANTS and plain_name(entry.file) and path.is_file():
+            files[entry.quant] = (path, entry)
     return files
 
 
-def _produce(cfg: ExportConfig, run_dir: Path, staging: Path, merged: MergeResult, base_dir: Path, name: str,
-             reference_quant: str, wanted: list[str], previous: dict[str, tuple[Path, gate.FileReport]],
+def _produce(cfg: ExportConfig, run: Run, staging: Path, merged: MergeResult, base_dir: Path, name: str,
+             reference_quant: str, wanted: list[str], previous: dict[str, tuple[Path, FileReport]],
              emit: Emitter) -> dict[str, tuple[Path, float]]:
     """Every GGUF of this export in `staging`, by quant, with the seconds each took."""
     produced: dict[str, tuple[Path, float]] = {}
@@ -178,19 +130,19 @@ def _produce(cfg: ExportConfig, run_dir: Path, staging: Path, merged: MergeResul
         if quant == reference_quant:
             toolchain.convert_to_gguf(Path(merged.merged), target, cfg.outtype, log=staging / ".convert.log")
         elif quant == "LORA":
-            _lora(run_dir, base_dir, staging, target, reference_quant, cfg, produced)
+            _lora(run, base_dir, staging, target, reference_quant, cfg, produced)
         else:
             toolchain.quantize(produced[reference_quant][0], target, quant)
         produced[quant] = (target, round(time.monotonic() - began, 2))
     return produced
 
 
-def _lora(run_dir: Path, base_dir: Path, staging: Path, target: Path, reference_quant: str, cfg: ExportConfig,
+def _lora(run: Run, base_dir: Path, staging: Path, target: Path, reference_quant: str, cfg: ExportConfig,
           produced: dict[str, tuple[Path, float]]) -> None:
-    if is_full_model(run_dir / "adapter"):
+    if is_full_model(run.adapter_dir):
         raise ExportError("this run trained every weight (method full); there is no adapter to export alone",
                           "Leave out --lora-gguf: the merged GGUF is the whole model.")
-    toolchain.convert_lora(run_dir / "adapter", base_dir, target, cfg.outtype, log=staging / ".convert-lora.log")
+    toolchain.convert_lora(run.adapter_dir, base_dir, target, cfg.outtype, log=staging / ".convert-lora.log")
     base_gguf = staging / f"{base_dir.name}-{reference_quant}.gguf"
     began = time.monotonic()
     toolchain.convert_to_gguf(base_dir, base_gguf, cfg.outtype, log=staging / ".convert-base.log")
@@ -201,14 +153,14 @@ def _lora(run_dir: Path, base_dir: Path, staging: Path, target: Path, reference_
 
 
 def _verify(staging: Path, produced: dict[str, tuple[Path, float]], merged_dir: Path, tokenizer: Any,
-            contract: chat_contract.ChatContract, run_dir: Path, cfg: ExportConfig,
-            carried: dict[str, gate.FileReport], emit: Emitter) -> dict[str, gate.FileReport]:
+            contract: ChatContract, run: Run, cfg: ExportConfig,
+            carried: dict[str, FileReport], emit: Emitter) -> dict[str, FileReport]:
     reference_quant = cfg.outtype.upper()
     if all(q in carried for q in produced):
         return dict(carried)
     faults.point("export.verify")
     emit.progress("verification: the merged model's greedy answers", 0, len(produced) + 1)
-    rows = _rows(run_dir / "data" / "val.jsonl") or _rows(run_dir / "data" / "train.jsonl")[:16]
+    rows = list(run.rows("val")) or list(run.rows("train"))[:16]
     prompts = [_prompt(r["messages"]) for r in rows[:MAX_PROMPTS - 1]] + [
         [{"role": "user", "content": "In one sentence, what is a computer?"}]]
     ppl_rows = gate.scored_rows(tokenizer, [r["messages"] for r in rows], cfg.ppl_tokens)
@@ -217,7 +169,7 @@ def _verify(staging: Path, produced: dict[str, tuple[Path, float]], merged_dir: 
     reference = gate.build_reference(merged_dir, tokenizer, contract, prompts, ppl_rows)
     n_ctx = _context(reference, merged_dir)
     architecture = _architecture(merged_dir)
-    reports: dict[str, gate.FileReport] = {}
+    reports: dict[str, FileReport] = {}
     reference_ppl: float | None = None
     order = [q for q in produced if q not in ("LORA", "BASE")]
     for i, quant in enumerate(order, 1):
@@ -250,19 +202,22 @@ def _prompt(messages: list[dict[str, str]]) -> list[dict[str, str]]:
 
 def _context(reference: gate.Reference, merged_dir: Path) -> int:
     longest = max([len(p) + len(g) for p, g, _ in reference.continuations] + [len(i) for i, _ in reference.ppl_rows])
-    config = json.loads((merged_dir / "config.json").read_text(encoding="utf-8"))
-    limit = int(config.get("max_position_embeddings") or 4096)
+    limit = int(_config(merged_dir).get("max_position_embeddings") or 4096)
     return min(limit, max(512, longest + gate.STOP_BOUND + 8))
 
 
+def _config(model_dir: Path) -> dict[str, Any]:
+    config: dict[str, Any] = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    return config
+
+
 def _architecture(merged_dir: Path) -> str | None:
-    config = json.loads((merged_dir / "config.json").read_text(encoding="utf-8"))
-    model_type = config.get("model_type")
+    model_type = _config(merged_dir).get("model_type")
     # the GGUF architecture name equals the Hugging Face model_type for the llama family
     return "llama" if model_type in ("llama", "mistral") else None
 
 
-def _log_report(report: gate.FileReport, emit: Emitter) -> None:
+def _log_report(report: FileReport, emit: Emitter) -> None:
     for check in report.checks:
         if check.status != "pass":
             emit.log(f"{report.file}: {check.name}: {check.detail}", "warning" if check.status == "warn" else "error")
@@ -273,32 +228,33 @@ def _log_report(report: gate.FileReport, emit: Emitter) -> None:
 # -- registering ----------------------------------------------------------------------------
 
 
-def _register(cfg: ExportConfig, run_dir: Path, staging: Path, produced: dict[str, tuple[Path, float]],
-              reports: dict[str, gate.FileReport], contract: chat_contract.ChatContract, merged: MergeResult,
+def _register(cfg: ExportConfig, run: Run, staging: Path, produced: dict[str, tuple[Path, float]],
+              reports: dict[str, FileReport], contract: ChatContract, merged: MergeResult,
               name: str, base_dir: Path, emit: Emitter) -> ExportResult:
     reference_quant = cfg.outtype.upper()
     reference_ok = reports[reference_quant].passed
     rejected = [q for q, r in reports.items() if not r.passed or not reference_ok]
     if "LORA" in rejected:
         rejected.append("BASE")
-    final = run_dir / GGUF_DIR
-    rejected_dir = run_dir / REJECTED_DIR / time.strftime("%Y%m%d-%H%M%S") if rejected else None
+    final = run.gguf_dir
+    rejected_dir = run.rejected_dir / time.strftime("%Y%m%d-%H%M%S") if rejected else None
     files = [_exported(q, produced[q], reports.get(q), merged,
                        rejected_dir if rejected_dir is not None and q in rejected else final) for q in produced]
     if rejected_dir is not None:
-        _reject(run_dir, rejected_dir, produced, reports, rejected)
+        _reject(run, rejected_dir, produced, reports, rejected)
     usable = [q for q in produced if q not in rejected]
     modelfile_path = None
     commands: dict[str, str] = {}
     model_quants = [q for q in usable if q in quants.QUANTS]
     if model_quants:
         served = quants.RECOMMENDED if quants.RECOMMENDED in model_quants else model_quants[-1]
-        modelfile_path, commands = _write_serving_files(run_dir, staging, contract, name, produced[served][0],
+        modelfile_path, commands = _write_serving_files(run, staging, contract, name, produced[served][0],
                                                         base_dir, Path(merged.merged), cfg.cluster_gpu_gib)
-    record = {"run": run_dir.name, "name": name, "created": now_iso(), "adapter_sha256": merged.adapter_sha256,
-              "reference": reference_quant, "ppl_tokens": cfg.ppl_tokens, "contract": contract.model_dump(),
-              "rejected": rejected, "rejected_dir": str(rejected_dir) if rejected_dir else None}
-    atomic_write_text(staging / VERIFICATION, gate.as_json([reports[q] for q in usable if q in reports], record))
+    run.write_verification(Verification(
+        run=run.id, name=name, created=now_iso(), adapter_sha256=merged.adapter_sha256, reference=reference_quant,
+        ppl_tokens=cfg.ppl_tokens, contract=contract, rejected=rejected,
+        rejected_dir=str(rejected_dir) if rejected_dir else None,
+        files=[reports[q] for q in usable if q in reports]), staging)
     if usable:
         faults.point("export.register")
         replace_dir(staging, final)
@@ -307,14 +263,14 @@ def _register(cfg: ExportConfig, run_dir: Path, staging: Path, produced: dict[st
                 emit.artifact(Path(entry.path), kind="gguf")
     if rejected:
         emit.log(f"{len(rejected)} file(s) failed verification and were moved to {rejected_dir}", "error")
-    return ExportResult(run=run_dir.name, name=name, gguf_dir=str(final), merged=merged, files=files,
+    return ExportResult(run=run.id, name=name, gguf_dir=str(final), merged=merged, files=files,
                         rejected=[q for q in rejected if q != "BASE"],
                         rejected_dir=str(rejected_dir) if rejected_dir else None,
                         modelfile=str(final / "Modelfile") if modelfile_path else None, commands=commands,
                         manifest="", verify_seconds=0.0, seconds=0.0)
 
 
-def _exported(quant: str, made: tuple[Path, float], report: gate.FileReport | None, merged: MergeResult,
+def _exported(quant: str, made: tuple[Path, float], report: FileReport | None, merged: MergeResult,
               folder: Path) -> ExportedFile:
     path, seconds = made
     predicted = quants.predict(Path(merged.merged), quant).bytes if quant in quants.QUANTS else None
@@ -325,29 +281,28 @@ def _exported(quant: str, made: tuple[Path, float], report: gate.FileReport | No
                         note=report.note if report else None)
 
 
-def _reject(run_dir: Path, folder: Path, produced: dict[str, tuple[Path, float]],
-            reports: dict[str, gate.FileReport], rejected: list[str]) -> None:
+def _reject(run: Run, folder: Path, produced: dict[str, tuple[Path, float]],
+            reports: dict[str, FileReport], rejected: list[str]) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     for quant in rejected:
         path = produced[quant][0]
         os.replace(path, folder / path.name)
     failed = [reports[q] for q in rejected if q in reports]
-    atomic_write_text(folder / VERIFICATION, gate.as_json(failed, {"run": run_dir.name, "rejected": rejected}))
+    run.write_verification(Verification(run=run.id, rejected=rejected, files=failed), folder)
 
 
-def _write_serving_files(run_dir: Path, staging: Path, contract: chat_contract.ChatContract, name: str,
+def _write_serving_files(run: Run, staging: Path, contract: ChatContract, name: str,
                          served: Path, base_dir: Path, merged_dir: Path,
                          cluster_gpu_gib: float) -> tuple[Path, dict[str, str]]:
     """The Modelfile, chat template and README of llama.cpp serving, and the launch scripts of vLLM and TGI for
     the merged model (written in `staging`, which becomes the gguf folder)."""
-    config = json.loads((base_dir / "config.json").read_text(encoding="utf-8"))
-    num_ctx = min(int(config.get("max_position_embeddings") or 4096), 4096)
-    final = run_dir / GGUF_DIR
+    num_ctx = min(int(_config(base_dir).get("max_position_embeddings") or 4096), 4096)
+    final = run.gguf_dir
     template = staging / "chat_template.jinja"
     template.write_text(contract.template, encoding="utf-8")
     path = staging / "Modelfile"
-    atomic_write_text(path, chat_contract.modelfile(contract, served.name, num_ctx))
-    commands = chat_contract.serve_commands(run_dir.name, final / served.name, final / template.name, num_ctx, name)
+    atomic_write_text(path, runtime_files.modelfile(contract, served.name, num_ctx))
+    commands = runtime_files.serve_commands(run.id, final / served.name, final / template.name, num_ctx, name)
     plan = cluster.plan_for(merged_dir, cluster_gpu_gib)
     scripts = {"vllm": cluster.vllm_script(merged_dir, final / template.name, name, plan),
                "tgi": cluster.tgi_script(merged_dir, name, plan)}

@@ -15,7 +15,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from appliance.data.pii import Redactor, find_pii
+from appliance.pii import Redactor, find_pii
 
 
 class AuditLog:

@@ -16,11 +16,12 @@ from pathlib import Path
 from typing import Any
 
 from appliance.errors import ApplianceError, StoreError
-from appliance.export.contract import ChatContract
 from appliance.fsutil import inside, sha256_file
+from appliance.records import FileReport, Verification
+from appliance.run import Run, exported_models
 from appliance.store import Store
+from appliance.templating import ChatContract
 
-VERIFICATION = "verification.json"
 DEFAULT_CONTEXT = 4096
 
 
@@ -34,7 +35,7 @@ class ServedModel:
     name: str  # what /v1/models lists and what clients pass as `model`
     sha256: str
     quant: str | None = None
-    run_dir: Path | None = None
+    run: Run | None = None
     contract: ChatContract | None = None
     verified: bool = False  # the file is the one the run's manifest recorded as passing the gate
     schema: dict[str, Any] | None = None  # the extraction schema of the run, when it has one
@@ -53,28 +54,16 @@ def resolve(store: Store, spec: str, quant: str | None = None) -> ServedModel:
         if not path.is_file():
             raise ServeError(f"{path} does not exist", "Give the path of a .gguf file, a run id or an exported "
                              "model's name (`appliance models list` shows them).")
-        return _from_file(path.resolve(), store)
+        return _from_file(path.resolve(), _run_of_file(store, path.resolve()))
     try:
-        run_dir = store.run_dir(spec)
+        run = store.run(spec)
     except StoreError:
-        run_dir = _run_of_name(store, spec)
-    return _from_run(run_dir, quant)
+        run = _run_of_name(store, spec)
+    return _from_run(run, quant)
 
 
-def exported(store: Store) -> dict[str, Path]:
-    """Every exported model in the store: its name and its run directory."""
-    found: dict[str, Path] = {}
-    if not store.runs_dir.is_dir():
-        return found
-    for run_dir in sorted(store.runs_dir.iterdir()):
-        record = _verification(run_dir / "gguf")
-        if record and record.get("name"):
-            found[str(record["name"])] = run_dir
-    return found
-
-
-def _run_of_name(store: Store, spec: str) -> Path:
-    names = exported(store)
+def _run_of_name(store: Store, spec: str) -> Run:
+    names = exported_models(store)
     if spec in names:
         return names[spec]
     listed = ", ".join(sorted(names)) or "none yet"
@@ -82,91 +71,90 @@ def _run_of_name(store: Store, spec: str) -> Path:
                      "Export a run first (`appliance export --run RUN`), or give a .gguf path.")
 
 
-def _from_run(run_dir: Path, quant: str | None) -> ServedModel:
-    folder = run_dir / "gguf"
-    record = _verification(folder)
+def _run_of_file(store: Store, path: Path) -> Run | None:
+    """The run whose export folder holds `path` (in this store or another), when it is one."""
+    run = Run(store, path.parent.parent)
+    return run if run.gguf_dir == path.parent and run.exported else None
+
+
+def _from_run(run: Run, quant: str | None) -> ServedModel:
+    record = _verification(run)
     if record is None:
-        raise ServeError(f"run {run_dir.name} has no verified export",
-                         f"Export it first: appliance export --run {run_dir.name}")
-    files = {f["quant"]: f for f in record.get("files", []) if f.get("passed") and f["quant"] not in ("LORA", "BASE")}
+        raise ServeError(f"run {run.id} has no verified export", f"Export it first: appliance export --run {run.id}")
+    files = record.served()
     if not files:
-        raise ServeError(f"run {run_dir.name} has no GGUF file that passed verification",
-                         f"See {folder / VERIFICATION} for why, and export again.")
-    chosen = quant.upper() if quant else _preferred(run_dir, files)
+        raise ServeError(f"run {run.id} has no GGUF file that passed verification",
+                         f"See {run.verification_path} for why, and export again.")
+    chosen = quant.upper() if quant else _preferred(run, files)
     if chosen not in files:
-        raise ServeError(f"run {run_dir.name} has no verified {chosen} file (it has {', '.join(files)})",
-                         f"Pick one of those with --quant, or export it: appliance export --run {run_dir.name} "
+        raise ServeError(f"run {run.id} has no verified {chosen} file (it has {', '.join(files)})",
+                         f"Pick one of those with --quant, or export it: appliance export --run {run.id} "
                          f"--quant {chosen}")
-    path = inside(folder, str(files[chosen]["file"]), "exported file")
+    path = inside(run.gguf_dir, files[chosen].file, "exported file")
     if not path.is_file():
         raise ServeError(f"{path} passed verification but is no longer there",
-                         f"Check the run with `appliance verify {run_dir.name}`, and export again.")
-    return _from_file(path, None, record=record, run_dir=run_dir, quant=chosen)
+                         f"Check the run with `appliance verify {run.id}`, and export again.")
+    return _from_file(path, run, record=record, quant=chosen)
 
 
-def _preferred(run_dir: Path, files: dict[str, dict[str, Any]]) -> str:
+def _preferred(run: Run, files: dict[str, FileReport]) -> str:
     """The evaluation's recommendation when there is one, else Q4_K_M, else the smallest verified file."""
-    comparison = run_dir / "eval" / "comparison.json"
-    if comparison.is_file():
-        recommended = (json.loads(comparison.read_text(encoding="utf-8")).get("recommendation") or {}).get("file")
-        if recommended in files:
-            return str(recommended)
+    try:
+        comparison = run.comparison()
+    except StoreError:
+        comparison = None  # a damaged evaluation recommends nothing
+    if comparison is not None and comparison.recommendation is not None and \
+            comparison.recommendation.file in files:
+        return comparison.recommendation.file
     if "Q4_K_M" in files:
         return "Q4_K_M"
-    return min(files, key=lambda q: (int(files[q].get("size_bytes") or 0), q))
+    return min(files, key=lambda q: (files[q].size_bytes, q))
 
 
-def _from_file(path: Path, store: Store | None, record: dict[str, Any] | None = None,
-               run_dir: Path | None = None, quant: str | None = None) -> ServedModel:
-    if record is None:
-        record = _verification(path.parent)
-        if record is not None and run_dir is None and (path.parent.parent / "manifest.json").is_file():
-            run_dir = path.parent.parent
-    entry = next((f for f in (record or {}).get("files", []) if f.get("file") == path.name), None)
+def _from_file(path: Path, run: Run | None, record: Verification | None = None,
+               quant: str | None = None) -> ServedModel:
+    if record is None and run is not None:
+        record = _verification(run)
+    entry = next((f for f in record.files if f.file == path.name), None) if record is not None else None
     digest = sha256_file(path)
-    model = ServedModel(path=path, name=path.stem, sha256=digest, quant=quant or (entry or {}).get("quant"),
-                        run_dir=run_dir)
-    if record is None or entry is None:
+    model = ServedModel(path=path, name=path.stem, sha256=digest, quant=quant or (entry.quant if entry else None),
+                        run=run)
+    if record is None or entry is None or record.contract is None or run is None:
         model.notes.append(f"{path.name} did not come out of `appliance export`: served with the chat template "
                            "in its own metadata, unverified")
         return model
-    model.contract = ChatContract.model_validate(record["contract"])
-    model.name = str(record.get("name") or path.stem)
-    recorded = _manifest_sha(run_dir, path) if run_dir is not None else None
-    model.verified = bool(entry.get("passed")) and recorded == digest
+    model.contract = record.contract
+    model.name = record.name or path.stem
+    recorded = _manifest_sha(run, path)
+    model.verified = entry.passed and recorded == digest
     if recorded is None:
         model.notes.append(f"no run manifest vouches for {path.name}: served with its export's chat contract, "
                            "unverified")
     elif not model.verified:
         model.notes.append(f"{path.name} differs from the file the run's manifest recorded: it is not the file "
                            "that passed verification")
-    if run_dir is not None and (run_dir / "data" / "schema.json").is_file():
-        model.schema = json.loads((run_dir / "data" / "schema.json").read_text(encoding="utf-8"))
+    model.schema = run.schema()
     return model
 
 
-def _verification(folder: Path) -> dict[str, Any] | None:
-    path = folder / VERIFICATION
-    if not path.is_file():
-        return None
-    data: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
-    return data if "contract" in data else None
+def _verification(run: Run) -> Verification | None:
+    record = run.verification()
+    return record if record is not None and record.contract is not None else None
 
 
-def _manifest_sha(run_dir: Path, path: Path) -> str | None:
-    manifest = run_dir / "manifest.json"
-    if not manifest.is_file():
+def _manifest_sha(run: Run, path: Path) -> str | None:
+    manifest = run.manifest()
+    if manifest is None:
         return None
-    files = json.loads(manifest.read_text(encoding="utf-8")).get("files", {})
-    entry = files.get(os.path.relpath(path, run_dir))
-    return entry.get("sha256") if isinstance(entry, dict) else None
+    entry = manifest.files.get(os.path.relpath(path, run.path))
+    return entry.sha256 if entry is not None else None
 
 
 # -- loading ---------------------------------------------------------------------------------
 
 def context_length(path: Path) -> int:
     """The context the model was built for, capped at DEFAULT_CONTEXT (memory grows with it)."""
-    from appliance.export.gguf_meta import read
+    from appliance.gguf_meta import read
 
     fields = read(path).fields
     trained = next((int(v) for k, v in fields.items() if k.endswith(".context_length")), DEFAULT_CONTEXT)

@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from appliance.config import ServeConfig
-from appliance.data.pii import Redactor
+from appliance.pii import Redactor
 from appliance.serve.audit import AuditLog, redacted, redacted_messages
 from appliance.serve.checks import (
     GENERATION_PATHS,
@@ -59,7 +59,7 @@ from appliance.serve.checks import (
 )
 from appliance.serve.model import ServedModel, context_length, formatter, grammar, prompt_tokens
 from appliance.serve.openapi import published
-from appliance.store import now_iso
+from appliance.store import Store, now_iso
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -192,7 +192,7 @@ class Guard:
                             "invalid_api_key")
 
     async def _read_body(self, scope: Scope, receive: Receive) -> bytes:
-        limit, timeout = self.policy.cfg.max_body_bytes, self.policy.cfg.body_timeout_s
+        limit, timeout = self.policy.cfg.max_body_kb * 1024, self.policy.cfg.body_timeout_s
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
             raise Rejection(413, f"the request body is {int(declared):,} bytes; this server takes at most "
@@ -436,7 +436,7 @@ def create_app(cfg: ServeConfig, model: ServedModel, audit: AuditLog) -> Guard:
 
 
 def audit_path(cfg: ServeConfig) -> Path:
-    return Path(cfg.audit_log) if cfg.audit_log else Path(cfg.store) / "audit" / "serve.jsonl"
+    return Path(cfg.audit_log) if cfg.audit_log else Store(Path(cfg.store)).serve_audit_log
 
 
 def serve(cfg: ServeConfig, model: ServedModel, announce: Callable[[str], None] | None = None) -> None:

@@ -19,6 +19,8 @@ import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pydantic import BaseModel, Field
+
 from appliance import faults
 from appliance.fsutil import atomic_write_text, fsync_dir
 
@@ -27,6 +29,24 @@ if TYPE_CHECKING:
 
 STATE = "trainer_state.json"
 OPTIMIZER = "optimizer.safetensors"
+
+
+class TrainerState(BaseModel):
+    """Where a training stands, written last into every checkpoint (`trainer_state.json`: its presence marks
+    the checkpoint complete), so a resumed run continues its step count, data order and curves."""
+
+    step: int = 0
+    epoch: int = 0
+    batch: int = 0  # batches of the current epoch already trained on
+    total_steps: int = 0
+    losses: list[tuple[int, float]] = Field(default_factory=list)  # (step, training loss)
+    evals: list[tuple[int, float]] = Field(default_factory=list)  # (step, validation loss)
+    task_evals: list[tuple[int, float]] = Field(default_factory=list)  # (step, validation label accuracy)
+    best_eval: float | None = None  # the best value early stopping has seen
+    bad_evals: int = 0  # evaluations since it was last beaten
+    real_tokens: int = 0
+    seconds: float = 0.0  # training time so far, over every session of the run
+    processes: int = 1  # how many processes wrote it (a resume may use another number)
 
 
 def checkpoint_dirs(run_dir: Path) -> list[Path]:
@@ -43,7 +63,7 @@ def latest(run_dir: Path) -> Path | None:
     return dirs[-1] if dirs else None
 
 
-def save(run_dir: Path, step: int, model: Any, optimizer: Any, scheduler: Any, state: dict[str, Any],
+def save(run_dir: Path, step: int, model: Any, optimizer: Any, scheduler: Any, state: TrainerState,
          keep: int, group: Group | None = None) -> Path | None:
     """Write checkpoint `step`; returns its folder, or None in a process that does not save (every process
     of a sharded run takes part in gathering, one writes)."""
@@ -63,7 +83,7 @@ def save(run_dir: Path, step: int, model: Any, optimizer: Any, scheduler: Any, s
         model.save_pretrained(str(tmp / "model"), safe_serialization=True, state_dict=weights)
         save_state(tmp / OPTIMIZER, {"optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
                                      "torch_rng": torch.get_rng_state()})
-        atomic_write_text(tmp / STATE, json.dumps(state, indent=2) + "\n")  # last: marks it complete
+        atomic_write_text(tmp / STATE, state.model_dump_json(indent=2) + "\n")  # last: marks it complete
         fsync_dir(tmp)
         faults.point("train.checkpoint.register")
         if final.exists():
@@ -133,9 +153,8 @@ def by_name(state: dict[str, Any], names: list[str]) -> dict[str, Any]:
     return {"state": {names[int(i)]: value for i, value in state.get("state", {}).items()}, "param_groups": groups}
 
 
-def load_state(folder: Path) -> dict[str, Any]:
-    state: dict[str, Any] = json.loads((folder / STATE).read_text(encoding="utf-8"))
-    return state
+def load_state(folder: Path) -> TrainerState:
+    return TrainerState.model_validate_json((folder / STATE).read_text(encoding="utf-8"))
 
 
 def load_optimizer(folder: Path, optimizer: Any, scheduler: Any, group: Group | None = None) -> None:

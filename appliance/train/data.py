@@ -21,7 +21,7 @@ class Encoded:
 
 def load_split(path: Path, tokenizer: Any, max_seq_len: int) -> tuple[list[Encoded], int]:
     """Encoded rows of one split, and how many were truncated."""
-    from appliance.data.template import encode
+    from appliance.templating import encode
 
     rows: list[Encoded] = []
     truncated = 0

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import time
 import uuid
@@ -20,37 +19,26 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel
-
-from appliance import faults
+from appliance import faults, planner
 from appliance.config import TrainConfig
-from appliance.errors import ApplianceError, Cancelled, ConfigError
+from appliance.errors import ApplianceError, Cancelled
 from appliance.events import Emitter
-from appliance.fsutil import fsync_dir, sha256_file
+from appliance.fsutil import fsync_dir, replace_dir, sha256_file
 from appliance.modeling import IGNORE
+from appliance.records import TrainResult
+from appliance.run import Run
 from appliance.store import Store
+from appliance.templating import load_tokenizer
 from appliance.train import checkpoint, distributed
+from appliance.train.checkpoint import TrainerState
 from appliance.train.data import Encoded, collate, epoch_batches, load_split
 from appliance.train.distributed import Group
+from appliance.train.model import choose_backend, load_model, load_weights
+from appliance.train.probe import LabelProbe
 
 
 class TrainError(ApplianceError):
     title = "Training problem"
-
-
-class TrainResult(BaseModel):
-    adapter: str
-    sha256: str
-    backend: str
-    method: str
-    steps: int
-    train_loss: float
-    eval_loss: float | None
-    real_tokens: int
-    train_seconds: float
-    peak_mem_mb: float
-    seconds: float
-    resumed_from: int | None = None
 
 
 @dataclass
@@ -58,7 +46,7 @@ class _Session:
     """What the step loop works with, set up by `run`."""
 
     cfg: TrainConfig
-    run_dir: Path
+    run: Run
     emit: Emitter
     model: Any
     tokenizer: Any
@@ -83,41 +71,38 @@ def run(cfg: TrainConfig, run_dir: Path, emit: Emitter) -> TrainResult:
 
     started = time.monotonic()
     store = Store.open(cfg.store)
-    model_dir = _base_model(cfg, store, run_dir)
-    data_dir = run_dir / "data"
-    if not (data_dir / "train.jsonl").is_file():
-        raise TrainError(f"run {run_dir.name} has no prepared data", f"Run `appliance data prepare FILES --run "
-                         f"{run_dir.name}` first.")
+    target = Run(store, run_dir)
+    model_dir = store.model_dir(target.base_model(cfg.base_model))
+    if not target.split_path("train").is_file():
+        raise TrainError(f"run {target.id} has no prepared data", f"Run `appliance data prepare FILES --run "
+                         f"{target.id}` first.")
     torch.manual_seed(cfg.seed)
-    backend = _choose_backend(cfg, emit)  # before transformers loads: Unsloth patches it on import
+    backend = choose_backend(cfg, emit)  # before transformers loads: Unsloth patches it on import
     if distributed.wanted(cfg) and not distributed.in_rank():
         return TrainResult.model_validate(distributed.launch(cfg, run_dir, model_dir, emit))
     group = Group.start(cfg)
     try:
-        return _run(cfg, run_dir, emit, store, model_dir, backend, group, started)
+        return _run(cfg, target, emit, model_dir, backend, group, started)
     finally:
         group.end()
 
 
-def _run(cfg: TrainConfig, run_dir: Path, emit: Emitter, store: Store, model_dir: Path, backend: str, group: Group,
+def _run(cfg: TrainConfig, run: Run, emit: Emitter, model_dir: Path, backend: str, group: Group,
          started: float) -> TrainResult:
     import torch
-
-    data_dir = run_dir / "data"
-    from appliance.data.template import load_tokenizer
 
     tokenizer = load_tokenizer(model_dir)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     emit.progress("tokenizing the prepared data", 0)
-    train_rows, truncated = load_split(data_dir / "train.jsonl", tokenizer, cfg.max_seq_len)
-    val_rows, _ = load_split(data_dir / "val.jsonl", tokenizer, cfg.max_seq_len)
+    train_rows, truncated = load_split(run.split_path("train"), tokenizer, cfg.max_seq_len)
+    val_rows, _ = load_split(run.split_path("val"), tokenizer, cfg.max_seq_len)
     if not train_rows:
         raise TrainError("the training split has no row with an answer to learn",
-                         "Check the prepared data (runs/<run>/data/train.jsonl) and --max-seq-len.")
+                         f"Check the prepared data ({run.split_path('train')}) and --max-seq-len.")
     if truncated:
         emit.log(f"{truncated} training rows were truncated to {cfg.max_seq_len} tokens", "warning")
-    train_rows = train_rows + _mixed_rows(cfg, store, tokenizer, len(train_rows), emit)
-    group.same_everywhere(f"{sha256_file(data_dir / 'train.jsonl')} {len(train_rows)} {len(val_rows)}",
+    train_rows = train_rows + _mixed_rows(cfg, run.store, tokenizer, len(train_rows), emit)
+    group.same_everywhere(f"{sha256_file(run.split_path('train'))} {len(train_rows)} {len(val_rows)}",
                           "training data")
     batches_per_epoch = math.ceil(len(train_rows) / cfg.batch_size)
     steps_per_epoch = math.ceil(batches_per_epoch / (cfg.grad_accum * group.world))
@@ -125,20 +110,19 @@ def _run(cfg: TrainConfig, run_dir: Path, emit: Emitter, store: Store, model_dir
 
     longest = max(len(r.input_ids) for r in train_rows)
     answer_share = max(sum(label != IGNORE for label in r.labels) / len(r.labels) for r in train_rows)
-    memory_plan = _check_plan(cfg, model_dir, longest, answer_share, emit, group)
+    memory_plan = _check_plan(cfg, run, model_dir, longest, answer_share, emit, group)
     emit.progress("loading the base model", 0, total_steps)
-    model, dtype = _load_model(cfg, model_dir, backend, group.device)
-    state: dict[str, Any] = {"step": 0, "epoch": 0, "batch": 0, "losses": [], "evals": [], "best_eval": None,
-                             "bad_evals": 0, "real_tokens": 0, "seconds": 0.0, "total_steps": total_steps}
+    model, dtype = load_model(cfg, model_dir, backend, group.device)
+    state = TrainerState(total_steps=total_steps)
     if cfg.init_from and not cfg.resume:
-        _init_from(cfg, store, model)
+        _init_from(cfg, run.store, model)
         emit.log(f"starting from the trained weights of run {cfg.init_from}")
     resumed_from = None
-    last = checkpoint.latest(run_dir) if cfg.resume else None
+    last = checkpoint.latest(run.path) if cfg.resume else None
     if cfg.resume and last is None:
         emit.log("no complete checkpoint to resume from: starting from the beginning", "warning")
     if last is not None:
-        _load_weights(model, last / "model", cfg.method)  # before the weights are wrapped (and sharded)
+        load_weights(model, last / "model", cfg.method)  # before the weights are wrapped (and sharded)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate,
                                   weight_decay=cfg.weight_decay)
     forward, optimizer = group.wrap(model, optimizer)
@@ -150,70 +134,68 @@ def _run(cfg: TrainConfig, run_dir: Path, emit: Emitter, store: Store, model_dir
     if last is not None:
         checkpoint.load_optimizer(last, optimizer, scheduler, group)
         state = checkpoint.load_state(last)
-        resumed_from = state["step"]
-        processes = state.get("processes", 1)
+        resumed_from = state.step
+        processes = state.processes
         changed = f" (it was trained on {processes} process(es), this run uses {group.world})" \
             if processes != group.world else ""
         emit.log(f"resumed from checkpoint step {resumed_from}{changed}")
-    state["processes"] = group.world
+    state.processes = group.world
     emit.log(f"training {sum(p.numel() for p in params):,} parameters ({backend}, {cfg.method}, {dtype}) for "
              f"{total_steps} steps on {len(train_rows)} rows, {len(val_rows)} validation rows")
 
     try:
-        from appliance.evaluate.probe import LabelProbe
-
-        probe = LabelProbe.from_run(run_dir, tokenizer, cfg.task_eval_items) if cfg.task_eval_items else None
+        probe = LabelProbe.from_run(run, tokenizer, cfg.task_eval_items) if cfg.task_eval_items else None
         if probe is not None and group.sharding == "fsdp" and group.world > 1:
             emit.log("the label accuracy is not measured during sharded (FSDP) training: `appliance eval` measures "
                      "it on the saved adapter", "warning")
             probe = None
-        session = _Session(cfg, run_dir, emit, model, tokenizer, optimizer, scheduler, params, train_rows, val_rows,
+        session = _Session(cfg, run, emit, model, tokenizer, optimizer, scheduler, params, train_rows, val_rows,
                            pad_id, total_steps, backend, dtype, resumed_from, started, group, forward, probe)
         return _train(session, state)
     except MemoryError as exc:
-        raise _out_of_memory(cfg, memory_plan, state["step"]) from exc
+        raise _out_of_memory(cfg, memory_plan, state.step) from exc
     except RuntimeError as exc:  # torch.cuda.OutOfMemoryError is a RuntimeError
         if "out of memory" not in str(exc).lower():
             raise
-        raise _out_of_memory(cfg, memory_plan, state["step"]) from exc
+        raise _out_of_memory(cfg, memory_plan, state.step) from exc
 
 
-def _train(s: _Session, state: dict[str, Any]) -> TrainResult:
+def _train(s: _Session, state: TrainerState) -> TrainResult:
     """The step loop, the final evaluation and the saved adapter. With several processes every rank runs
     it in step: the decisions that depend on one rank's clock or probe (time budget, early stopping on the
     task metric, a cancel) are taken together at each step boundary."""
     device = s.group.device or next(s.model.parameters()).device
     s.model.train()
     window_tokens, window_start = 0, time.monotonic()
-    seconds_before = state["seconds"]
+    seconds_before = state.seconds
     session_start = time.monotonic()
-    saved_at = state["step"]
+    saved_at = state.step
     stop_reason = None
-    while state["step"] < s.total_steps and stop_reason is None:
-        batches = epoch_batches(s.train_rows, s.cfg.batch_size, s.cfg.seed, state["epoch"],
+    while state.step < s.total_steps and stop_reason is None:
+        batches = epoch_batches(s.train_rows, s.cfg.batch_size, s.cfg.seed, state.epoch,
                                 s.cfg.batching == "length_grouped")
-        while state["batch"] < len(batches) and state["step"] < s.total_steps:
+        while state.batch < len(batches) and state.step < s.total_steps:
             micro = [collate([s.train_rows[i] for i in b], s.pad_id) for b in
-                     batches[state["batch"]:state["batch"] + s.cfg.grad_accum * s.group.world]]
+                     batches[state.batch:state.batch + s.cfg.grad_accum * s.group.world]]
             loss, tokens = _optimizer_step(s, micro, device)
             faults.point("train.step")
-            state["step"] += 1
-            state["batch"] += len(micro)
-            state["real_tokens"] += tokens
-            state["losses"].append([state["step"], round(loss, 5)])
+            state.step += 1
+            state.batch += len(micro)
+            state.real_tokens += tokens
+            state.losses.append((state.step, round(loss, 5)))
             window_tokens += tokens
             now = time.monotonic()
-            state["seconds"] = seconds_before + now - session_start
+            state.seconds = seconds_before + now - session_start
             rate = window_tokens / max(1e-6, now - window_start)
-            per_step = (now - session_start) / max(1, state["step"] - (s.resumed_from or 0))
-            s.emit.progress("training", state["step"], s.total_steps, loss=loss, lr=s.scheduler.get_last_lr()[0],
-                            tokens_per_s=round(rate, 1), eta_s=round(per_step * (s.total_steps - state["step"]), 1),
+            per_step = (now - session_start) / max(1, state.step - (s.resumed_from or 0))
+            s.emit.progress("training", state.step, s.total_steps, loss=loss, lr=s.scheduler.get_last_lr()[0],
+                            tokens_per_s=round(rate, 1), eta_s=round(per_step * (s.total_steps - state.step), 1),
                             mem_mb=_peak_mb(device))
             if now - window_start > 30:
                 window_tokens, window_start = 0, now
             if s.cfg.max_minutes is not None and stop_reason is None and s.group.main:
                 stop_reason = _budget(s, state, now - session_start)
-            if s.val_rows and (state["step"] % s.cfg.eval_every == 0 or state["step"] == s.total_steps):
+            if s.val_rows and (state.step % s.cfg.eval_every == 0 or state.step == s.total_steps):
                 stop_reason = _evaluate(s, device, state) or stop_reason
             # one decision for every rank: the main process's clock and probe, anyone's cancel
             stop_all, cancel_all, steps_all = s.group.max([float(bool(stop_reason) and s.group.main),
@@ -223,67 +205,67 @@ def _train(s: _Session, state: dict[str, Any]) -> TrainResult:
                 _refit(s, state, int(steps_all))  # the main process fitted the steps to the time budget
             if stop_all and not stop_reason:
                 stop_reason = "stopped with the main process"
-            if state["step"] % s.cfg.save_every == 0:
+            if state.step % s.cfg.save_every == 0:
                 _save(s, state)
-                saved_at = state["step"]
-            if cancel_all and state["step"] < s.total_steps:
-                if saved_at != state["step"]:
+                saved_at = state.step
+            if cancel_all and state.step < s.total_steps:
+                if saved_at != state.step:
                     _save(s, state)
-                raise Cancelled(f"training stopped at step {state['step']} of {s.total_steps}; a checkpoint is saved",
-                                f"Continue with `appliance train --resume {s.run_dir.name}`.")
+                raise Cancelled(f"training stopped at step {state.step} of {s.total_steps}; a checkpoint is saved",
+                                f"Continue with `appliance train --resume {s.run.id}`.")
             if stop_reason:
                 break
-        if state["batch"] >= len(batches):
-            state["epoch"] += 1
-            state["batch"] = 0
-    if s.val_rows and (not state["evals"] or state["evals"][-1][0] != state["step"]):
+        if state.batch >= len(batches):
+            state.epoch += 1
+            state.batch = 0
+    if s.val_rows and (not state.evals or state.evals[-1][0] != state.step):
         _evaluate(s, device, state)
     if stop_reason:
         s.emit.log(stop_reason)
-    adapter_dir = s.run_dir / "adapter"
+    adapter_dir = s.run.adapter_dir
     weights = adapter_dir / ("model.safetensors" if s.cfg.method == "full" else "adapter_model.safetensors")
     digest = ""
     if s.group.saves:
-        _save_final(s.model, s.tokenizer, s.run_dir, checkpoint.full_weights(s.model, s.group))
+        _save_final(s.model, s.tokenizer, s.run, checkpoint.full_weights(s.model, s.group))
         digest = s.emit.artifact(weights, kind="adapter" if s.cfg.method != "full" else "model")
     else:
         checkpoint.full_weights(s.model, s.group)  # the gathering of shards takes every rank
     s.group.barrier()
-    evals = state["evals"]
+    evals = state.evals
     return TrainResult(adapter=str(adapter_dir), sha256=digest, backend=s.backend, method=s.cfg.method,
-                       steps=state["step"], train_loss=state["losses"][-1][1],
-                       eval_loss=evals[-1][1] if evals else None, real_tokens=state["real_tokens"],
-                       train_seconds=round(state["seconds"], 2), peak_mem_mb=_peak_mb(device),
+                       steps=state.step, train_loss=state.losses[-1][1],
+                       eval_loss=evals[-1][1] if evals else None, real_tokens=state.real_tokens,
+                       train_seconds=round(state.seconds, 2), peak_mem_mb=_peak_mb(device),
                        seconds=round(time.monotonic() - s.started, 2), resumed_from=s.resumed_from)
 
 
 FIT_AFTER = 4  # steps measured before a time budget decides how many steps fit
 
 
-def _budget(s: _Session, state: dict[str, Any], elapsed: float) -> str | None:
+def _budget(s: _Session, state: TrainerState, elapsed: float) -> str | None:
     """Fit the steps (and the learning-rate schedule) to the time budget once the first steps are measured,
     and again after each evaluation or checkpoint (their cost then counts in the time a step takes); say why
     training stops when the next step would overrun the budget. With several processes the main one decides
     by its clock, and the others follow it at the step's end."""
     budget = (s.cfg.max_minutes or 0) * 60
-    done = state["step"] - (s.resumed_from or 0)
+    done = state.step - (s.resumed_from or 0)
     per_step = elapsed / max(1, done)
-    after_pause = done > FIT_AFTER and any((state["step"] - 1) % every == 0 for every in (s.cfg.eval_every,
+    after_pause = done > FIT_AFTER and any((state.step - 1) % every == 0 for every in (s.cfg.eval_every,
                                                                                           s.cfg.save_every))
     if s.resumed_from is None and (done == FIT_AFTER or after_pause):
-        fit = max(state["step"], state["step"] + int((budget - elapsed) / per_step))
+        fit = max(state.step, state.step + int((budget - elapsed) / per_step))
         if fit < s.total_steps:
             _refit(s, state, fit)
             s.emit.log(f"about {fit} steps fit in {_minutes(s.cfg.max_minutes)} at {per_step:.1f} s a step: "
                        f"training {fit} steps, with the learning-rate schedule fitted to them")
         return None
-    if elapsed + per_step > budget and state["step"] < s.total_steps:
-        return (f"the time budget of {_minutes(s.cfg.max_minutes)} is spent: stopped at step {state['step']} of "
+    if elapsed + per_step > budget and state.step < s.total_steps:
+        return (f"the time budget of {_minutes(s.cfg.max_minutes)} is spent: stopped at step {state.step} of "
                 f"{s.total_steps}")
     return None
 
 
-def _refit(s: _Session, state: dict[str, Any], steps: int) -> None:
+def _refit(s: _Session, state: TrainerState, steps: int) -> None:
     from transformers import get_scheduler
 
     s.total_steps = steps
@@ -291,7 +273,7 @@ def _refit(s: _Session, state: dict[str, Any], steps: int) -> None:
                                 num_warmup_steps=int(steps * s.cfg.warmup_ratio))
     with warnings.catch_warnings():  # "scheduler stepped before the optimizer": it is catching up
         warnings.simplefilter("ignore", UserWarning)
-        for _ in range(state["step"]):
+        for _ in range(state.step):
             s.scheduler.step()  # to where this run already is
 
 
@@ -306,7 +288,7 @@ def _mixed_rows(cfg: TrainConfig, store: Store, tokenizer: Any, own: int, emit: 
     mixed: list[Encoded] = []
     rng = random.Random(cfg.seed)
     for run_id, weight in sorted(cfg.mix.items()):
-        rows, _ = load_split(store.run_dir(run_id) / "data" / "train.jsonl", tokenizer, cfg.max_seq_len)
+        rows, _ = load_split(store.run(run_id).split_path("train"), tokenizer, cfg.max_seq_len)
         if not rows:
             raise TrainError(f"run {run_id} named in mix has no prepared training data",
                              f"Prepare it first: appliance data prepare FILES --run {run_id}.")
@@ -319,7 +301,7 @@ def _mixed_rows(cfg: TrainConfig, store: Store, tokenizer: Any, own: int, emit: 
 
 def _init_from(cfg: TrainConfig, store: Store, model: Any) -> None:
     """Load a previous run's trained weights (sequential fine-tuning); the shapes must agree."""
-    folder = store.run_dir(cfg.init_from or "") / "adapter"
+    folder = store.run(cfg.init_from or "").adapter_dir
     if not folder.is_dir():
         raise TrainError(f"run {cfg.init_from} has no trained adapter", "Train it first, or leave out --init-from.")
     if cfg.method != "full":
@@ -327,34 +309,21 @@ def _init_from(cfg: TrainConfig, store: Store, model: Any) -> None:
         if saved.get("r") != cfg.rank:
             raise TrainError(f"run {cfg.init_from} trained rank {saved.get('r')} adapters, this run asks for rank "
                              f"{cfg.rank}", f"Use --rank {saved.get('r')} to continue from it.")
-    _load_weights(model, folder, cfg.method)
+    load_weights(model, folder, cfg.method)
 
 
-def _check_plan(cfg: TrainConfig, model_dir: Path, longest: int, answer_share: float, emit: Emitter,
-                group: Group) -> Any:
+def _check_plan(cfg: TrainConfig, run: Run, model_dir: Path, longest: int, answer_share: float, emit: Emitter,
+                group: Group) -> planner.Plan:
     """Predict peak memory and refuse a run that cannot fit, naming the nearest setting that does. With several
     processes the plan is per device; on a CPU the processes of a machine share its memory."""
     import torch
 
-    from appliance import hardware
-    from appliance.train import planner
-
-    info = json.loads((model_dir / "source.json").read_text(encoding="utf-8"))
-    if torch.cuda.is_available():
-        device, available = "cuda", torch.cuda.mem_get_info(group.local_rank)[0] / 2**20
-    else:
-        device, available = "cpu", float(hardware.memory().available_mb) / cfg.processes
-    predicted = planner.plan(cfg, model_dir, info["parameters"], longest, device, available, answer_share)
-    each = f" per process ({cfg.world_size} processes, {cfg.sharding.upper()})" if cfg.world_size > 1 else ""
-    emit.log(f"memory plan: about {predicted.peak_mb / 1024:.1f} GiB at peak on {device}{each} "
-             f"({predicted.available_mb / 1024:.1f} GiB available), {predicted.disk_mb / 1024:.1f} GiB of disk")
+    gpu_free = torch.cuda.mem_get_info(group.local_rank)[0] / 2**20 if torch.cuda.is_available() else None
+    device, available = planner.device_memory(cfg.processes, gpu_free)
+    parameters = run.store.get_model(model_dir.name).parameters
+    predicted = planner.check(cfg, model_dir, parameters, longest, device, available, answer_share)
+    emit.log(f"memory plan: {planner.summary(predicted)}, {predicted.disk_mb / 1024:.1f} GiB of disk")
     emit.metric("planned_peak_mb", predicted.peak_mb)
-    if not predicted.fits:
-        fix = planner.nearest_fit(cfg, model_dir, info["parameters"], longest, device, available, answer_share)
-        hint = (f"With {planner.as_flags(fix[0])} it needs about {fix[1].peak_mb / 1024:.1f} GiB."
-                if fix else "No smaller setting fits: use a smaller base model or a machine with more memory.")
-        raise TrainError(f"this run needs about {predicted.peak_mb / 1024:.1f} GiB of {device} memory but "
-                         f"{predicted.available_mb / 1024:.1f} GiB is available", hint)
     return predicted
 
 
@@ -362,127 +331,6 @@ def _out_of_memory(cfg: TrainConfig, memory_plan: Any, step: int) -> TrainError:
     return TrainError(f"ran out of memory at step {step} (planned peak {memory_plan.peak_mb / 1024:.1f} GiB)",
                       "Lower --batch-size (raise grad_accum to keep the effective batch), lower --max-seq-len, "
                       "or enable gradient_checkpointing in the recipe; the last checkpoint is kept for --resume.")
-
-
-def _base_model(cfg: TrainConfig, store: Store, run_dir: Path) -> Path:
-    """The named base model; else the one whose chat template the run's data was prepared with."""
-    chosen = cfg.base_model or store.run_base_model(run_dir)
-    name = store.resolve_model(chosen, "base model", "Import it first (appliance models import ...), "
-                               "or name another with --base-model.")
-    return store.model_dir(name)
-
-
-def _dtype(cfg: TrainConfig) -> Any:
-    import torch
-
-    if cfg.dtype != "auto":
-        return getattr(torch, cfg.dtype)
-    if torch.cuda.is_available():
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    # On CPUs with native bf16 (AVX512-BF16 / AMX) bf16 is faster and halves memory.
-    return torch.bfloat16 if torch.backends.mkldnn.is_available() and _cpu_has_bf16() else torch.float32
-
-
-def _cpu_has_bf16() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def _choose_backend(cfg: TrainConfig, emit: Emitter) -> str:
-    """`auto` takes Unsloth on a CUDA GPU when it imports, else hf. On the CPU our hf path measured
-    faster than Unsloth's CPU fallback in this same loop (bench/train_throughput.py: 248 vs 228
-    real tokens/s), so `auto` uses hf there; `--backend unsloth` still chooses it."""
-    if cfg.backend == "hf":
-        return "hf"
-    if distributed.wanted(cfg):  # the config refuses unsloth with several processes
-        if not distributed.in_rank():
-            emit.log(f"{cfg.world_size} process(es), {cfg.sharding.upper()}: the hf backend (transformers + peft "
-                     "through accelerate), since Unsloth trains on one device")
-        return "hf"
-    if cfg.backend == "auto":
-        import torch
-
-        if not torch.cuda.is_available():
-            return "hf"
-    try:
-        import unsloth  # noqa: F401
-    except Exception as exc:
-        if cfg.backend == "unsloth":
-            raise ConfigError(f"Unsloth does not load here: {type(exc).__name__}: {exc}",
-                              "Use --backend hf, or run ./install.sh again.") from exc
-        emit.log(f"Unsloth does not load here ({type(exc).__name__}); using the hf backend", "warning")
-        return "hf"
-    return "unsloth"
-
-
-def _linear_names(model: Any) -> list[str]:
-    import torch
-
-    names = {name.rsplit(".", 1)[-1] for name, module in model.named_modules()
-             if isinstance(module, torch.nn.Linear) and "lm_head" not in name}
-    return sorted(names)
-
-
-def _load_unsloth(cfg: TrainConfig, model_dir: Path, dtype: Any) -> Any:
-    from unsloth import FastLanguageModel
-
-    model, _tokenizer = FastLanguageModel.from_pretrained(
-        model_name=str(model_dir), max_seq_length=cfg.max_seq_len, dtype=dtype,
-        load_in_4bit=cfg.method == "qlora", full_finetuning=cfg.method == "full", local_files_only=True,
-    )
-    if cfg.method == "full":
-        return model
-    targets = _linear_names(model) if cfg.target_modules == "all-linear" else cfg.target_modules
-    return FastLanguageModel.get_peft_model(
-        model, r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets,
-        use_gradient_checkpointing="unsloth" if cfg.gradient_checkpointing else False, random_state=cfg.seed,
-    )
-
-
-def _load_model(cfg: TrainConfig, model_dir: Path, backend: str, device: Any = None) -> tuple[Any, str]:
-    """The base model with its adapters, on `device` (a rank's own; the first GPU, or the CPU, by default)."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    dtype = _dtype(cfg)
-    if backend == "unsloth":
-        if cfg.method == "qlora" and not torch.cuda.is_available():
-            raise ConfigError("qlora loads the base in 4-bit, which needs a CUDA GPU", "Use --method lora here.")
-        return _load_unsloth(cfg, model_dir, dtype), str(dtype).removeprefix("torch.")
-    kwargs: dict[str, Any] = {"dtype": dtype}
-    if cfg.method == "qlora":
-        if not torch.cuda.is_available():
-            raise ConfigError("qlora loads the base in 4-bit with bitsandbytes, which needs a CUDA GPU",
-                              "Use --method lora on this machine.")
-        from transformers import BitsAndBytesConfig
-
-        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                                           bnb_4bit_use_double_quant=True,
-                                                           bnb_4bit_compute_dtype=dtype)
-        kwargs["device_map"] = {"": (device.index or 0) if device is not None else 0}
-        if cfg.sharding == "fsdp":  # FSDP shards the 4-bit weights only when they are stored as the compute dtype
-            kwargs["quantization_config"].bnb_4bit_quant_storage = dtype
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), **kwargs)
-    if torch.cuda.is_available() and cfg.method != "qlora":
-        model = model.to(device if device is not None else "cuda")
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False
-    if cfg.method == "full":
-        return model, str(dtype).removeprefix("torch.")
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-
-    if cfg.method == "qlora":
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
-    lora = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, task_type="CAUSAL_LM",
-                      target_modules=cfg.target_modules)
-    model = get_peft_model(model, lora)
-    if cfg.gradient_checkpointing:
-        model.enable_input_require_grads()
-    return model, str(dtype).removeprefix("torch.")
 
 
 def _optimizer_step(s: _Session, micro: list[dict[str, Any]], device: Any) -> tuple[float, int]:
@@ -511,7 +359,7 @@ def _optimizer_step(s: _Session, micro: list[dict[str, Any]], device: Any) -> tu
     return loss_sum / total, int(step_tokens)
 
 
-def _evaluate(s: _Session, device: Any, state: dict[str, Any]) -> str | None:
+def _evaluate(s: _Session, device: Any, state: TrainerState) -> str | None:
     """Validation loss over all validation rows (shared among the ranks), the task metric when asked,
     and early stopping."""
     import torch
@@ -532,69 +380,51 @@ def _evaluate(s: _Session, device: Any, state: dict[str, Any]) -> str | None:
     s.model.train()
     loss_total, count_total = s.group.sum([loss_sum, float(count_sum)])
     value = loss_total / max(1.0, count_total)
-    state["evals"].append([state["step"], round(value, 5)])
-    emit.metric("eval_loss", value, step=state["step"])
+    state.evals.append((state.step, round(value, 5)))
+    emit.metric("eval_loss", value, step=state.step)
     if accuracy is not None:
-        emit.metric("eval_accuracy", accuracy, step=state["step"])
-        state.setdefault("task_evals", []).append([state["step"], round(accuracy, 4)])
+        emit.metric("eval_accuracy", accuracy, step=state.step)
+        state.task_evals.append((state.step, round(accuracy, 4)))
         if cfg.early_stopping_metric == "task":
             value = -accuracy  # the best evaluation is the lowest value
     elif cfg.early_stopping_metric == "task" and s.probe is not None:
         return None  # another rank: the main process decides on the task metric, and says so at the step's end
-    best = state["best_eval"]
+    best = state.best_eval
     if best is None or value < best:
-        state["best_eval"], state["bad_evals"] = value, 0
+        state.best_eval, state.bad_evals = value, 0
         return None
-    state["bad_evals"] += 1
+    state.bad_evals += 1
     patience = cfg.early_stopping_patience
-    if patience is not None and state["bad_evals"] >= patience:
+    if patience is not None and state.bad_evals >= patience:
         watched = "validation accuracy" if cfg.early_stopping_metric == "task" and accuracy is not None \
             else "validation loss"
-        return f"early stopping at step {state['step']}: {watched} has not improved for {patience} evaluations"
+        return f"early stopping at step {state.step}: {watched} has not improved for {patience} evaluations"
     return None
 
 
-def _save(s: _Session, state: dict[str, Any]) -> None:
+def _save(s: _Session, state: TrainerState) -> None:
     faults.point("train.checkpoint")
-    folder = checkpoint.save(s.run_dir, state["step"], s.model, s.optimizer, s.scheduler, state,
+    folder = checkpoint.save(s.run.path, state.step, s.model, s.optimizer, s.scheduler, state,
                              s.cfg.keep_checkpoints, s.group)
     if folder is not None:
         weights = next((folder / "model").glob("*.safetensors"))
         s.emit.artifact(weights, kind="checkpoint")
 
 
-def _save_final(model: Any, tokenizer: Any, run_dir: Path, weights: dict[str, Any] | None = None) -> Path:
-    """The adapter (or full model) with the tokenizer, renamed into place when complete. `weights`: the
-    whole state dict when the model's own is sharded (FSDP)."""
-    final = run_dir / "adapter"
-    tmp = run_dir / f".adapter-{uuid.uuid4().hex[:6]}"
+def _save_final(model: Any, tokenizer: Any, run: Run, weights: dict[str, Any] | None = None) -> Path:
+    """The adapter (or full model) with the tokenizer, put into place when complete. `weights`: the whole
+    state dict when the model's own is sharded (FSDP)."""
+    tmp = run.path / f".adapter-{uuid.uuid4().hex[:6]}"
     try:
         faults.point("train.adapter")
         model.save_pretrained(str(tmp), safe_serialization=True, state_dict=weights)
         tokenizer.save_pretrained(str(tmp))
         fsync_dir(tmp)
         faults.point("train.adapter.register")
-        if final.exists():
-            old = run_dir / f".adapter-old-{uuid.uuid4().hex[:6]}"
-            os.rename(final, old)
-            os.rename(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, final)
+        replace_dir(tmp, run.adapter_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return final
-
-
-def _load_weights(model: Any, folder: Path, method: str) -> None:
-    from safetensors.torch import load_file
-
-    if method == "full":
-        model.load_state_dict(load_file(str(folder / "model.safetensors")), strict=False)
-        return
-    from peft import set_peft_model_state_dict
-
-    set_peft_model_state_dict(model, load_file(str(folder / "adapter_model.safetensors")))
+    return run.adapter_dir
 
 
 def _peak_mb(device: Any) -> float:

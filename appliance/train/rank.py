@@ -36,8 +36,8 @@ def main(argv: list[str]) -> int:
     from appliance import events as ev
     from appliance.config import TrainConfig
     from appliance.errors import ApplianceError, Cancelled
+    from appliance.events import stop_on_signals
     from appliance.train import loop
-    from appliance.worker import stop_on_signals
 
     signalled = stop_on_signals()
     rank = int(os.environ.get("RANK", "0"))

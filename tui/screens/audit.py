@@ -62,7 +62,7 @@ class AuditScreen(RunScreen):
     @work(thread=True, exclusive=True, group="verify", exit_on_error=False)
     def _verify(self) -> None:
         from appliance.errors import ApplianceError
-        from appliance.export import manifest
+        from appliance import manifest
 
         try:
             report: Any = manifest.verify(self.app.store, self.run_dir)  # type: ignore[attr-defined]

@@ -16,7 +16,7 @@ from textual.widgets.selection_list import Selection
 
 from appliance import jobs
 from appliance.config import ExportConfig
-from appliance.export.quants import QUANTS, RECOMMENDED
+from appliance.quants import QUANTS, RECOMMENDED
 from appliance.fsutil import read_json_object
 from tui.follow import JobEnded
 from tui.screens.run import RunScreen
@@ -61,7 +61,7 @@ class ExportScreen(RunScreen):
     def predict_sizes(self) -> None:
         """Predicted sizes from the tensor shapes of the base model (the merged model has the same)."""
         from appliance.errors import ApplianceError
-        from appliance.export import quants
+        from appliance import quants
 
         store = self.app.store  # type: ignore[attr-defined]
         try:

@@ -40,7 +40,7 @@ def describe_plan(cfg: TrainConfig, store: Any) -> str:
     import json
 
     from appliance import hardware
-    from appliance.train import planner
+    from appliance import planner
 
     try:
         name = store.resolve_model(cfg.base_model, "base model", "Import one in Models.")

@@ -23,11 +23,11 @@ from typing import Any
 from pydantic import BaseModel
 
 from appliance import __version__
-from appliance.errors import ApplianceError
+from appliance.errors import ApplianceError, StoreError
 from appliance.fsutil import atomic_write_text, sha256_file
+from appliance.run import Run
 from appliance.store import Store, now_iso
 
-MANIFEST = "manifest.json"
 KEY_FILE = "signing.key"
 PUBLIC_FILE = "signing.pub"
 FORMAT = 1
@@ -142,37 +142,40 @@ def versions() -> dict[str, str]:
     return found
 
 
-def build(store: Store, run_dir: Path, base_model: str | None) -> dict[str, Any]:
-    """The manifest of `run_dir` as it is now (unsigned)."""
+def build(run: Run) -> dict[str, Any]:
+    """The manifest of the run as it is now (unsigned)."""
+    store = run.store
     inputs: dict[str, Any] = {"data": [], "base_model": None}
-    report_path = run_dir / "data" / "data_report.json"
-    if report_path.is_file():
-        report = json.loads(report_path.read_text(encoding="utf-8"))
-        inputs["data"] = [{"path": i["path"], "sha256": i["sha256"], "bytes": i.get("bytes")}
-                          for i in report.get("inputs", [])]
-    if base_model and store.has_model(base_model):
+    report = run.data_report()
+    if report is not None:
+        inputs["data"] = [item.model_dump(mode="json") for item in report.inputs]
+    try:
+        base_model: str | None = run.base_model()
+    except StoreError:
+        base_model = None  # its base model is gone from the store: the run's own files are still recorded
+    if base_model is not None:
         folder = store.model_dir(base_model)
         inputs["base_model"] = {
             "name": base_model,
             "files": {p.name: _entry(p) for p in sorted(folder.iterdir()) if p.is_file()},
         }
     manifest: dict[str, Any] = {
-        "format": FORMAT, "run": run_dir.name, "created": now_iso(), "versions": versions(),
-        "inputs": inputs, "files": _run_files(run_dir),
+        "format": FORMAT, "run": run.id, "created": now_iso(), "versions": versions(),
+        "inputs": inputs, "files": _run_files(run.path),
     }
-    verification = run_dir / "gguf" / "verification.json"
-    if verification.is_file():
-        manifest["verification"] = json.loads(verification.read_text(encoding="utf-8"))
-    evaluations = {p.stem: json.loads(p.read_text(encoding="utf-8")) for p in sorted((run_dir / "eval").glob("*.json"))}
+    verification = run.verification()
+    if verification is not None:
+        manifest["verification"] = verification.model_dump(mode="json")
+    evaluations = {p.stem: json.loads(p.read_text(encoding="utf-8")) for p in sorted(run.eval_dir.glob("*.json"))}
     if evaluations:
         manifest["evaluation"] = evaluations
     return manifest
 
 
-def write(store: Store, run_dir: Path, base_model: str | None) -> Path:
-    """Build, sign and write `manifest.json` of the run (atomically)."""
-    key = _load_or_create_key(store)
-    manifest = build(store, run_dir, base_model)
+def write(run: Run) -> Path:
+    """Build, sign and write the run's manifest (atomically)."""
+    key = _load_or_create_key(run.store)
+    manifest = build(run)
     public = _public_raw(key)
     manifest["signature"] = {
         "algorithm": "ed25519",
@@ -180,9 +183,8 @@ def write(store: Store, run_dir: Path, base_model: str | None) -> Path:
         "public_key": base64.b64encode(public).decode(),
         "value": base64.b64encode(key.sign(_canonical(manifest))).decode(),
     }
-    path = run_dir / MANIFEST
-    atomic_write_text(path, json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
-    return path
+    atomic_write_text(run.manifest_path, json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
+    return run.manifest_path
 
 
 # -- verifying -----------------------------------------------------------------------------
@@ -209,12 +211,12 @@ def _check_signature(store: Store, manifest: dict[str, Any]) -> str:
     return "valid"
 
 
-def verify(store: Store, run_dir: Path) -> VerifyReport:
+def verify(run: Run) -> VerifyReport:
     """Re-hash every file the manifest lists and check its signature."""
-    path = run_dir / MANIFEST
+    store, run_dir, path = run.store, run.path, run.manifest_path
     if not path.is_file():
-        raise ManifestError(f"run {run_dir.name} has no {MANIFEST}",
-                            f"Export the run first (appliance export --run {run_dir.name}); it writes the manifest.")
+        raise ManifestError(f"run {run.id} has no {path.name}",
+                            f"Export the run first (appliance export --run {run.id}); it writes the manifest.")
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except ValueError as exc:

@@ -1,4 +1,6 @@
-"""Memory and disk plan of a training run, before anything loads.
+"""Memory and disk plan of a training run, before anything loads (the training stage checks it, the TUI
+shows it as settings are typed, `appliance train plan` sizes a cluster with it, and exports size the
+serving engines with it).
 
 Peak memory = runtime + weights at their precision + trainable state (LoRA or full weights, their
 gradients and AdamW's two fp32 moments) + activations of one micro-batch at its longest padded
@@ -25,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from appliance.config import TrainConfig
+from appliance.errors import ApplianceError
 
 MB = 1024 * 1024
 RUNTIME_MB = {"cpu": 600.0, "cuda": 0.0}  # torch + transformers + peft in the process; CUDA counts VRAM only
@@ -187,6 +190,45 @@ def nearest_fit(cfg: TrainConfig, model_dir: Path, parameters: int, data_max_tok
         if result.fits:
             return change, result
     return None
+
+
+class PlanRefused(ApplianceError):
+    title = "Does not fit this machine"
+
+
+def device_memory(processes: int, gpu_free_mb: float | None) -> tuple[str, float]:
+    """Where a run trains and the memory one of its processes may take: the GPU's free memory when there is a
+    GPU, else the machine's available RAM, shared by the processes of this machine."""
+    if gpu_free_mb is not None:
+        return "cuda", gpu_free_mb
+    from appliance.hardware import memory
+
+    return "cpu", float(memory().available_mb) / processes
+
+
+def check(cfg: TrainConfig, model_dir: Path, parameters: int, data_max_tokens: int, device: str,
+          available_mb: float, trained_fraction: float = 1.0) -> Plan:
+    """The plan of a run that fits; PlanRefused, with the nearest setting that fits, for one that does not."""
+    if cfg.method == "qlora" and device != "cuda":
+        raise PlanRefused("qlora loads the base in 4-bit with bitsandbytes, which needs a CUDA GPU, and this "
+                          "machine trains on its CPU",
+                          "Use method lora here (the same adapter, on 16/32-bit weights), or train on a machine "
+                          "with an NVIDIA GPU.")
+    predicted = plan(cfg, model_dir, parameters, data_max_tokens, device, available_mb, trained_fraction)
+    if not predicted.fits:
+        fix = nearest_fit(cfg, model_dir, parameters, data_max_tokens, device, available_mb, trained_fraction)
+        hint = (f"With {as_flags(fix[0])} it needs about {fix[1].peak_mb / 1024:.1f} GiB."
+                if fix else "No smaller setting fits: use a smaller base model or a machine with more memory.")
+        raise PlanRefused(f"this run needs about {predicted.peak_mb / 1024:.1f} GiB of {device} memory but "
+                          f"{predicted.available_mb / 1024:.1f} GiB is available", hint)
+    return predicted
+
+
+def summary(plan: Plan) -> str:
+    """The plan in one sentence: the peak, where, and what is available."""
+    each = f" per process ({plan.processes}, {plan.sharding.upper()})" if plan.processes > 1 else ""
+    return (f"about {plan.peak_mb / 1024:.1f} GiB at peak on {plan.device}{each}, "
+            f"{plan.available_mb / 1024:.1f} GiB available")
 
 
 def as_flags(change: dict[str, Any]) -> str:

@@ -1,46 +1,12 @@
-"""The base model's own chat template applied to conversations, with the trained-token mask
-(assistant turns only, their end-of-turn token included, so the model learns to stop), and the
-length statistics that decide sequence length, truncation and packing."""
+"""Length statistics of templated rows: the histogram, truncation, and what padded batches and packing
+make of them (they decide the sequence length and batching of training)."""
 
 from __future__ import annotations
 
 import random
-from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-
-def load_tokenizer(model_dir: Path) -> Any:
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(model_dir))
-
-
-def _render(tokenizer: Any, messages: list[dict[str, str]], generation_prompt: bool) -> str:
-    text: str = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
-    return text
-
-
-def trained_spans(tokenizer: Any, messages: list[dict[str, str]]) -> tuple[str, list[tuple[int, int]]]:
-    """The rendered conversation and the character spans of what the model learns to write."""
-    full = _render(tokenizer, messages, False)
-    spans = []
-    for i, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
-        start = len(_render(tokenizer, messages[:i], True))
-        end = len(_render(tokenizer, messages[: i + 1], False))
-        spans.append((start, end))
-    return full, spans
-
-
-def encode(tokenizer: Any, messages: list[dict[str, str]]) -> tuple[list[int], list[bool]]:
-    """Token ids of the templated conversation and, per token, whether it is trained."""
-    text, spans = trained_spans(tokenizer, messages)
-    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    trained = [any(s <= start < e for s, e in spans) for start, _end in encoded["offset_mapping"]]
-    return list(encoded["input_ids"]), trained
 
 
 def _fine_bins(lengths: Any, target: int = 16) -> dict[str, list[int]]:
