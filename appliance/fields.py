@@ -49,9 +49,14 @@ class FieldSpec:
     @property
     def help(self) -> str:
         """The description with what it takes: choices, bounds and the default."""
+        return self.help_text()
+
+    def help_text(self, choices: bool = True) -> str:
+        """The help, without the choices of a choice field when they are shown beside it (a command's metavar)."""
         extra = []
-        if self.choices and self.kind == "choice":
-            extra.append(" | ".join(self.choices))
+        if self.kind == "choice":
+            if choices:
+                extra.append(" | ".join(self.choices))
         elif self.choices:
             extra.append(f"or {' | '.join(self.choices)}")
         if self.bounds:

@@ -80,12 +80,15 @@ class PiiReport(Record):
 class Duplicate(Record):
     source: str
     duplicate_of: str
-    cosine: float | None = None  # near-duplicates only
+
+
+class NearDuplicate(Duplicate):
+    cosine: float
 
 
 class Duplicates(Record):
     exact: list[Duplicate] = Field(default_factory=list)
-    near: list[Duplicate] = Field(default_factory=list)
+    near: list[NearDuplicate] = Field(default_factory=list)
     near_threshold: float | None = None  # None: near-duplicates were not looked for
 
 

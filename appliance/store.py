@@ -270,7 +270,7 @@ class Store:
         """A new, empty run: named `name`, or `run-<time>-<random>` when not given."""
         from appliance.run import Run
 
-        folder = self._run_path(name or new_id("run"))
+        folder = self._run_path(new_id("run") if name is None else name)
         try:
             folder.mkdir(parents=True)
         except FileExistsError:

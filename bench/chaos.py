@@ -110,9 +110,8 @@ class Bench:
     # -- one round ---------------------------------------------------------------------------
 
     def round(self, number: int, rng: random.Random, stages: list[str]) -> dict[str, Any]:
-        from appliance import faults, integrity, jobs
+        from appliance import faults, integrity, jobs, manifest
         from appliance.errors import ApplianceError
-        from appliance import manifest
 
         stage = rng.choice(stages)
         reference = self.reference[stage]

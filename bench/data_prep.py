@@ -45,10 +45,10 @@ def child(mode: str, path: Path, near_dup: bool, store: Path) -> None:
     from appliance.data import prepare
     from appliance.data.clean import clean_messages
     from appliance.data.dedup import exact_key
-    from appliance.pii import Redactor, find_pii
     from appliance.data.schema import Record
     from appliance.data.tasks import TaskSpec, check_messages, to_example
     from appliance.hardware import peak_rss_mb
+    from appliance.pii import Redactor, find_pii
 
     baseline = peak_rss_mb()
     started = time.perf_counter()

@@ -94,12 +94,12 @@ def measure(args: argparse.Namespace, quants: list[str]) -> dict[str, Any]:
     from appliance import offline
 
     offline.activate()
-    from appliance import toolchain
-    from appliance.templating import load_tokenizer
     from appliance import templating as encoding
+    from appliance import toolchain
     from appliance.evaluate.items import load_items
     from appliance.evaluate.targets import GGUFTarget, HFTarget
     from appliance.store import Store
+    from appliance.templating import load_tokenizer
 
     load = os.getloadavg()[0]
     model_dir = Store.open().model_dir(MODEL)

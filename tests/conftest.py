@@ -8,11 +8,11 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from appliance.data.sample import shipped_path
+from appliance.records import ExportResult
 from appliance.store import Store
 
 REPO = Path(__file__).resolve().parents[1]
@@ -75,13 +75,13 @@ def trained(prepared: tuple[Store, Path]) -> tuple[Store, Path]:
 
 
 @pytest.fixture(scope="session")
-def exported(trained: tuple[Store, Path]) -> tuple[Store, Path, dict[str, Any]]:
+def exported(trained: tuple[Store, Path]) -> tuple[Store, Path, ExportResult]:
     """The trained run exported to F16, Q8_0 and Q4_K_M through the verification gate."""
     store, run_dir = trained
     result = run_cli("export", "--run", run_dir.name, "--quant", "Q8_0,Q4_K_M", "--ppl-tokens", "1024", "--json",
                      store=store.root)
     assert result.returncode == 0, result.stderr
-    return store, run_dir, json.loads(result.stdout)
+    return store, run_dir, ExportResult.model_validate_json(result.stdout)
 
 
 def clone_run(store: Store, source: Path, name: str) -> Path:

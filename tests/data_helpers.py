@@ -9,6 +9,7 @@ from typing import Any
 from appliance import events as ev
 from appliance.config import DataConfig
 from appliance.data import prepare
+from appliance.run import Run
 
 
 def write_jsonl(path: Path, rows: list[Any]) -> Path:
@@ -23,7 +24,7 @@ def run_prepare(run_dir: Path, store: Path, inputs: list[Path], **options: Any) 
     cfg = DataConfig(inputs=[str(p) for p in inputs], store=str(store), **options)
     events: list[ev.Event] = []
     prepare.run(cfg, run_dir, ev.Emitter(events.append))
-    report = json.loads((run_dir / "data" / "data_report.json").read_text(encoding="utf-8"))
+    report = Run.at(run_dir).require_data_report().model_dump(mode="json")
     return report, events
 
 

@@ -7,23 +7,24 @@ import json
 import shutil
 import threading
 from pathlib import Path
-from typing import Any
 
 import pytest
 from conftest import run_cli
 
 from appliance.config import Sampling
+from appliance.records import ExportResult
+from appliance.run import Run
 from appliance.serve.chat import ChatSession, Notice
 from appliance.serve.model import ServeError, resolve
 from appliance.store import Store
 
 pytestmark = pytest.mark.slow
 
-Exported = tuple[Store, Path, dict[str, Any]]
+Exported = tuple[Store, Path, ExportResult]
 
 
 def _labels(run_dir: Path) -> list[str]:
-    return list(json.loads((run_dir / "data" / "data_report.json").read_text())["labels"]["set"])
+    return Run.at(run_dir).require_data_report().label_set
 
 
 @pytest.fixture(scope="module")
@@ -36,30 +37,29 @@ def free_session(exported: Exported) -> ChatSession:
 def test_a_run_id_an_export_name_and_a_path_name_the_same_verified_file(exported: Exported) -> None:
     store, run_dir, result = exported
     by_run = resolve(store, run_dir.name, "Q8_0")
-    by_name = resolve(store, result["name"], "Q8_0")
+    by_name = resolve(store, result.name, "Q8_0")
     by_path = resolve(store, str(by_run.path))
     assert by_run.path == by_name.path == by_path.path and by_run.path.parent == run_dir / "gguf"
     assert by_run.verified and by_name.verified and by_path.verified
     assert by_run.contract is not None and by_run.labels == _labels(run_dir)
-    comparison = run_dir / "eval" / "comparison.json"
-    recommended = (json.loads(comparison.read_text()).get("recommendation") or {}).get("file") \
-        if comparison.is_file() else None
+    comparison = Run.at(run_dir).comparison()
+    recommended = comparison.recommendation.file if comparison and comparison.recommendation else None
     assert resolve(store, run_dir.name).quant == (recommended or "Q4_K_M")  # the evaluation's pick, else Q4_K_M
 
 
 def test_a_changed_or_foreign_file_is_not_verified(exported: Exported, tmp_path: Path) -> None:
     store, run_dir, result = exported
-    copy = tmp_path / "gguf" / f"{result['name']}-Q8_0.gguf"
+    copy = tmp_path / "gguf" / f"{result.name}-Q8_0.gguf"
     copy.parent.mkdir()
     shutil.copy(run_dir / "gguf" / copy.name, copy)
-    shutil.copy(run_dir / "gguf" / "verification.json", copy.parent / "verification.json")
+    shutil.copy(Run.at(run_dir).verification_path, copy.parent)
     foreign = resolve(store, str(copy))  # same bytes, but no run manifest vouches for it
     assert not foreign.verified and foreign.contract is not None
     bare = tmp_path / "bare.gguf"
     shutil.copy(copy, bare)
     alone = resolve(store, str(bare))
     assert alone.contract is None and not alone.verified and "did not come out of" in alone.notes[0]
-    with pytest.raises(ServeError, match=result["name"]):  # the error lists what there is
+    with pytest.raises(ServeError, match=result.name):  # the error lists what there is
         resolve(store, "no-such-model")
 
 
@@ -115,7 +115,7 @@ def test_a_message_larger_than_the_window_is_refused(free_session: ChatSession) 
 
 def test_chat_command_answers_with_a_label(exported: Exported) -> None:
     store, run_dir, result = exported
-    out = run_cli("chat", result["name"], "--quant", "Q8_0", "--temperature", "0", "--ctx", "512", "-m",
+    out = run_cli("chat", result.name, "--quant", "Q8_0", "--temperature", "0", "--ctx", "512", "-m",
                   "The office printer shows a paper jam error.", "-m", "And the VPN drops every hour.", "--json",
                   store=store.root, timeout=300)
     assert out.returncode == 0, out.stderr

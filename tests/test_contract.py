@@ -12,7 +12,6 @@ import pytest
 
 from appliance import templating
 from appliance.export import modelfile
-from appliance.templating import ChatContract
 
 CONVERSATIONS = [
     [{"role": "user", "content": "Hello"}],
@@ -85,8 +84,8 @@ def test_a_template_that_is_not_a_sequence_of_turns_has_no_go_template(tokenizer
 
 
 def test_shared_system_prompt() -> None:
-    rows = [{"messages": [{"role": "system", "content": "S"}, {"role": "user", "content": str(i)}]} for i in range(3)]
+    rows = [[{"role": "system", "content": "S"}, {"role": "user", "content": str(i)}] for i in range(3)]
     assert templating.shared_system_prompt(rows) == "S"
-    rows.append({"messages": [{"role": "user", "content": "no system"}]})
+    rows.append([{"role": "user", "content": "no system"}])
     assert templating.shared_system_prompt(rows) is None
     assert templating.shared_system_prompt([]) is None

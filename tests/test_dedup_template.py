@@ -11,11 +11,11 @@ from conftest import run_cli
 from data_helpers import assert_accounted, run_prepare, split_rows, write_jsonl
 
 from appliance.data import dedup
-from appliance.embedder import Embedder, ensure_onnx
-from appliance.data.sample import generate, shipped_path, to_csv
 from appliance.data.lengths import length_stats
-from appliance.templating import encode, load_tokenizer
+from appliance.data.sample import generate, shipped_path, to_csv
+from appliance.embedder import Embedder, ensure_onnx
 from appliance.store import Store
+from appliance.templating import encode, load_tokenizer
 
 ORIGINALS = [
     "My laptop battery drains completely in less than an hour, even when idle.",

@@ -114,8 +114,9 @@ def test_a_checkpoint_written_sharded_and_one_written_plainly_load_either_way(tm
 
     model, optimizer, scheduler = trained_once(0)
     sharded = Group(sharding="fsdp", wrapped=distributed._loss_module(model))
-    written = {"sharded": checkpoint.save(tmp_path / "a", 1, model, optimizer, scheduler, {"step": 1}, 1, sharded),
-               "plain": checkpoint.save(tmp_path / "b", 1, model, optimizer, scheduler, {"step": 1}, 1, Group())}
+    state = checkpoint.TrainerState(step=1)
+    written = {"sharded": checkpoint.save(tmp_path / "a", 1, model, optimizer, scheduler, state, 1, sharded),
+               "plain": checkpoint.save(tmp_path / "b", 1, model, optimizer, scheduler, state, 1, Group())}
     from safetensors.torch import load_file
 
     weights = {name: load_file(str(folder / "model" / "model.safetensors")) for name, folder in written.items()
@@ -269,7 +270,7 @@ def test_a_killed_sharded_run_leaves_nothing_running_and_resumes_anywhere(
     assert before and all(loss == pytest.approx(expected[step], rel=2e-3) for step, loss in before.items()), \
         (before, expected)
     saved = checkpoint.load_state(checkpoint.latest(run_dir) or run_dir)
-    assert saved["processes"] == 2 and saved["step"] == 2
+    assert saved.processes == 2 and saved.step == 2
     from safetensors import safe_open
 
     with safe_open(str(checkpoint.latest(run_dir) / "model" / "adapter_model.safetensors"), framework="pt") as f:
@@ -289,13 +290,13 @@ def test_a_killed_sharded_run_leaves_nothing_running_and_resumes_anywhere(
 
 
 def test_auto_takes_the_hf_backend_for_several_processes_and_says_why() -> None:
-    from appliance.train.loop import _choose_backend
+    from appliance.train.model import choose_backend
 
     said: list[str] = []
     emit = ev.Emitter(lambda event: said.append(getattr(event, "message", "")))
-    assert _choose_backend(TrainConfig(store="/tmp/unused", processes=2), emit) == "hf"
+    assert choose_backend(TrainConfig(store="/tmp/unused", processes=2), emit) == "hf"
     assert said and "Unsloth trains on one device" in said[0]
-    assert _choose_backend(TrainConfig(store="/tmp/unused", sharding="fsdp"), emit) == "hf"
+    assert choose_backend(TrainConfig(store="/tmp/unused", sharding="fsdp"), emit) == "hf"
 
 
 @pytest.mark.slow
@@ -315,5 +316,5 @@ def test_stopping_a_distributed_job_stops_every_rank_at_one_step_after_a_checkpo
         job.wait()
     assert "checkpoint is saved" in excinfo.value.message and f"--resume {run_dir.name}" in excinfo.value.hint
     saved = checkpoint.checkpoint_dirs(run_dir)
-    assert len(saved) == 1 and 1 <= checkpoint.load_state(saved[0])["step"] < 40
+    assert len(saved) == 1 and 1 <= checkpoint.load_state(saved[0]).step < 40
     assert _processes_of(run_dir) == [] and not (run_dir / "adapter").exists()

@@ -46,6 +46,8 @@ from schemathesis.specs.openapi.checks import (
 )
 from serve_helpers import KEY, Server, key_file
 
+from appliance.records import ExportResult
+from appliance.run import Run
 from appliance.store import Store
 
 pytestmark = pytest.mark.slow
@@ -76,7 +78,7 @@ class Endpoint:
 
 
 @pytest.fixture(scope="module")
-def endpoint(exported: tuple[Store, Path, dict[str, Any]], tmp_path_factory: pytest.TempPathFactory) \
+def endpoint(exported: tuple[Store, Path, ExportResult], tmp_path_factory: pytest.TempPathFactory) \
         -> Iterator[Endpoint]:
     store, run_dir, _ = exported
     folder = tmp_path_factory.mktemp("hardening")
@@ -86,8 +88,7 @@ def endpoint(exported: tuple[Store, Path, dict[str, Any]], tmp_path_factory: pyt
                             "--ctx", str(CTX), "--max-tokens", str(MAX_TOKENS), "--max-queue", str(QUEUE),
                             "--max-body-kb", str(BODY_KB), "--body-timeout", str(BODY_TIMEOUT_S), "--log-prompts"],
                     folder / "audit.jsonl")
-    report = json.loads((run_dir / "data" / "data_report.json").read_text(encoding="utf-8"))
-    target = Endpoint(server, list(report["labels"]["set"]))
+    target = Endpoint(server, Run.at(run_dir).require_data_report().label_set)
     yield target
     assert server.stop() == 0
     print(f"\nrequests sent: {dict(target.sent)}")

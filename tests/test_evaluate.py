@@ -13,7 +13,9 @@ import pytest
 from conftest import run_cli
 
 from appliance import toolchain
-from appliance.evaluate.items import Item, choose_examples, load_items, with_examples
+from appliance.evaluate.items import choose_examples, with_examples
+from appliance.records import ExportResult
+from appliance.run import Item, Run
 from appliance.store import Store
 
 SYSTEM = {"role": "system", "content": "Answer with one word."}
@@ -24,12 +26,13 @@ def _item(text: str, answer: str) -> Item:
 
 
 def test_items_and_few_shot_prompts(tmp_path: Path) -> None:
-    split = tmp_path / "test.jsonl"
+    run = Run.at(tmp_path / "runs" / "items")
     rows = [{"messages": [SYSTEM, {"role": "user", "content": "q1"}, {"role": "assistant", "content": "a1"}],
              "label": "a1"},
             {"messages": [{"role": "user", "content": "no answer"}]}]
-    split.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    items = load_items(split)
+    run.data_dir.mkdir(parents=True)
+    run.split_path("test").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    items = run.items("test")
     assert items == [Item(prompt=[SYSTEM, {"role": "user", "content": "q1"}], reference="a1", label="a1")]
     shots = [_item("printer jams", "hardware"), _item("invoice wrong", "billing")]
     assert with_examples(items[0], shots) == [
@@ -51,8 +54,8 @@ def test_similar_examples_are_the_closest_questions(default_store: Store) -> Non
 
 @pytest.fixture(scope="module")
 def tiny_targets(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Any, Any]:
-    from appliance.templating import load_tokenizer
     from appliance.evaluate.targets import GGUFTarget, HFTarget
+    from appliance.templating import load_tokenizer
 
     gguf = tmp_path_factory.mktemp("tiny-gguf") / "tiny-F16.gguf"
     toolchain.convert_to_gguf(tiny_model_dir, gguf, "f16")
@@ -92,7 +95,7 @@ def test_llama_cpp_scores_agree_with_transformers(tiny_targets: tuple[Any, Any, 
 
 
 @pytest.mark.slow
-def test_eval_compares_every_target(exported: tuple[Store, Path, dict[str, Any]]) -> None:
+def test_eval_compares_every_target(exported: tuple[Store, Path, ExportResult]) -> None:
     store, run_dir, _export = exported
     result = run_cli("eval", "--run", run_dir.name, "--targets", "base,fewshot,tuned,gguf:Q8_0", "--max-items", "12",
                      "--fewshot-select", "random", "--json", store=store.root)
@@ -100,7 +103,7 @@ def test_eval_compares_every_target(exported: tuple[Store, Path, dict[str, Any]]
     summary = json.loads(result.stdout)
     assert summary["task"] == "classification" and summary["primary"] == "accuracy" and summary["n"] == 12
     assert [t["target"] for t in summary["targets"]] == ["base", "fewshot", "tuned", "gguf:Q8_0"]
-    labels = json.loads((run_dir / "data" / "data_report.json").read_text())["labels"]["set"]
+    labels = Run.at(run_dir).require_data_report().label_set
     reports = {}
     for name in ("base", "fewshot", "tuned", "gguf-Q8_0"):
         report = json.loads((run_dir / "eval" / f"{name}.json").read_text())
@@ -118,8 +121,8 @@ def test_eval_compares_every_target(exported: tuple[Store, Path, dict[str, Any]]
     recommendation = summary["recommendation"]
     assert recommendation is None or recommendation["file"] == "Q8_0"
     assert (recommendation is None) == (summary["note"] is not None)
-    manifest = json.loads((run_dir / "manifest.json").read_text())
-    assert set(manifest["evaluation"]) >= {"base", "tuned", "comparison"}
+    manifest = Run.at(run_dir).manifest()
+    assert manifest is not None and set(manifest.evaluation or {}) >= {"base", "tuned", "comparison"}
     assert run_cli("verify", run_dir.name, store=store.root).returncode == 0
     assert not math.isnan(summary["seconds"])
 

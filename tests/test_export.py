@@ -12,62 +12,66 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
 import pytest
 from conftest import clone_run, run_cli
 
 from appliance import events as ev
 from appliance import jobs
+from appliance.records import ExportedFile, ExportResult
+from appliance.run import Run
 from appliance.store import Store
+
+Exported = tuple[Store, Path, ExportResult]
 
 pytestmark = pytest.mark.slow
 QUANTS = ["F16", "Q8_0", "Q4_K_M"]
 
 
-def _files(result: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    return {f["quant"]: f for f in result["files"]}
+def _files(result: ExportResult) -> dict[str, ExportedFile]:
+    return {f.quant: f for f in result.files}
 
 
-def test_every_file_passes_the_gate(exported: tuple[Store, Path, dict[str, Any]]) -> None:
+def test_every_file_passes_the_gate(exported: Exported) -> None:
     _store, run_dir, result = exported
     files = _files(result)
-    assert list(files) == QUANTS and not result["rejected"]
+    assert list(files) == QUANTS and not result.rejected
     gguf = run_dir / "gguf"
     for quant, entry in files.items():
-        assert entry["passed"] and Path(entry["path"]) == gguf / f"{result['name']}-{quant}.gguf"
-        assert abs(entry["bytes"] - entry["predicted_bytes"]) / entry["bytes"] < 0.03  # the size shown beforehand
-    assert files["F16"]["agreement"] == 1.0 and files["F16"]["ppl_delta"] is None
-    assert files["Q8_0"]["ppl_delta"] is not None and abs(files["Q8_0"]["ppl_delta"]) < 0.05
-    assert "Q5_0 instead of Q4_K" in files["Q4_K_M"]["note"]
-    report = json.loads((gguf / "verification.json").read_text())
-    assert report["passed"] and report["adapter_sha256"] == result["merged"]["adapter_sha256"]
-    for entry in report["files"]:
-        statuses = {c["name"]: c["status"] for c in entry["checks"]}
+        assert entry.passed and Path(entry.path) == gguf / f"{result.name}-{quant}.gguf"
+        assert entry.predicted_bytes is not None
+        assert abs(entry.bytes - entry.predicted_bytes) / entry.bytes < 0.03  # the size shown beforehand
+    assert files["F16"].agreement == 1.0 and files["F16"].ppl_delta is None
+    q8_delta = files["Q8_0"].ppl_delta
+    assert q8_delta is not None and abs(q8_delta) < 0.05
+    assert "Q5_0 instead of Q4_K" in (files["Q4_K_M"].note or "")
+    report = Run.at(run_dir).verification()
+    assert report is not None and report.passed and report.adapter_sha256 == result.merged.adapter_sha256
+    for entry in report.files:
+        statuses = {c.name: c.status for c in entry.checks}
         assert all(statuses[name] == "pass" for name in ("architecture", "tensor count", "chat template",
                                                            "special tokens", "tokenization", "end-of-turn tokens",
                                                            "stops")), entry
-    reference = report["files"][0]
-    assert {c["name"]: c["status"] for c in reference["checks"]}["greedy parity"] == "pass"
+    assert {c.name: c.status for c in report.files[0].checks}["greedy parity"] == "pass"
     assert not list(run_dir.glob(".gguf-staging-*")) and not list(gguf.glob(".*.partial"))
     artifacts = [e for e in ev.read_all(run_dir / ev.EVENTS_FILE) if isinstance(e, ev.Artifact)]
     assert sorted(Path(a.path).name for a in artifacts if a.kind == "gguf") == sorted(
-        Path(f["path"]).name for f in result["files"])
+        Path(f.path).name for f in result.files)
 
 
-def test_merged_model_is_the_trained_model(exported: tuple[Store, Path, dict[str, Any]]) -> None:
+def test_merged_model_is_the_trained_model(exported: Exported) -> None:
     """peft's own check: the merged weights give the logits of base + adapter (up to bf16 rounding)."""
     _store, run_dir, result = exported
     merged = run_dir / "merged"
     assert {"config.json", "model.safetensors", "tokenizer.json", "chat_template.jinja", "merge.json"} <= {
         p.name for p in merged.iterdir()}
     assert json.loads((merged / "config.json").read_text()).get("quantization_config") is None
-    record = result["merged"]
-    assert record["device"] == "cpu" and record["dtype"] == "bfloat16" and not record["reused"]
-    assert record["top1_agreement"] == 1.0 and record["max_logit_diff"] < 2.0  # bf16 rounding of the merged weights
+    record = result.merged
+    assert record.device == "cpu" and record.dtype == "bfloat16" and not record.reused
+    assert record.top1_agreement == 1.0 and record.max_logit_diff < 2.0  # bf16 rounding of the merged weights
 
 
-def test_gguf_chats_with_the_trained_template_and_stops(exported: tuple[Store, Path, dict[str, Any]]) -> None:
+def test_gguf_chats_with_the_trained_template_and_stops(exported: Exported) -> None:
     import torch
     from llama_cpp import Llama
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -83,7 +87,7 @@ def test_gguf_chats_with_the_trained_template_and_stops(exported: tuple[Store, P
         out = model.generate(**inputs, max_new_tokens=32, do_sample=False)
     hf_answer = tokenizer.decode(out[0][inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
     for quant in ("F16", "Q4_K_M"):
-        llm = Llama(_files(result)[quant]["path"], n_ctx=1024, verbose=False, seed=0)  # template from the GGUF
+        llm = Llama(_files(result)[quant].path, n_ctx=1024, verbose=False, seed=0)  # template from the GGUF
         try:
             reply = llm.create_chat_completion(messages, temperature=0.0, max_tokens=128)
         finally:
@@ -92,25 +96,24 @@ def test_gguf_chats_with_the_trained_template_and_stops(exported: tuple[Store, P
         assert choice["finish_reason"] == "stop", choice  # ended its turn by itself
         if quant == "F16":
             assert choice["message"]["content"].strip() == hf_answer
-    labels = json.loads((run_dir / "data" / "data_report.json").read_text())["labels"]["set"]
-    assert hf_answer in labels  # eight steps taught it the task's answer format
+    assert hf_answer in Run.at(run_dir).require_data_report().label_set  # eight steps taught it the answer format
 
 
-def test_modelfile_and_commands_follow_the_contract(exported: tuple[Store, Path, dict[str, Any]]) -> None:
+def test_modelfile_and_commands_follow_the_contract(exported: Exported) -> None:
     _store, run_dir, result = exported
     gguf = run_dir / "gguf"
     modelfile = (gguf / "Modelfile").read_text()
     system = json.loads((run_dir / "data" / "train.jsonl").read_text().splitlines()[0])["messages"][0]["content"]
-    assert modelfile.startswith(f"FROM ./{result['name']}-Q4_K_M.gguf\n")
+    assert modelfile.startswith(f"FROM ./{result.name}-Q4_K_M.gguf\n")
     assert f'SYSTEM """{system}"""' in modelfile and 'PARAMETER stop "<|im_end|>"' in modelfile
     assert (gguf / "chat_template.jinja").read_text() == (run_dir / "merged" / "chat_template.jinja").read_text()
-    assert "--jinja --chat-template-file" in result["commands"]["llama-server"]
-    assert result["commands"]["appliance"].startswith(f"appliance serve {run_dir.name}")
+    assert "--jinja --chat-template-file" in result.commands["llama-server"]
+    assert result.commands["appliance"].startswith(f"appliance serve {run_dir.name}")
     assert "ollama create" in (gguf / "README.md").read_text()
 
 
 def test_cluster_engines_get_launch_scripts_for_the_merged_model(
-        exported: tuple[Store, Path, dict[str, Any]]) -> None:
+        exported: Exported) -> None:
     """vLLM and TGI serve the merged 16-bit model with the trained chat template, offline, over the GPUs the
     planner suggests (one 24 GiB GPU is plenty for 135M parameters)."""
     _store, run_dir, result = exported
@@ -123,43 +126,45 @@ def test_cluster_engines_get_launch_scripts_for_the_merged_model(
     assert f'--chat-template "{gguf / "chat_template.jinja"}"' in vllm and "--num-shard" in tgi
     assert "TP=1: weights 0.3 GiB" in vllm
     assert all(os.access(gguf / name, os.X_OK) for name in ("vllm.sh", "tgi.sh"))
-    assert result["commands"]["vllm"] == f"sh {gguf / 'vllm.sh'}"
+    assert result.commands["vllm"] == f"sh {gguf / 'vllm.sh'}"
     assert "More traffic than one llama.cpp process" in (gguf / "README.md").read_text()
     for name in ("vllm.sh", "tgi.sh"):  # the shell parses them
         assert subprocess.run(["sh", "-n", str(gguf / name)], check=False).returncode == 0
 
 
-def test_manifest_covers_the_export_and_verifies(exported: tuple[Store, Path, dict[str, Any]]) -> None:
+def test_manifest_covers_the_export_and_verifies(exported: Exported) -> None:
     store, run_dir, result = exported
-    data = json.loads((run_dir / "manifest.json").read_text())
-    for f in result["files"]:
-        assert data["files"][f"gguf/{Path(f['path']).name}"]["sha256"] == f["sha256"]
-    assert "merged/model.safetensors" in data["files"] and "adapter/adapter_model.safetensors" in data["files"]
-    assert "model.safetensors" in data["inputs"]["base_model"]["files"]
-    assert data["verification"]["passed"] and "export" in (run_dir / "run.yaml").read_text()
+    run = Run.at(run_dir)
+    data = run.manifest()
+    assert data is not None and data.inputs.base_model is not None and data.verification is not None
+    for f in result.files:
+        assert data.files[f"gguf/{Path(f.path).name}"].sha256 == f.sha256
+    assert "merged/model.safetensors" in data.files and "adapter/adapter_model.safetensors" in data.files
+    assert "model.safetensors" in data.inputs.base_model.files
+    assert data.verification["passed"] and "quants" in run.settings("export")
     verified = run_cli("verify", run_dir.name, "--json", store=store.root)
     assert verified.returncode == 0, verified.stdout
     assert json.loads(verified.stdout)["ok"]
 
 
-def test_second_export_reuses_the_merge_and_the_files(exported: tuple[Store, Path, dict[str, Any]]) -> None:
+def test_second_export_reuses_the_merge_and_the_files(exported: Exported) -> None:
     store, run_dir, first = exported
     result = run_cli("export", "--run", run_dir.name, "--quant", "Q4_K_M,Q6_K", "--ppl-tokens", "1024", "--json",
                      store=store.root)
     assert result.returncode == 0, result.stderr
-    second = json.loads(result.stdout)
-    assert second["merged"]["reused"]
+    second = ExportResult.model_validate_json(result.stdout)
+    assert second.merged.reused
     files = _files(second)
     assert list(files) == ["F16", "Q4_K_M", "Q6_K", "Q8_0"]  # Q8_0 from the first export is kept
     for quant in ("F16", "Q8_0", "Q4_K_M"):
-        assert files[quant]["seconds"] == 0.0 and files[quant]["sha256"] == _files(first)[quant]["sha256"]
-    assert files["Q6_K"]["passed"] and files["Q6_K"]["seconds"] > 0
+        assert files[quant].seconds == 0.0 and files[quant].sha256 == _files(first)[quant].sha256
+    assert files["Q6_K"].passed and files["Q6_K"].seconds > 0
     assert run_cli("verify", run_dir.name, store=store.root).returncode == 0
 
 
-def test_a_changed_byte_in_a_gguf_is_named_by_verify(exported: tuple[Store, Path, dict[str, Any]]) -> None:
+def test_a_changed_byte_in_a_gguf_is_named_by_verify(exported: Exported) -> None:
     store, run_dir, result = exported
-    target = Path(_files(result)["Q8_0"]["path"])
+    target = Path(_files(result)["Q8_0"].path)
     original = target.read_bytes()
     try:
         with open(target, "r+b") as handle:
@@ -182,13 +187,12 @@ def _clone_trained(store: Store, source: Path, name: str, merged: bool) -> Path:
 
 
 def test_a_file_that_fails_the_gate_is_kept_aside_and_not_registered(
-        trained: tuple[Store, Path], exported: tuple[Store, Path, dict[str, Any]],
+        trained: tuple[Store, Path], exported: Exported,
         monkeypatch: pytest.MonkeyPatch) -> None:
     """A quantizer that loses the chat template (planted): that file goes to gguf-rejected/ with its
     report; the 16-bit reference that passed is registered, and the manifest lists only it."""
-    from appliance import toolchain
+    from appliance import gguf_meta, toolchain
     from appliance.config import ExportConfig
-    from appliance import gguf_meta
     from appliance.export import run as export_run
 
     store, source = trained
@@ -209,12 +213,12 @@ def test_a_file_that_fails_the_gate_is_kept_aside_and_not_registered(
     assert files["F16"].passed and not files["Q8_0"].passed
     rejected = Path(result.rejected_dir or "")
     assert Path(files["Q8_0"].path) == rejected / f"{result.name}-Q8_0.gguf" and Path(files["Q8_0"].path).is_file()
-    report = json.loads((rejected / "verification.json").read_text())
-    failed = {c["name"]: c for c in report["files"][0]["checks"] if c["status"] == "fail"}
-    assert list(failed) == ["chat template"]
+    report = Run.at(run_dir).verification(rejected)
+    assert report is not None
+    assert [c.name for c in report.files[0].checks if c.status == "fail"] == ["chat template"]
     assert sorted(p.name for p in (run_dir / "gguf").glob("*.gguf")) == [f"{result.name}-F16.gguf"]
-    listed = json.loads((run_dir / "manifest.json").read_text())["files"]
-    assert not [name for name in listed if "Q8_0" in name]
+    listed = Run.at(run_dir).manifest()
+    assert listed is not None and not [name for name in listed.files if "Q8_0" in name]
     assert any(isinstance(e, ev.Log) and e.level == "error" and "failed verification" in e.message for e in events)
 
 
@@ -230,7 +234,7 @@ def _export_limited(store: Store, run_dir: Path, limit: int) -> subprocess.Compl
 
 @pytest.mark.parametrize("stage", ["merge", "convert"])
 def test_a_full_disk_leaves_nothing_registered(stage: str, trained: tuple[Store, Path],
-                                               exported: tuple[Store, Path, dict[str, Any]]) -> None:
+                                               exported: Exported) -> None:
     store, source = trained
     # with the merge done already, the conversion is the first big write
     run_dir = _clone_trained(store, source, f"disk-full-{stage}", merged=stage == "convert")
@@ -238,14 +242,14 @@ def test_a_full_disk_leaves_nothing_registered(stage: str, trained: tuple[Store,
     assert result.returncode == 1
     assert "the disk is full (or a file-size limit was hit)" in result.stderr, result.stderr
     assert "Free space" in result.stderr and "Traceback" not in result.stderr
-    assert not (run_dir / "gguf").exists() and not (run_dir / "manifest.json").exists()
+    assert not (run_dir / "gguf").exists() and not Run.at(run_dir).manifest_path.exists()
     assert (run_dir / "merged").exists() == (stage == "convert")
     # the run's lock file stays (it is the lock, empty); nothing else hidden may be left behind
     assert [p.name for p in run_dir.iterdir() if p.name.startswith(".") and p.name != jobs.LOCK_FILE] == []
 
 
 def test_adapter_alone_as_gguf_serves_like_the_merged_model(trained: tuple[Store, Path],
-                                                            exported: tuple[Store, Path, dict[str, Any]]) -> None:
+                                                            exported: Exported) -> None:
     """--lora-gguf: the adapter as a GGUF adapter plus the base as GGUF, verified together: llama.cpp
     with the adapter applied picks the merged model's greedy tokens and ends its turns."""
     from appliance.config import ExportConfig
@@ -258,7 +262,9 @@ def test_adapter_alone_as_gguf_serves_like_the_merged_model(trained: tuple[Store
     files = {f.quant: f for f in result.files}
     assert set(files) == {"F16", "LORA", "BASE"} and all(f.passed for f in files.values()) and not result.rejected
     assert files["LORA"].bytes < files["F16"].bytes / 10  # rank-8 adapter: a small file
-    report = {f["quant"]: f for f in json.loads((run_dir / "gguf" / "verification.json").read_text())["files"]}
-    checks = {c["name"]: c["status"] for c in report["LORA"]["checks"]}
+    record = Run.at(run_dir).verification()
+    assert record is not None
+    lora = record.file("LORA")
+    assert lora is not None and lora.agreement is not None and lora.agreement >= 0.9
+    checks = {c.name: c.status for c in lora.checks}
     assert checks["adapter metadata"] == "pass" and checks["stops"] in ("pass", "warn")
-    assert report["LORA"]["agreement"] >= 0.9

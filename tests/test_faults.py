@@ -13,16 +13,21 @@ import shutil
 import signal
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 from conftest import TRAIN_SETTINGS, clone_run, run_cli
+from pydantic import BaseModel
 
 from appliance import faults, integrity, jobs
 from appliance.config import DataConfig, ExportConfig, TrainConfig
 from appliance.data.sample import shipped_path
 from appliance.errors import JobBusy, JobFailed
+from appliance.records import DataResult, ExportResult, FileReport, TrainResult, Verification
+from appliance.run import JOB_FILE, Run
 from appliance.store import Store
+
+R = TypeVar("R", bound=BaseModel)
 
 SEED = int(os.environ.get("APPLIANCE_CHAOS_SEED", "20261129"))
 TRAIN = {**TRAIN_SETTINGS, "max_steps": 4, "batch_size": 2, "max_seq_len": 128, "eval_every": 100, "save_every": 2,
@@ -66,11 +71,11 @@ def sample_data(store: Store) -> DataConfig:
                       store=str(store.root))
 
 
-def completes(stage: str, run_dir: Path, cfg: Any) -> dict[str, Any]:
+def completes(stage: str, run_dir: Path, cfg: Any, result: type[R]) -> R:
     done = jobs.run(stage, run_dir, cfg)
     assert integrity.check_run(run_dir) == []
     assert integrity.litter(run_dir) == []  # what the killed jobs left was swept under the run's lock
-    return done.result
+    return result.model_validate(done.result)
 
 
 def test_fault_specs_are_parsed_and_traced(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -90,13 +95,13 @@ def test_fault_specs_are_parsed_and_traced(tmp_path: Path, monkeypatch: pytest.M
 @pytest.mark.slow
 def test_data_preparation_killed_then_prepared_again(scratch_store: Store) -> None:
     store = scratch_store
-    run_dir = store.new_run_dir()
+    run_dir = store.new_run().path
     cfg = sample_data(store)
     for point in draw("data", 2):
         killed_at("data", run_dir, cfg, point)
         assert not (run_dir / "data").exists()  # never half there
-    result = completes("data", run_dir, cfg)
-    assert result["counts"]["train"] > 300
+    result = completes("data", run_dir, cfg, DataResult)
+    assert result.counts.train > 300
 
 
 @pytest.mark.slow
@@ -106,8 +111,8 @@ def test_training_killed_then_resumed(prepared: tuple[Store, Path]) -> None:
     cfg = TrainConfig(store=str(store.root), **TRAIN)
     for point in draw("train", 2):
         killed_at("train", run_dir, cfg, point)
-    result = completes("train", run_dir, cfg.model_copy(update={"resume": True}))
-    assert result["steps"] == TRAIN["max_steps"]
+    result = completes("train", run_dir, cfg.model_copy(update={"resume": True}), TrainResult)
+    assert result.steps == TRAIN["max_steps"]
     assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
 
 
@@ -119,8 +124,8 @@ def test_export_killed_then_exported_again(trained: tuple[Store, Path]) -> None:
     cfg = ExportConfig(quants=["Q8_0"], ppl_tokens=128, store=str(store.root))
     for point in sorted(draw("export", 2), key=POINTS["export"].index):
         killed_at("export", run_dir, cfg, point)
-    result = completes("export", run_dir, cfg)
-    assert [f["quant"] for f in result["files"] if f["passed"]] == ["F16", "Q8_0"]
+    result = completes("export", run_dir, cfg, ExportResult)
+    assert [f.quant for f in result.files if f.passed] == ["F16", "Q8_0"]
     verified = run_cli("verify", run_dir.name, "--json", store=store.root)
     assert verified.returncode == 0, verified.stdout + verified.stderr
 
@@ -134,7 +139,7 @@ def test_a_full_disk_while_training_is_explained_and_keeps_nothing_half_written(
     for point in ("train.checkpoint", "train.adapter"):
         assert "df -h" in full_disk_at("train", run_dir, cfg, point).hint
         assert not (run_dir / "adapter").exists()
-    completes("train", run_dir, cfg)
+    completes("train", run_dir, cfg, TrainResult)
 
 
 @pytest.mark.slow
@@ -146,13 +151,13 @@ def test_a_full_disk_at_each_write_of_an_export_is_explained(trained: tuple[Stor
     # a full disk at the merge and at the conversion: test_export's test_a_full_disk_leaves_nothing_registered
     for point in ("export.quantize", "write:manifest.json"):
         full_disk_at("export", run_dir, cfg, point)
-    completes("export", run_dir, cfg)
+    completes("export", run_dir, cfg, ExportResult)
 
 
 @pytest.mark.slow
 def test_a_full_disk_while_preparing_data_is_explained(scratch_store: Store) -> None:
     store = scratch_store
-    run_dir = store.new_run_dir()
+    run_dir = store.new_run().path
     cfg = sample_data(store)
     full_disk_at("data", run_dir, cfg, "data.splits")
     assert not (run_dir / "data").exists()
@@ -164,31 +169,29 @@ def test_a_second_job_on_a_busy_run_is_refused_not_interleaved(prepared: tuple[S
     run_dir = clone_run(store, source, "busy")
     cfg = TrainConfig(store=str(store.root), **TRAIN)
     # The first job freezes just before registering its second checkpoint, holding the run's lock.
-    first = jobs.start("train", run_dir, cfg, record=cfg.model_dump(mode="json", exclude={"resume"}),
-                       env={faults.ENV: "stop@train.checkpoint.register#2"})
+    first = jobs.start("train", run_dir, cfg, env={faults.ENV: "stop@train.checkpoint.register#2"})
     deadline = time.monotonic() + 300
     while _state(first.pid) != "T":
         assert first.running() and time.monotonic() < deadline, "the first job never reached its stop point"
         time.sleep(0.2)
     recorded = (run_dir / "run.yaml").read_bytes()
-    job_file = (run_dir / jobs.JOB_FILE).read_bytes()
+    job_file = (run_dir / JOB_FILE).read_bytes()
 
     with pytest.raises(JobBusy) as busy:
-        jobs.start("export", run_dir, ExportConfig(store=str(store.root)),
-                   record=ExportConfig(store=str(store.root)).model_dump(mode="json"))
+        jobs.start("export", run_dir, ExportConfig(store=str(store.root)))
     assert f"pid {first.pid}" in busy.value.message and f"kill {first.pid}" in busy.value.hint
     cli = run_cli("train", "--run", run_dir.name, store=store.root)
     assert cli.returncode == 1 and "Run is busy" in cli.stderr and "train job" in cli.stderr, cli.stderr
     # The refused starts changed nothing: not the recorded settings, not the job's record.
-    assert (run_dir / "run.yaml").read_bytes() == recorded and (run_dir / jobs.JOB_FILE).read_bytes() == job_file
+    assert (run_dir / "run.yaml").read_bytes() == recorded and (run_dir / JOB_FILE).read_bytes() == job_file
     assert jobs.busy(run_dir)
 
     first.kill()  # SIGKILL while frozen mid-write: the kernel releases the lock with the process
     assert not jobs.busy(run_dir)
     assert integrity.litter(run_dir), "the frozen job had a checkpoint half-written"
     assert integrity.check_run(run_dir) == []
-    result = completes("train", run_dir, cfg.model_copy(update={"resume": True}))
-    assert result["resumed_from"] == 2 and result["steps"] == TRAIN["max_steps"]
+    result = completes("train", run_dir, cfg.model_copy(update={"resume": True}), TrainResult)
+    assert result.resumed_from == 2 and result.steps == TRAIN["max_steps"]
 
 
 def _state(pid: int) -> str:
@@ -199,18 +202,19 @@ def _state(pid: int) -> str:
 
 
 def test_a_damaged_record_is_named_by_the_check(tmp_path: Path) -> None:
-    run_dir = tmp_path / "run"
-    (run_dir / "gguf").mkdir(parents=True)
-    (run_dir / "gguf" / "verification.json").write_text(json.dumps({"files": [{"file": "m-Q8_0.gguf",
-                                                                              "size_bytes": 10}]}))
-    (run_dir / "gguf" / "m-Q8_0.gguf").write_bytes(b"GGUF")
+    run = Run.at(tmp_path / "runs" / "run")
+    run_dir = run.path
+    run.gguf_dir.mkdir(parents=True)
+    run.write_verification(Verification(run=run.id, files=[FileReport(file="m-Q8_0.gguf", quant="Q8_0",
+                                                                      size_bytes=10, checks=[])]))
+    (run.gguf_dir / "m-Q8_0.gguf").write_bytes(b"GGUF")
     (run_dir / "adapter").mkdir()
     header = json.dumps({"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}).encode()
     (run_dir / "adapter" / "adapter_model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header
                                                                     + b"\0" * 8)
     (run_dir / ".adapter-1a2b3c").mkdir()
     problems = integrity.check_run(run_dir)
-    assert any("m-Q8_0.gguf: 4 bytes where verification.json records 10" in p for p in problems), problems
+    assert any("m-Q8_0.gguf: 4 bytes where the verification record says 10" in p for p in problems), problems
     assert any("adapter_model.safetensors is truncated" in p for p in problems), problems
     assert [p.name for p in integrity.litter(run_dir)] == [".adapter-1a2b3c"]
     assert [p.name for p in integrity.sweep_litter(run_dir)] == [".adapter-1a2b3c"]

@@ -34,7 +34,6 @@ from hypothesis.control import currently_in_test_context
 
 from appliance import config as config_module
 from appliance import events as ev
-from appliance.cli import validated, validated_settings
 from appliance.config import (
     DataConfig,
     EvalConfig,
@@ -49,11 +48,13 @@ from appliance.config import (
 from appliance.data import prepare
 from appliance.data.clean import clean_messages
 from appliance.data.inspect import inspect_file, suggest
-from appliance.pii import Redactor, find_pii
 from appliance.data.readers import FILE_KINDS, MAX_DEPTH, FileProblem, file_kind, read, record_format
 from appliance.data.schema import Problem, Record, RowError
 from appliance.data.tasks import TaskSpec, check_messages, load_schema, load_template, to_example
 from appliance.errors import ApplianceError, ConfigError
+from appliance.fields import option_of, validated
+from appliance.pii import Redactor, find_pii
+from appliance.run import Run
 
 SECONDS = 10  # the bound on one example: far above what any takes, far below a hang
 SCALE = int(os.environ.get("FUZZ_SCALE", "1"))
@@ -409,11 +410,11 @@ def test_data_stage_on_any_file(scratch: Path, fuzz_store: Path, suffix: str, da
             outcome(f"stage failed: {exc.title}: {exc.message[:50]}")
             return
     outcome("stage wrote splits")
-    report = json.loads((Path(result.data_dir) / "data_report.json").read_text(encoding="utf-8"))
-    for problem in report["problems"] + report["file_problems"]:
-        assert problem["file"] == str(path) and problem["reason"]
-    for problem in report["problems"]:
-        assert problem["line"] >= 1
+    report = Run.at(Path(result.run_dir)).require_data_report()
+    for problem in report.problems + report.file_problems:
+        assert problem.file == str(path) and problem.reason
+    for problem in report.problems:
+        assert problem.line >= 1
 
 
 # -- the config schema and the recipe loader ---------------------------------------------------
@@ -475,7 +476,7 @@ def settings_for(draw: st.DrawFn, cls: type[StageConfig]) -> dict[str, Any]:
     return values
 
 
-def assert_names_every_field(exc: ConfigError, origins: dict[str, str]) -> None:
+def assert_names_every_field(exc: ConfigError, origins: dict[str, str], cls: type[StageConfig]) -> None:
     from pydantic import ValidationError
 
     cause = exc.__cause__
@@ -483,7 +484,7 @@ def assert_names_every_field(exc: ConfigError, origins: dict[str, str]) -> None:
     for error in cause.errors():
         if error["loc"]:
             name = str(error["loc"][0])
-            assert (f"{origins[name]}: {name}" if name in origins else f"--{name.replace('_', '-')}") in exc.message
+            assert (f"{origins[name]}: {name}" if name in origins else option_of(cls, name)) in exc.message
 
 
 @pytest.mark.parametrize("cls", CONFIGS, ids=lambda c: c.__name__)
@@ -500,14 +501,14 @@ def test_config_schema_on_any_structure(scratch: Path, cls: type[StageConfig]) -
         origins = {name: f"recipe.yaml:{line}" for line, name in enumerate(values, 1)} if from_file else {}
         with within():
             try:
-                cfg = validated_settings(cls, values, origins)
+                cfg = validated(cls, values, origins)
             except ConfigError as exc:
-                assert_names_every_field(exc, origins)
+                assert_names_every_field(exc, origins, cls)
                 return
-        dumped = cfg.model_dump(mode="json")
-        run_dir = Path(tempfile.mkdtemp(dir=scratch))
-        store.record_config(run_dir, "stage", dumped)
-        assert cls.model_validate(store.run_config(run_dir)["stage"]) == cfg
+        run = Run(store, Path(tempfile.mkdtemp(dir=scratch)))
+        run.record("stage", cfg)
+        kept = cfg.model_copy(update={name: cls.model_fields[name].default for name in cls.not_recorded})
+        assert cls.model_validate(run.settings("stage")) == kept
 
     check()
 
@@ -518,10 +519,10 @@ NEXT_LINE = "\x85"
 def test_run_yaml_keeps_next_line(tmp_path: Path) -> None:
     from appliance.store import Store
 
-    store = Store(tmp_path)
+    run = Run(Store(tmp_path), tmp_path)
     cfg = TrainConfig(init_from=f"a{NEXT_LINE}b", store="/tmp/store")
-    store.record_config(tmp_path, "train", cfg.model_dump(mode="json"))
-    assert TrainConfig.model_validate(store.run_config(tmp_path)["train"]) == cfg
+    run.record("train", cfg)
+    assert TrainConfig.model_validate(run.settings("train")) == cfg
 
 
 @FUZZ
@@ -549,9 +550,9 @@ def test_recipe_loader_on_any_bytes(scratch: Path, content: bytes) -> None:
         assert all(isinstance(k, str) for k in recipe)
         assert set(recipe.origins) <= set(recipe)
         try:
-            validated_settings(TrainConfig, {**recipe, "store": "/tmp/store"}, recipe.origins)
+            validated(TrainConfig, {**recipe, "store": "/tmp/store"}, recipe.origins)
         except ConfigError as exc:
-            assert_names_every_field(exc, recipe.origins)
+            assert_names_every_field(exc, recipe.origins, TrainConfig)
 
 
 @FEW
@@ -783,33 +784,33 @@ def test_recipe_values_are_named_at_their_line(tmp_path: Path) -> None:
     path.write_text("# a recipe\nrank: 0\nlearnig_rate: 0.001\ncls: 1\n", encoding="utf-8")
     recipe = load_settings(path)
     with pytest.raises(ConfigError) as excinfo:
-        validated_settings(TrainConfig, {**recipe, "store": "/tmp/store"}, recipe.origins)
+        validated(TrainConfig, {**recipe, "store": "/tmp/store"}, recipe.origins)
     message = excinfo.value.message
     assert f"{path}:2: rank: Input should be greater than or equal to 1" in message
     assert f"{path}:3: learnig_rate: is not a setting; did you mean learning_rate?" in message
     assert f"{path}:4: cls: is not a setting" in message  # `cls` once collided with validated()'s own argument
     with pytest.raises(ConfigError, match="--cls: is not a setting"):
-        validated(TrainConfig, cls=1, store="/tmp/store")
+        validated(TrainConfig, {"cls": 1, "store": "/tmp/store"})
 
 
 def test_split_of_not_a_number(tmp_path: Path) -> None:
     """(nan, nan, nan) passed the sum check (every comparison with NaN is false) and reached the split."""
     with pytest.raises(ConfigError, match="--split"):
-        validated(DataConfig, inputs=["a.jsonl"], split=(math.nan, math.nan, math.nan), store="/tmp/store")
+        validated(DataConfig, {"inputs": ["a.jsonl"], "split": (math.nan, math.nan, math.nan), "store": "/tmp/store"})
 
 
 def test_validator_messages_with_text_that_is_not_utf8() -> None:
     """A command-line argument that is not UTF-8 arrives as lone surrogates; validators that quoted it in their
     message made pydantic raise UnicodeEncodeError instead of a validation error."""
     with pytest.raises(ConfigError, match=r"--targets: unknown targets \\ud800"):
-        validated(EvalConfig, targets=["\ud800"], store="/tmp/store")
+        validated(EvalConfig, {"targets": ["\ud800"], "store": "/tmp/store"})
     with pytest.raises(ConfigError, match=r"--mix: mix weights must be in \(0, 100\]; check \\udcff"):
-        validated(TrainConfig, mix={"\udcff": 500.0}, store="/tmp/store")
+        validated(TrainConfig, {"mix": {"\udcff": 500.0}, "store": "/tmp/store"})
 
 
 def test_delimiter_that_cannot_delimit() -> None:
     with pytest.raises(ConfigError, match="--delimiter"):
-        validated(DataConfig, inputs=["a.csv"], delimiter='"', store="/tmp/store")
+        validated(DataConfig, {"inputs": ["a.csv"], "delimiter": '"', "store": "/tmp/store"})
 
 
 def test_template_with_broken_jinja_or_a_failing_expression(tmp_path: Path) -> None:
@@ -845,7 +846,7 @@ def test_loader_is_used_for_shipped_recipes() -> None:
     assert recipes
     for recipe in recipes:
         settings = load_settings(recipe)
-        validated_settings(TrainConfig, {**settings, "store": "/tmp/store"}, settings.origins)
+        validated(TrainConfig, {**settings, "store": "/tmp/store"}, settings.origins)
 
 
 def test_train_command_names_a_broken_recipe(tmp_path: Path) -> None:
@@ -856,7 +857,7 @@ def test_train_command_names_a_broken_recipe(tmp_path: Path) -> None:
     from appliance.store import Store
 
     store = Store.open(tmp_path / "store")
-    run_dir = store.new_run_dir()
+    run_dir = store.new_run().path
     recipe = tmp_path / "recipe.yaml"
     for text, expected in (("- rank: 8\n", f"{recipe}: a recipe is a mapping of setting names to values, not a list"),
                            ("rank: 8\nmethod: [lora\n", f"{recipe}:3:1: broken YAML")):

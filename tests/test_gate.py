@@ -10,12 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from appliance import toolchain
-from appliance import templating
-from appliance.export import modelfile
-from appliance.templating import ChatContract
-from appliance import gguf_meta
+from appliance import gguf_meta, templating, toolchain
 from appliance.export import gate
+from appliance.templating import ChatContract
 
 PROMPTS = [[{"role": "user", "content": "What is the capital of France?"}],
            [{"role": "user", "content": "Name a primary colour. One word."}]]

@@ -12,8 +12,9 @@ from conftest import run_cli
 from data_helpers import run_prepare, split_rows, write_jsonl
 from stdnum import iban as stdnum_iban
 
-from appliance.pii import PII_TYPES, Redactor, find_pii
 from appliance.data.sample import shipped_path
+from appliance.pii import PII_TYPES, Redactor, find_pii
+from appliance.run import Run
 from appliance.store import Store
 
 CONTEXTS = ["Please contact {} about the outage.", "Details: {}.", "{} was in the log", "(see {})",
@@ -167,7 +168,7 @@ def test_drop_and_report_modes(tmp_path: Path, default_store: Store) -> None:
     assert report["pii"]["counts"] == {"SSN": 1}
     assert "123-45-6789" in (tmp_path / "rep" / "data" / "train.jsonl").read_text()  # report only: kept
     assert report["pii"]["previews"][0]["before"] == report["pii"]["previews"][0]["after"] == "My SSN is 1**-**-****"
-    assert "123-45-6789" not in (tmp_path / "rep" / "data" / "data_report.json").read_text()
+    assert "123-45-6789" not in Run.at(tmp_path / "rep").data_report_path.read_text()
 
 
 def test_no_raw_pii_in_reports_events_or_logs(scratch_store: Store) -> None:

@@ -9,10 +9,9 @@ from pathlib import Path
 import pytest
 from conftest import DEFAULT_MODEL, clone_run
 
-from appliance import jobs
+from appliance import jobs, planner
 from appliance.config import TrainConfig
 from appliance.store import Store
-from appliance import planner
 
 
 @pytest.mark.slow

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from conftest import REPO, run_cli
 
+from appliance.run import Run
 from appliance.store import Store
 
 
@@ -54,8 +55,9 @@ def test_quickstart_with_a_tiny_budget(scratch_store: Store) -> None:
     targets = {t["target"]: t for t in evaluation["targets"]}
     assert set(targets) == {"base", "fewshot", "tuned"} | {f"gguf:{q}" for q in verified}
     assert evaluation["n"] == 16 and evaluation["primary"] == "accuracy"
-    on_disk = json.loads((run_dir / "eval" / "comparison.json").read_text())
-    assert {t["target"]: t["score"]["point"] for t in on_disk["targets"]} == \
+    on_disk = Run.at(run_dir).comparison()
+    assert on_disk is not None
+    assert {t.target: t.score.point for t in on_disk.targets} == \
         {name: t["score"]["point"] for name, t in targets.items()}
     assert summary["tuned_ahead_of_base"] == (targets["tuned"]["score"]["point"] > targets["base"]["score"]["point"])
     assert any("tuned" in sentence and "base" in sentence for sentence in evaluation["comparisons"])

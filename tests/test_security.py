@@ -15,11 +15,12 @@ from typing import Any
 import pytest
 from conftest import REPO, run_cli
 
-from appliance import jobs
+from appliance import jobs, manifest
 from appliance.config import ExportConfig
 from appliance.errors import JobFailed, StoreError
-from appliance import manifest
 from appliance.fsutil import inside
+from appliance.records import ExportResult
+from appliance.run import Run
 from appliance.serve.model import resolve
 from appliance.store import Store
 
@@ -30,7 +31,9 @@ ESCAPES = ["..", "../..", "../../etc", "/etc", "runs/../../x", ".hidden", "a/b",
 def test_run_and_model_names_cannot_leave_the_store(store_dir: Path, name: str) -> None:
     store = Store.open(store_dir)
     with pytest.raises(StoreError):
-        store.run_dir(name)
+        store.run(name)
+    with pytest.raises(StoreError):
+        store.new_run(name)
     with pytest.raises(StoreError):
         store.model_dir(name)
     assert not store.has_model(name)
@@ -42,7 +45,7 @@ def test_a_link_out_of_the_store_is_refused(store_dir: Path, tmp_path: Path) -> 
     outside.mkdir()
     (store.runs_dir / "linked").symlink_to(outside, target_is_directory=True)
     with pytest.raises(StoreError, match=r"leads outside .* through a symbolic link"):
-        store.run_dir("linked")
+        store.run("linked")
     with pytest.raises(StoreError, match="not a plain name"):
         inside(store.runs_dir, "/etc/passwd", "file")
 
@@ -55,18 +58,19 @@ def test_the_cli_names_the_bad_name(store_dir: Path) -> None:
         assert "Traceback" not in result.stderr and "not a" in result.stderr, (args, result.stderr)
 
 
-def test_names_written_in_records_cannot_lead_out_either(exported: tuple[Store, Path, dict[str, Any]],
+def test_names_written_in_records_cannot_lead_out_either(exported: tuple[Store, Path, ExportResult],
                                                          tmp_path: Path) -> None:
     store, source, _result = exported
     run_dir = store.runs_dir / "tampered"
     shutil.copytree(source, run_dir, ignore=shutil.ignore_patterns("merged", "checkpoints", "*.gguf"))
     secret = tmp_path / "secret.gguf"
     secret.write_bytes(b"GGUF not yours")
-    record_path = run_dir / "gguf" / "verification.json"
-    record = json.loads(record_path.read_text())
-    for entry in record["files"]:
-        entry["file"] = os.path.relpath(secret, run_dir / "gguf")
-    record_path.write_text(json.dumps(record))
+    run = Run.at(run_dir)
+    record = run.verification()
+    assert record is not None
+    for entry in record.files:
+        entry.file = os.path.relpath(secret, run.gguf_dir)
+    run.write_verification(record)
     with pytest.raises(StoreError, match=r"exported file .* not a plain name"):
         resolve(store, "tampered", "Q8_0")
 
@@ -74,7 +78,7 @@ def test_names_written_in_records_cannot_lead_out_either(exported: tuple[Store, 
     data = json.loads(manifest_path.read_text())
     data["files"] = {"../../../../../../etc/passwd": {"bytes": 1, "sha256": "0" * 64}}
     manifest_path.write_text(json.dumps(data))
-    report = manifest.verify(store, run_dir)
+    report = manifest.verify(Run(store, run_dir))
     assert not report.ok and report.changed == ["tampered/../../../../../../etc/passwd (leads outside the run)"]
 
 
@@ -113,7 +117,7 @@ def test_the_code_loads_no_pickle_and_runs_no_remote_code() -> None:
     assert found == []
 
 
-def test_secrets_are_owner_only_and_never_logged(exported: tuple[Store, Path, dict[str, Any]]) -> None:
+def test_secrets_are_owner_only_and_never_logged(exported: tuple[Store, Path, ExportResult]) -> None:
     store, run_dir, _result = exported
     key_files = [p for p in manifest.key_dir(store).iterdir() if p.is_file()]
     private = [p for p in key_files if p.name != manifest.PUBLIC_FILE]

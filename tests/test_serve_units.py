@@ -13,10 +13,10 @@ from pydantic import ValidationError
 
 from appliance.config import ServeConfig, is_loopback
 from appliance.pii import Redactor
-from appliance.templating import ChatContract
 from appliance.serve.audit import AuditLog, redacted_messages
 from appliance.serve.model import ServedModel, grammar
 from appliance.serve.server import Outcome
+from appliance.templating import ChatContract
 
 
 def _model(task: str, labels: list[str] | None = None, schema: dict[str, Any] | None = None) -> ServedModel:
@@ -106,7 +106,7 @@ def test_logged_prompts_keep_no_raw_pii_and_placeholders_are_stable(tmp_path: Pa
 
 
 def test_the_systemd_unit_keeps_the_key_out(tmp_path: Path) -> None:
-    from appliance.cli.serve import systemd_unit
+    from appliance.endpoint import systemd_unit
 
     key_file = tmp_path / "key"
     cfg = ServeConfig(model="run-1", host="0.0.0.0", api_key="s3cret-" * 4, store=str(tmp_path))

@@ -12,8 +12,8 @@ from conftest import DEFAULT_MODEL, run_cli
 
 from appliance import events as ev
 from appliance import jobs
-from appliance.config import ImportConfig
-from appliance.errors import JobFailed
+from appliance.config import DataConfig, ImportConfig, TrainConfig
+from appliance.errors import JobFailed, StoreError
 from appliance.store import Store
 
 
@@ -151,12 +151,25 @@ def test_store_catalog_can_add_entries(store_dir: Path) -> None:
 
 def test_a_run_trains_on_the_model_its_data_was_templated_with(store_dir: Path) -> None:
     store = Store.open(store_dir)
-    run_dir = store.new_run_dir()
-    assert store.run_config(run_dir) == {} and store.run_base_model(run_dir) is None  # the default
-    store.record_config(run_dir, "data", {"task": "chat", "model": "llama-mine"})
-    assert store.run_base_model(run_dir) == "llama-mine"
-    store.record_config(run_dir, "train", {"base_model": None, "max_steps": 3})
-    assert store.run_base_model(run_dir) == "llama-mine"  # training named none: the data's
-    store.record_config(run_dir, "train", {"base_model": "other", "max_steps": 3})
-    assert store.run_base_model(run_dir) == "other"
-    assert store.run_config(run_dir)["data"]["task"] == "chat"
+    run = store.new_run()
+    assert run.config() == {} and run.base_model_name() is None  # the default
+    run.record("data", DataConfig(inputs=["a.jsonl"], model="llama-mine", store=str(store.root)))
+    assert run.base_model_name() == "llama-mine"
+    run.record("train", TrainConfig(max_steps=3, store=str(store.root)))
+    assert run.base_model_name() == "llama-mine"  # training named none: the data's
+    run.record("train", TrainConfig(base_model="other", max_steps=3, store=str(store.root)))
+    assert run.base_model_name() == "other"
+    assert run.settings("data")["task"] == "chat" and run.task == "chat"
+    assert "resume" not in run.settings("train")  # a start's own setting, not the stage's
+
+
+def test_a_new_run_can_be_named_and_the_name_is_checked(store_dir: Path) -> None:
+    store = Store.open(store_dir)
+    named = store.run_or_new("tickets-2026")
+    assert named.path == store.runs_dir / "tickets-2026" and store.run_or_new("tickets-2026").path == named.path
+    with pytest.raises(StoreError, match="already exists"):
+        store.new_run("tickets-2026")
+    with pytest.raises(StoreError, match="not a run name"):
+        store.run_or_new("../elsewhere")
+    unnamed = store.run_or_new(None)
+    assert unnamed.id.startswith("run-") and unnamed.path.is_dir()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -11,6 +10,7 @@ from conftest import clone_run, run_cli
 from appliance import events as ev
 from appliance import jobs
 from appliance.config import TrainConfig
+from appliance.records import TrainResult
 from appliance.store import Store
 
 # the label probe has its own test (test_evaluate, on the trained fixture): these measure the loss only
@@ -34,22 +34,17 @@ def test_sequential_and_multitask(prepared: tuple[Store, Path], trained: tuple[S
     first_losses = [e.loss for e in ev.read_all(first / "events.jsonl") if isinstance(e, ev.Progress) and e.loss]
     second_losses = [e.loss for e in ev.read_all(second / "events.jsonl") if isinstance(e, ev.Progress) and e.loss]
     assert second_losses[0] < first_losses[0] * 0.8  # it started where the first run ended, not from scratch
-    assert done.result["steps"] == 3
+    assert TrainResult.model_validate(done.result).steps == 3
     wrong = TrainConfig(store=str(store.root), init_from=first.name, **{**QUICK, "rank": 4})
     with pytest.raises(jobs.JobFailed, match="trained rank 8 adapters"):
         jobs.start("train", clone_run(store, source, "seq-wrong"), wrong).wait()
 
 
-@pytest.mark.slow
-def test_sweep_ranks_trials_by_validation_loss(prepared: tuple[Store, Path]) -> None:
+def test_a_sweep_value_no_trial_could_take_is_refused_before_anything_runs(prepared: tuple[Store, Path]) -> None:
     store, source = prepared
-    run_dir = clone_run(store, source, "sweep")
-    recipe = run_dir / "recipe.yaml"
-    recipe.write_text("batch_size: 4\nmax_seq_len: 192\nbackend: hf\nrank: 8\nalpha: 16\ntask_eval_items: 0\n")
-    result = run_cli("train", "sweep", "--run", "sweep", "--learning-rate", "1e-6,2e-3", "--max-steps", "4",
-                     "--recipe", str(recipe), "--json", store=store.root)
-    assert result.returncode == 0, result.stderr
-    trials = json.loads(result.stdout)["trials"]
-    assert [t["learning_rate"] for t in trials] == [2e-3, 1e-6]  # the useful rate wins
-    assert trials[0]["eval_loss"] < trials[1]["eval_loss"]
-    assert json.loads((run_dir / "sweep" / "results.json").read_text()) == trials
+    run = clone_run(store, source, "sweep-refused")
+    result = run_cli("train", "sweep", "--run", run.name, "--rank", "8,0", "--max-steps", "2", store=store.root)
+    assert result.returncode == 1 and "rank 0: Input should be greater than or equal to 1" in result.stderr
+    assert not (run / "sweep").exists() and not (run / "events.jsonl").exists()
+    result = run_cli("train", "sweep", "--run", run.name, store=store.root)
+    assert result.returncode == 1 and "nothing to sweep" in result.stderr

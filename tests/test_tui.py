@@ -12,15 +12,22 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import fakes
 import pytest
-from conftest import clone_run
+from conftest import TRAIN_SETTINGS, clone_run, run_cli
+from textual.widgets import Button, Checkbox, DataTable, Input, Select, SelectionList
 
 from appliance import jobs
-from appliance.config import TrainConfig
+from appliance.config import DataConfig, TrainConfig
 from appliance.data.sample import shipped_path
+from appliance.records import ExportResult
+from appliance.run import Run
 from appliance.store import Store
 from tui.app import ApplianceApp
+from tui.screens.base import RunScreen
+from tui.screens.chat import Bubble, ChatScreen
 from tui.screens.home import HomeScreen
+from tui.screens.train import TrainScreen
 
 DOCTOR = {"ok": True, "checks": [
     {"name": "gpu", "status": "ok", "detail": "none: training runs on the CPU (slower)"},
@@ -63,92 +70,33 @@ def _palette(app: ApplianceApp) -> list[str]:
 
 
 def _fake_store(root: Path) -> Store:
-    """A store with three runs at different stages, written by hand (no jobs), for Home."""
+    """A store with three runs at different stages, made of records (no jobs), for Home."""
     if root.exists():
         shutil.rmtree(root)
     store = Store.open(root)
     for name, stages in (("run-20261101-090000-aaaaaa", ["data"]), ("run-20261102-090000-bbbbbb", ["data", "train"]),
                          ("run-20261103-090000-cccccc", ["data", "train", "eval"])):
-        run = store.runs_dir / name
-        (run / "data").mkdir(parents=True)
-        (run / "data" / "data_report.json").write_text("{}")
-        (run / "run.yaml").write_text("data:\n  task: classification\n")
+        run = store.new_run(name)
+        report = fakes.data_report(store)
+        run.write_data_report(report)
+        run.record("data", report.config or DataConfig(inputs=["/data/tickets.csv"], store=str(store.root)))
         if "train" in stages:
-            (run / "adapter").mkdir()
+            run.adapter_dir.mkdir()
         if "eval" in stages:
-            (run / "eval").mkdir()
-            (run / "eval" / "comparison.json").write_text(json.dumps(
-                {"primary": "accuracy", "targets": [{"target": "tuned", "score": {"point": 0.952}}]}))
-    _fake_results(store.runs_dir / "run-20261103-090000-cccccc")
-    for run in store.runs_dir.iterdir():
-        stamp = 1_800_000_000 + int(run.name[10:12]) * 60  # a fixed order for the snapshots
-        os.utime(run, (stamp, stamp))
+            _fake_results(run)
+    for run in store.runs():
+        stamp = 1_800_000_000 + int(run.id[10:12]) * 60  # a fixed order for the snapshots
+        os.utime(run.path, (stamp, stamp))
     return store
 
 
-def _fake_results(run: Path) -> None:
-    """Data, evaluation, export and manifest files shaped like the stages write them, for the snapshots."""
-    (run / "data" / "data_report.json").write_text(json.dumps({
-        "counts": {"rows_read": 480, "invalid": 2, "pii_dropped": 0, "duplicates_exact": 14, "duplicates_near": 0,
-                   "train": 370, "val": 47, "test": 47, "moved_to_train": 3},
-        "formats": {"/data/tickets.csv": "table"},
-        "problems": [{"file": "/data/tickets.csv", "line": 17, "field": "category", "reason": "empty label"},
-                     {"file": "/data/tickets.csv", "line": 212, "field": "", "reason": "row has 4 columns, the "
-                      "header has 3"}],
-        "pii": {"mode": "redact", "rows_with_pii": 2, "counts": {"EMAIL": 2, "PHONE": 1},
-                "masked_samples": {"EMAIL": ["a**@****.**", "b*@*****.***"], "PHONE": ["+* *** *** ****"]},
-                "dropped": [], "previews": [
-                    {"source": "/data/tickets.csv:3", "role": "user", "types": ["EMAIL", "PHONE"],
-                     "before": "I am a**@****.**, call +* *** *** ****", "after": "I am <EMAIL_1>, call <PHONE_1>"}]},
-        "duplicates": {"exact": [{"source": "/data/tickets.csv:9", "duplicate_of": "/data/tickets.csv:4"}],
-                       "near": [], "near_threshold": None},
-        "contamination": {"checked": True, "threshold": 0.9, "action": "moved to train",
-                          "rows": [{"source": "/data/tickets.csv:44", "cosine": 0.931}]},
-        "labels": {"set": ["billing", "network", "printer"],
-                   "distribution": {"train": {"billing": 120, "network": 130, "printer": 120},
-                                    "val": {"billing": 15, "network": 17, "printer": 15},
-                                    "test": {"billing": 16, "network": 16, "printer": 15}}},
-        "lengths": {"rows": 464, "p50": 86, "p95": 102, "max": 111, "truncated": 0, "max_seq_len": 1024,
-                    "padding_efficiency": 0.89, "packing_efficiency": 0.96,
-                    "bins": {"edges": [0, 20, 40, 60, 80, 100, 120], "counts": [0, 0, 12, 150, 260, 42]}},
-    }))
-    labels = ["billing", "network", "printer"]
-    references = ["billing", "network", "printer", "network"]
-    answers = {"base": ["network", "network", "billing", "printer"], "tuned": references}
-    targets = []
-    for name, predicted in answers.items():
-        correct = sum(a == b for a, b in zip(predicted, references, strict=True))
-        matrix = [[sum(1 for r, p in zip(references, predicted, strict=True) if r == t and p == q) for q in labels]
-                  for t in labels]
-        score = {"point": correct / 4, "low": max(0.0, correct / 4 - 0.25), "high": min(1.0, correct / 4 + 0.25)}
-        (run / "eval" / f"{name}.json").write_text(json.dumps({
-            "target": name, "predictions": predicted, "samples": [{"reference": r} for r in references],
-            "report": {"labels": labels, "confusion_columns": labels, "confusion": matrix}}))
-        targets.append({"target": name, "score": score, "macro_f1": score, "size_bytes": 270_000_000,
-                        "tokens_per_s": 40.0})
-    (run / "eval" / "comparison.json").write_text(json.dumps({
-        "task": "classification", "primary": "accuracy", "targets": targets,
-        "comparisons": [{"sentence": "tuned is 75.0 points ahead of base (95% CI 25.0 to 100.0): beyond noise"}],
-        "recommendation": None, "note": "evaluate the tuned model and at least one exported GGUF to get a "
-                                        "recommendation"}))
-    checks = [{"name": "chat template", "status": "pass", "detail": "identical to the training template"},
-              {"name": "greedy parity", "status": "pass", "detail": "same greedy tokens as the merged model"},
-              {"name": "stops", "status": "warn", "detail": "ended its turn on 5 of 6 prompts"}]
-    (run / "gguf").mkdir()
-    (run / "gguf" / "verification.json").write_text(json.dumps({
-        "name": "demo-cccccc", "contract": {}, "rejected": [], "rejected_dir": None, "files": [
-            {"file": "demo-cccccc-F16.gguf", "quant": "F16", "size_bytes": 270_885_792, "checks": checks,
-             "agreement": 1.0, "ppl_delta": None, "passed": True},
-            {"file": "demo-cccccc-Q8_0.gguf", "quant": "Q8_0", "size_bytes": 144_810_912, "checks": checks,
-             "agreement": 0.96, "ppl_delta": 0.0171, "passed": True}]}))
-    (run / "manifest.json").write_text(json.dumps({
-        "created": "2026-11-03T09:00:00+00:00", "versions": {"appliance": "0.1.0", "llama.cpp": "0.3.36"},
-        "signature": {"algorithm": "ed25519", "key_id": "0123456789abcdef"},
-        "inputs": {"data": [{"path": "/data/tickets.csv", "sha256": "a" * 64, "bytes": 84_837}],
-                   "base_model": {"name": "smollm2-135m-instruct",
-                                  "files": {"config.json": {"sha256": "b" * 64, "bytes": 818}}}},
-        "files": {"adapter/adapter_model.safetensors": {"sha256": "c" * 64, "bytes": 9_823_216},
-                  "gguf/demo-cccccc-Q8_0.gguf": {"sha256": "d" * 64, "bytes": 144_810_912}}}))
+def _fake_results(run: Run) -> None:
+    """Evaluation, export and manifest records of one run, for the snapshots."""
+    for result in fakes.evaluations():
+        run.write_evaluation(result)
+    run.write_comparison(fakes.comparison(run.id))
+    run.write_verification(fakes.verification(run.id))
+    run.manifest_path.write_text(fakes.manifest(run.id).model_dump_json(indent=2))
 
 
 def test_home_shows_the_machine_the_store_and_every_run(tmp_path: Path) -> None:
@@ -161,8 +109,8 @@ def test_home_shows_the_machine_the_store_and_every_run(tmp_path: Path) -> None:
             doctor = _text(app, "#doctor")
             assert "✓ GPU: none: training runs on the CPU" in doctor and "llama.cpp: llama-cpp-python 0.3.36" in doctor
             assert "3 run(s)" in _text(app, "#store")
-            table = app.screen.query_one("#runs")
-            rows = [[str(c) for c in table.get_row_at(i)] for i in range(table.row_count)]  # type: ignore[attr-defined]
+            table = app.screen.query_one("#runs", DataTable)
+            rows = [[str(c) for c in table.get_row_at(i)] for i in range(table.row_count)]
             assert [r[0] for r in rows] == ["run-20261103-090000-cccccc", "run-20261102-090000-bbbbbb",
                                             "run-20261101-090000-aaaaaa"]
             assert rows[0][2] == "data train export eval" and rows[0][5] == "tuned accuracy 100.0"
@@ -172,7 +120,7 @@ def test_home_shows_the_machine_the_store_and_every_run(tmp_path: Path) -> None:
             assert "Train run-20261101-090000-aaaaaa" in _palette(app)
             await pilot.press("enter")
             await _until(pilot, lambda: type(app.screen).__name__ == "TrainScreen", 10, "the train screen")
-            assert app.screen.run_id == "run-20261101-090000-aaaaaa"  # type: ignore[attr-defined]
+            assert isinstance(app.screen, RunScreen) and app.screen.run_id == "run-20261101-090000-aaaaaa"
 
     asyncio.run(drive())
 
@@ -271,56 +219,62 @@ def test_the_whole_pipeline_new_run_data_train_export_chat(scratch_store: Store)
         async with app.run_test(size=(120, 40)) as pilot:
             await pilot.press("n")
             await pilot.pause()
-            app.screen.query_one("#nr-path").value = sample  # type: ignore[attr-defined]
+            app.screen.query_one("#nr-path", Input).value = sample
             await _until(pilot, lambda: "suggested: classification" in _text(app, "#nr-files"), 20, "inspection")
             assert "helpdesk.csv: csv, table" in _text(app, "#nr-files")
-            assert app.screen.query_one("#nr-label_field").value == "category"  # type: ignore[attr-defined]
-            assert app.screen.query_one("#nr-text_field").value == "text"  # type: ignore[attr-defined]
-            assert app.screen.query_one("#nr-model").value == "smollm2-135m-instruct"  # type: ignore[attr-defined]
-            app.screen.query_one("#nr-near-dup").value = False  # type: ignore[attr-defined]  # faster
+            assert app.screen.query_one("#nr-label_field", Select).value == "category"
+            assert app.screen.query_one("#nr-text_field", Select).value == "text"
+            assert app.screen.query_one("#nr-model", Select).value == "smollm2-135m-instruct"
+            app.screen.query_one("#f-near_dup", Checkbox).value = False  # faster
             await pilot.press("ctrl+s")
             await _until(pilot, lambda: bool(app.screen.query("#data-counts"))
-                         and app.screen.query_one("#data-counts").row_count > 0, 300,  # type: ignore[attr-defined]
+                         and app.screen.query_one("#data-counts", DataTable).row_count > 0, 300,
                          "the data job and its report on the data screen")
 
             screen = app.screen  # the data screen of the new run
-            run_id = screen.run_id  # type: ignore[attr-defined]
-            counts = screen.query_one("#data-counts")
-            rows = {str(counts.get_row_at(i)[0]): str(counts.get_row_at(i)[1])  # type: ignore[attr-defined]
-                    for i in range(counts.row_count)}  # type: ignore[attr-defined]
+            assert isinstance(screen, RunScreen)
+            run_id = screen.run_id
+            counts = screen.query_one("#data-counts", DataTable)
+            rows = {str(counts.get_row_at(i)[0]): str(counts.get_row_at(i)[1]) for i in range(counts.row_count)}
             assert rows["rows read"] == "480" and int(rows["train"]) > 300
             assert "no problems" in _text(app, "#data-problems-note")
             preview = _text(app, "#data-pii-preview")
             assert "Before and after (8 rows)" in preview and "<EMAIL_1>" in preview
-            report = json.loads((store.runs_dir / run_id / "data" / "data_report.json").read_text())
-            assert f"{report['lengths']['p50']}" in _text(app, "#data-lengths-note")
+            report = store.run(run_id).require_data_report()
+            assert report.lengths is not None and f"{report.lengths.p50}" in _text(app, "#data-lengths-note")
+            # the same preparation from the command line records the same settings
+            cli = run_cli("data", "prepare", sample, "--task", "classification", "--text-field", "text",
+                          "--label-field", "category", "--model", "smollm2-135m-instruct", "--no-near-dup",
+                          "--run", "from-the-cli", "--json", store=store.root)
+            assert cli.returncode == 0, cli.stderr
+            assert store.run("from-the-cli").config_path.read_text() == store.run(run_id).config_path.read_text()
 
             await pilot.press("f2")  # train it
             await pilot.pause()
             screen = app.screen
-            assert type(screen).__name__ == "TrainScreen" and screen.run_id == run_id  # type: ignore[attr-defined]
-            for name, value in (("max_steps", "3"), ("batch_size", "2"), ("max_seq_len", "128"),
+            assert isinstance(screen, TrainScreen) and screen.run_id == run_id
+            for name, value in (("max_steps", "3"), ("batch_size", "2"), ("grad_accum", "1"), ("max_seq_len", "128"),
                                 ("eval_every", "1000")):  # one evaluation, at the end
-                screen.query_one(f"#f-{name}").value = value  # type: ignore[attr-defined]
-            screen.query_one("#f-batch_size").value = "0"  # type: ignore[attr-defined]
+                screen.query_one(f"#f-{name}", Input).value = value
+            screen.query_one("#f-batch_size", Input).value = "0"
             await pilot.pause()
             assert "batch size" in _text(app, "#train-errors")  # checked as you type
-            screen.query_one("#f-batch_size").value = "2"  # type: ignore[attr-defined]
+            screen.query_one("#f-batch_size", Input).value = "2"
             await _until(pilot, lambda: "memory plan" in _text(app, "#train-plan"), 20, "the memory plan")
             assert "fits" in _text(app, "#train-plan")
             await pilot.click("#start")
             await _until(pilot, lambda: "done" in _text(app, "#train-status"), 600, "training to finish")
             assert "3 steps" in _text(app, "#train-status")
-            assert screen.curves["train loss"][0] == [1, 2, 3]  # type: ignore[attr-defined]
+            assert screen.curves["train loss"][0] == [1, 2, 3]
             assert (store.runs_dir / run_id / "adapter" / "adapter_model.safetensors").is_file()
 
             await pilot.press("f4")  # export one quantization through the gate
             await pilot.pause()
             screen = app.screen
-            chooser = screen.query_one("#export-quants")
-            chooser.deselect_all()  # type: ignore[attr-defined]
-            chooser.select("Q8_0")  # type: ignore[attr-defined]
-            screen.query_one("#export-ppl").value = "128"  # type: ignore[attr-defined]
+            chooser: SelectionList[str] = screen.query_one("#export-quants", SelectionList)
+            chooser.deselect_all()
+            chooser.select("Q8_0")
+            screen.query_one("#export-ppl", Input).value = "128"
             await pilot.click("#export-start")
             await _until(pilot, lambda: "done" in _text(app, "#export-status"), 600, "the export")
             assert "passed the verification gate" in _text(app, "#export-status")
@@ -329,17 +283,19 @@ def test_the_whole_pipeline_new_run_data_train_export_chat(scratch_store: Store)
 
             await pilot.press("c")  # and chat with it
             await _until(pilot, lambda: "verified" in _text(app, "#chat-title"), 120, "the model")
-            app.screen.query_one("#chat-input").value = "My laptop will not connect to the VPN."  # type: ignore[attr-defined]
+            chat = app.screen
+            assert isinstance(chat, ChatScreen)
+            chat.query_one("#chat-input", Input).value = "My laptop will not connect to the VPN."
             await pilot.press("enter")
             await pilot.pause(0.5)
-            await _until(pilot, lambda: not app.screen.answering, 120, "the answer")  # type: ignore[attr-defined]
-            bubbles = [b.text for b in app.screen.query(".bubble")]  # type: ignore[attr-defined]
-            assert bubbles[1] in report["labels"]["set"], bubbles
+            await _until(pilot, lambda: not chat.answering, 120, "the answer")
+            bubbles = [b.text for b in chat.query(Bubble)]
+            assert bubbles[1] in report.label_set, bubbles
             await pilot.press("escape")
             await pilot.press("h")
             assert isinstance(app.screen, HomeScreen)
-            table = app.screen.query_one("#runs")
-            assert str(table.get_row(run_id)[2]) == "data train export"  # type: ignore[attr-defined]
+            table = app.screen.query_one("#runs", DataTable)
+            assert str(table.get_row(run_id)[2]) == "data train export"
 
     asyncio.run(drive())
 
@@ -348,7 +304,7 @@ def _long_training(store: Store, source: Path, name: str, steps: int) -> tuple[P
     run_dir = clone_run(store, source, name)
     cfg = TrainConfig(store=str(store.root), max_steps=steps, batch_size=2, max_seq_len=128, eval_every=1000,
                       save_every=1000, backend="hf")
-    store.record_config(run_dir, "train", cfg.model_dump(mode="json", exclude={"resume"}))
+    Run.at(run_dir).record("train", cfg)
     return run_dir, cfg
 
 
@@ -363,16 +319,18 @@ def test_a_job_killed_from_outside_is_an_error_and_the_app_keeps_working(prepare
             app.open_run(run_dir.name)
             await pilot.pause()
             screen = app.screen
-            screen._follow(jobs.start("train", run_dir, cfg))  # type: ignore[attr-defined]
+            assert isinstance(screen, TrainScreen)
+            screen._follow(jobs.start("train", run_dir, cfg))
             await _until(pilot, lambda: "step" in _text(app, "#train-status"), 300, "the first step")
-            os.kill(screen.job.pid, signal.SIGKILL)  # type: ignore[attr-defined]
+            assert screen.job is not None
+            os.kill(screen.job.pid, signal.SIGKILL)
             await _until(pilot, lambda: "Job ended unexpectedly" in _text(app, "#train-status"), 60, "the error")
             assert "killed" in _text(app, "#train-status")
-            assert not app.screen.query_one("#start").disabled  # ready to start again
+            assert not app.screen.query_one("#start", Button).disabled  # ready to start again
             await pilot.press("escape")
             await pilot.press("r")
-            table = app.screen.query_one("#runs")
-            assert str(table.get_row(run_dir.name)[4]) == "failed"  # type: ignore[attr-defined]
+            table = app.screen.query_one("#runs", DataTable)
+            assert str(table.get_row(run_dir.name)[4]) == "failed"
 
     asyncio.run(drive())
 
@@ -387,61 +345,67 @@ def test_a_restarted_app_reattaches_to_the_running_job(prepared: tuple[Store, Pa
         async with app.run_test(size=(120, 40)) as pilot:
             app.open_run(run_dir.name)
             await pilot.pause()
-            app.screen._follow(jobs.start("train", run_dir, cfg))  # type: ignore[attr-defined]
+            screen = app.screen
+            assert isinstance(screen, TrainScreen)
+            screen._follow(jobs.start("train", run_dir, cfg))
             await _until(pilot, lambda: "step" in _text(app, "#train-status"), 300, "the first step")
-            pid: int = app.screen.job.pid  # type: ignore[attr-defined]
+            assert screen.job is not None
+            pid = screen.job.pid
         return pid  # the app is gone; the job is not
 
     async def second_session(pid: int) -> None:
-        assert jobs.attach(run_dir) is not None and jobs.attach(run_dir).running()  # type: ignore[union-attr]
+        job = jobs.attach(run_dir)
+        assert job is not None and job.running()
         app = _app(store)
         async with app.run_test(size=(120, 40)) as pilot:
-            table = app.screen.query_one("#runs")
+            table = app.screen.query_one("#runs", DataTable)
             await pilot.pause()
-            assert str(table.get_row(run_dir.name)[4]) == "running"  # type: ignore[attr-defined]
+            assert str(table.get_row(run_dir.name)[4]) == "running"
             app.open_run(run_dir.name)
             await pilot.pause()
             screen = app.screen
-            assert screen.job.pid == pid and screen.query_one("#stop").disabled is False  # type: ignore[attr-defined]
-            await _until(pilot, lambda: len(screen.curves.get("train loss", ([], []))[0]) >= 2, 120,  # type: ignore[attr-defined]
+            assert isinstance(screen, TrainScreen) and screen.job is not None and screen.job.pid == pid
+            assert screen.query_one("#stop", Button).disabled is False
+            await _until(pilot, lambda: len(screen.curves.get("train loss", ([], []))[0]) >= 2, 120,
                          "the replayed history")
-            assert screen.curves["train loss"][0][0] == 1  # type: ignore[attr-defined]  # from the first step on
+            assert screen.curves["train loss"][0][0] == 1  # from the first step on
             await pilot.click("#stop")  # and it can be stopped from here
             await _until(pilot, lambda: "Cancelled" in _text(app, "#train-status"), 120, "the stop")
-            assert not jobs.attach(run_dir).running()  # type: ignore[union-attr]
+            assert not job.running()
             assert (run_dir / "checkpoints").is_dir()  # a checkpoint to resume from
 
     asyncio.run(second_session(asyncio.run(first_session())))
 
 
 @pytest.mark.slow
-def test_chat_streams_an_answer_and_locks_the_input(exported: tuple[Store, Path, dict[str, Any]]) -> None:
+def test_chat_streams_an_answer_and_locks_the_input(exported: tuple[Store, Path, ExportResult]) -> None:
     store, run_dir, result = exported
-    labels = json.loads((run_dir / "data" / "data_report.json").read_text())["labels"]["set"]
+    labels = Run.at(run_dir).require_data_report().label_set
 
     async def drive() -> None:
         from tui.screens.chat import ChatScreen
 
         app = _app(store)
         async with app.run_test(size=(120, 40)) as pilot:
-            app.push_screen(ChatScreen(result["name"], quant="Q8_0", temperature=0))
+            app.push_screen(ChatScreen(result.name, quant="Q8_0", temperature=0))
             await _until(pilot, lambda: "verified" in _text(app, "#chat-title"), 120, "the model")
             assert "answers held to its labels" in _text(app, "#chat-title")
-            box = app.screen.query_one("#chat-input")
-            box.value = "The printer on floor 3 jams on every job."  # type: ignore[attr-defined]
             screen = app.screen
+            assert isinstance(screen, ChatScreen)
+            box = screen.query_one("#chat-input", Input)
+            box.value = "The printer on floor 3 jams on every job."
             locked: list[bool] = []  # the input's state each time a piece of the answer arrives
-            show = screen._piece  # type: ignore[attr-defined]
+            show = screen._piece
 
             def spy(answer: Any, piece: str) -> None:
                 locked.append(box.disabled)
                 show(answer, piece)
 
-            screen._piece = spy  # type: ignore[attr-defined]
+            screen._piece = spy  # type: ignore[method-assign]  # a spy on what the screen shows
             await pilot.press("enter")
-            await _until(pilot, lambda: bool(locked) and not screen.answering, 120, "the answer")  # type: ignore[attr-defined]
+            await _until(pilot, lambda: bool(locked) and not screen.answering, 120, "the answer")
             assert all(locked)  # locked while the model answers
-            bubbles = [b.text for b in app.screen.query(".bubble")]  # type: ignore[attr-defined]
+            bubbles = [b.text for b in screen.query(Bubble)]
             assert bubbles[0] == "The printer on floor 3 jams on every job." and bubbles[1] in labels
             assert not box.disabled
 
@@ -481,7 +445,7 @@ def test_the_real_tui_in_tmux(tmp_path: Path) -> None:
         wait_for("✓ GPU:")  # the real doctor ran in its own process
         subprocess.run(["tmux", "send-keys", "-t", session, "Enter"], check=True)
         train = wait_for("Train run-20261103-090000-cccccc")
-        assert "steps" in train and "Start" in train
+        assert "method" in train and "Start" in train
         subprocess.run(["tmux", "send-keys", "-t", session, "Escape"], check=True)
         wait_for("This machine")
         subprocess.run(["tmux", "send-keys", "-t", session, "C-q"], check=True)
@@ -491,7 +455,7 @@ def test_the_real_tui_in_tmux(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_export_results_and_audit_verify_on_the_real_export(exported: tuple[Store, Path, dict[str, Any]]) -> None:
+def test_export_results_and_audit_verify_on_the_real_export(exported: tuple[Store, Path, ExportResult]) -> None:
     store, run_dir, result = exported
 
     async def drive() -> None:
@@ -500,9 +464,9 @@ def test_export_results_and_audit_verify_on_the_real_export(exported: tuple[Stor
             app.open_run(run_dir.name, "export")
             await pilot.pause(0.5)
             files = _text(app, "#export-files")
-            assert f"{result['name']}-Q8_0.gguf: verified" in files and "Modelfile" in files
-            checks = app.screen.query_one("#export-checks")
-            rows = [[str(c) for c in checks.get_row_at(i)] for i in range(checks.row_count)]  # type: ignore[attr-defined]
+            assert f"{result.name}-Q8_0.gguf: verified" in files and "Modelfile" in files
+            checks = app.screen.query_one("#export-checks", DataTable)
+            rows = [[str(c) for c in checks.get_row_at(i)] for i in range(checks.row_count)]
             assert rows[[r[1] for r in rows].index("greedy parity")][:3] == ["F16", "greedy parity", "pass"]
             await pilot.press("f5")  # the same run's audit
             await pilot.pause(0.5)
@@ -520,8 +484,8 @@ def test_models_screen_lists_the_default_model(default_store: Store) -> None:
         async with app.run_test(size=(120, 40)) as pilot:
             await pilot.press("m")
             await pilot.pause(0.5)
-            table = app.screen.query_one("#models-table")
-            assert str(table.get_row("smollm2-135m-instruct")[0]) == "smollm2-135m-instruct"  # type: ignore[attr-defined]
+            table = app.screen.query_one("#models-table", DataTable)
+            assert str(table.get_row("smollm2-135m-instruct")[0]) == "smollm2-135m-instruct"
             detail = _text(app, "#models-detail")
             assert "llama" in detail and "30 layers" in detail and "license: apache-2.0" in detail.lower()
 
@@ -530,7 +494,7 @@ def test_models_screen_lists_the_default_model(default_store: Store) -> None:
 
 @pytest.mark.slow
 def test_serve_screen_starts_the_endpoint_shows_requests_and_stops_it(
-        exported: tuple[Store, Path, dict[str, Any]]) -> None:
+        exported: tuple[Store, Path, ExportResult]) -> None:
     import httpx
 
     store, _run_dir, result = exported
@@ -541,25 +505,155 @@ def test_serve_screen_starts_the_endpoint_shows_requests_and_stops_it(
         async with app.run_test(size=(120, 40)) as pilot:
             await pilot.press("s")
             await pilot.pause()
-            app.screen.query_one("#serve-model").value = result["name"]  # type: ignore[attr-defined]
-            app.screen.query_one("#serve-port").value = str(port)  # type: ignore[attr-defined]
-            app.screen.query_one("#serve-host").value = "0.0.0.0"  # type: ignore[attr-defined]
+            app.screen.query_one("#serve-model", Select).value = result.name
+            app.screen.query_one("#serve-port", Input).value = str(port)
+            app.screen.query_one("#serve-host", Input).value = "0.0.0.0"
             await pilot.click("#serve-start")
-            assert app.server is None  # refused: a public address needs a key
-            app.screen.query_one("#serve-key").value = True  # type: ignore[attr-defined]
+            assert app.endpoint is None  # refused: a public address needs a key
+            app.screen.query_one("#serve-key", Checkbox).value = True
             await pilot.pause(0.6)  # a button ignores presses during its press effect
             await pilot.click("#serve-start")
             await _until(pilot, lambda: "serving" in _text(app, "#serve-status"), 180, "the endpoint")
-            assert app.server is not None and app.server["key"] in _text(app, "#serve-status")
-            headers = {"Authorization": f"Bearer {app.server['key']}"}
+            assert app.endpoint is not None and app.endpoint.key and app.endpoint.key in _text(app, "#serve-status")
+            headers = {"Authorization": f"Bearer {app.endpoint.key}"}
             reply = await asyncio.to_thread(httpx.post, f"http://127.0.0.1:{port}/v1/chat/completions",
                                             json={"messages": [{"role": "user", "content": "The VPN drops."}]},
                                             headers=headers, timeout=120)
             assert reply.status_code == 200
-            table = app.screen.query_one("#serve-requests")
-            await _until(pilot, lambda: table.row_count >= 1, 20, "the request in the log")  # type: ignore[attr-defined]
-            assert [str(c) for c in table.get_row_at(0)][2:4] == ["/v1/chat/completions", "200"]  # type: ignore[attr-defined]
+            table = app.screen.query_one("#serve-requests", DataTable)
+            await _until(pilot, lambda: table.row_count >= 1, 20, "the request in the log")
+            assert [str(c) for c in table.get_row_at(0)][2:4] == ["/v1/chat/completions", "200"]
             await pilot.click("#serve-stop")
             await _until(pilot, lambda: "stopped" in _text(app, "#serve-status"), 60, "the endpoint to stop")
 
     asyncio.run(drive())
+
+
+def test_an_unexpected_error_in_a_worker_shows_an_error_screen_with_its_log(tmp_path: Path) -> None:
+    from tui.screens.error import ErrorScreen
+
+    store = _fake_store(tmp_path / "store")
+
+    def broken_doctor() -> dict[str, Any]:
+        raise RuntimeError("planted failure in a worker")
+
+    async def drive() -> None:
+        app = ApplianceApp(store, doctor=broken_doctor)
+        async with app.run_test(size=(120, 40)) as pilot:
+            await _until(pilot, lambda: "planted failure" in _text(app, "#error-message"), 10, "the error screen")
+            assert isinstance(app.screen, ErrorScreen)
+            assert "RuntimeError: planted failure in a worker" in _text(app, "#error-message")
+            assert str(app.log_path) in _text(app, "#error-log")
+            assert "RuntimeError: planted failure in a worker" in app.log_path.read_text()
+            await pilot.press("escape")
+            assert isinstance(app.screen, HomeScreen)  # and the app carries on
+
+    asyncio.run(drive())
+
+
+@pytest.mark.slow
+def test_each_stage_screen_shows_the_last_job_of_its_own_stage(exported: tuple[Store, Path, ExportResult]) -> None:
+    """After an export (and whatever ran after it), the Train screen still shows the training."""
+    store, run_dir, _result = exported
+
+    async def drive() -> None:
+        app = _app(store)
+        async with app.run_test(size=(120, 40)) as pilot:
+            app.open_run(run_dir.name, "train")
+            await _until(pilot, lambda: "done" in _text(app, "#train-status"), 30, "the training's history")
+            assert f"{TRAIN_SETTINGS['max_steps']} steps" in _text(app, "#train-status")
+            screen = app.screen
+            assert isinstance(screen, TrainScreen) and screen.curves["train loss"][0][-1] == TRAIN_SETTINGS["max_steps"]
+            await pilot.press("f4")
+            await _until(pilot, lambda: "done" in _text(app, "#export-status"), 30, "the export's history")
+
+    asyncio.run(drive())
+
+
+def _log_text(app: ApplianceApp, selector: str) -> str:
+    from textual.widgets import RichLog
+
+    return "\n".join(line.text for line in app.screen.query_one(selector, RichLog).lines)
+
+
+@pytest.mark.slow
+def test_qlora_on_the_cpu_is_refused_by_the_planner_with_its_hint(prepared: tuple[Store, Path]) -> None:
+    store, source = prepared
+    run_dir = clone_run(store, source, "tui-qlora")
+
+    async def drive() -> None:
+        app = _app(store)
+        async with app.run_test(size=(120, 40)) as pilot:
+            app.open_run(run_dir.name, "train")
+            await _until(pilot, lambda: "memory plan" in _text(app, "#train-plan"), 20, "the plan")
+            app.screen.query_one("#f-method", Select).value = "qlora"
+            await _until(pilot, lambda: "Does not fit this machine" in _text(app, "#train-plan"), 20, "the refusal")
+            assert "qlora loads the base in 4-bit" in _text(app, "#train-plan")
+            assert "Use method lora here" in _text(app, "#train-plan")
+            await pilot.press("ctrl+s")  # started anyway: the job is refused by the same planner
+            await _until(pilot, lambda: "Does not fit this machine" in _text(app, "#train-status"), 120, "the job")
+            assert "Use method lora here" in _log_text(app, "#train-log")
+            assert not (run_dir / "checkpoints").exists()
+
+    asyncio.run(drive())
+
+
+@pytest.mark.slow
+def test_new_run_prepares_an_extraction_run_from_a_schema_file(scratch_store: Store, tmp_path: Path) -> None:
+    store = scratch_store
+    schema = {"type": "object", "properties": {"device": {"type": "string"}, "floor": {"type": "integer"}},
+              "required": ["device", "floor"]}
+    (tmp_path / "schema.json").write_text(json.dumps(schema))
+    devices = ["printer", "scanner", "laptop", "monitor", "phone", "router"]
+    rows = [{"text": f"The {d} on floor {n} is broken again.", "output": json.dumps({"device": d, "floor": n})}
+            for n in range(1, 6) for d in devices]
+    data = tmp_path / "tickets.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    async def drive() -> None:
+        app = _app(store)
+        async with app.run_test(size=(120, 40)) as pilot:
+            await pilot.press("n")
+            await pilot.pause()
+            app.screen.query_one("#nr-path", Input).value = str(data)
+            await _until(pilot, lambda: "suggested: extraction" in _text(app, "#nr-files"), 20, "inspection")
+            app.screen.query_one("#f-schema_path", Input).value = str(tmp_path / "schema.json")
+            app.screen.query_one("#f-near_dup", Checkbox).value = False
+            app.screen.query_one("#nr-name", Input).value = "tickets-extraction"
+            await pilot.press("ctrl+s")
+            await _until(pilot, lambda: bool(app.screen.query("#data-counts")), 300, "the prepared data")
+
+    asyncio.run(drive())
+    run = store.run("tickets-extraction")
+    report = run.require_data_report()
+    assert report.task == "extraction" and report.counts.train > 0 and run.schema() == schema
+    assert run.settings("data")["schema_path"] == str(tmp_path / "schema.json")
+
+
+@pytest.mark.slow
+def test_a_sweep_started_from_the_tui_ranks_its_trials(prepared: tuple[Store, Path]) -> None:
+    """Two short trainings with a useless and a useful learning rate: the useful one ranks first."""
+    store, source = prepared
+    run_dir = clone_run(store, source, "tui-sweep")
+    Run.at(run_dir).record("train", TrainConfig(store=str(store.root), batch_size=4, max_seq_len=192, rank=8,
+                                                alpha=16, backend="hf", task_eval_items=0))
+
+    async def drive() -> None:
+        app = _app(store)
+        async with app.run_test(size=(120, 40)) as pilot:
+            app.open_run(run_dir.name, "sweep")
+            await pilot.pause()
+            app.screen.query_one("#g-learning_rate", Input).value = "1e-6,2e-3"
+            app.screen.query_one("#sweep-steps", Input).value = "4"
+            await pilot.click("#sweep-start")
+            await _until(pilot, lambda: "done" in _text(app, "#sweep-status"), 600, "the sweep")
+            table = app.screen.query_one("#sweep-table", DataTable)
+            rows = [[str(c) for c in table.get_row_at(i)] for i in range(table.row_count)]
+            assert [row[:2] for row in rows] == [["1", "0.002"], ["2", "1e-06"]]
+
+    asyncio.run(drive())
+    result = Run.at(run_dir).sweep()
+    assert result is not None and [t.settings["learning_rate"] for t in result.trials] == [2e-3, 1e-6]
+    assert result.trials[0].eval_loss is not None and result.trials[1].eval_loss is not None
+    assert result.trials[0].eval_loss < result.trials[1].eval_loss
+    assert [t.steps for t in result.trials] == [4, 4]

@@ -2,7 +2,8 @@
 
 `build_app` is the one factory that `appliance tui` and the tests share. Every long action is a
 job (`appliance.jobs`) followed from a thread worker, so the event loop never blocks and a job
-that crashes or is killed only ever shows up as an error message.
+that crashes or is killed only ever shows up as an error message; a worker that fails shows its
+error in a modal (tui/screens/base.py), with its traceback in the store's logs/tui.log.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import traceback
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -20,11 +22,16 @@ from textual.binding import Binding, BindingType
 from textual.command import Hit, Hits, Provider
 from textual.screen import Screen
 
+from appliance.endpoint import Endpoint
+from appliance.errors import ApplianceError
+from appliance.fsutil import inside
+from appliance.run import exported_models
 from appliance.runs import list_runs
 from appliance.store import Store
 from tui.screens.home import HomeScreen
 
 Doctor = Callable[[], dict[str, Any]]
+LOG = "logs/tui.log"
 
 
 def run_doctor(store: Store) -> dict[str, Any]:
@@ -52,13 +59,11 @@ class Actions(Provider):
             ("Serve", app.action_serve, "start and stop the OpenAI-compatible endpoint"),
         ]
         for run in list_runs(app.store, limit=30):
-            for verb, stage in (("Data of", "data"), ("Train", "train"), ("Evaluate", "evaluate"), ("Export", "export"),
-                                ("Audit", "audit")):
+            for verb, stage in (("Data of", "data"), ("Train", "train"), ("Sweep", "sweep"), ("Evaluate", "evaluate"),
+                                ("Export", "export"), ("Audit", "audit")):
                 entries.append((f"{verb} {run.id}", partial(app.open_run, run.id, stage),
                                 f"{run.task or ''} run; done: {' '.join(run.stages) or 'nothing yet'}"))
-        from appliance.serve.model import exported
-
-        for name in exported(app.store):
+        for name in exported_models(app.store):
             entries.append((f"Chat with {name}", partial(app.open_chat, name), "stream answers from the model"))
         for text, action, help_text in entries:
             score = matcher.match(text)
@@ -88,15 +93,39 @@ class ApplianceApp(App[None]):
         super().__init__()
         self.store = store
         self._doctor = doctor
-        self.server: dict[str, Any] | None = None  # the endpoint started from the Serve screen
+        self.endpoint: Endpoint | None = None  # the endpoint started from the Serve screen
 
-    def stop_server(self) -> None:
+    def stop_endpoint(self) -> None:
         """SIGTERM: the endpoint stops accepting and finishes the answers in flight."""
-        if self.server is not None and self.server["process"].poll() is None:
-            self.server["process"].terminate()
+        if self.endpoint is not None:
+            self.endpoint.stop()
 
     def on_unmount(self) -> None:
-        self.stop_server()
+        self.stop_endpoint()
+
+    @property
+    def log_path(self) -> Path:
+        return inside(self.store.root, LOG, "log")
+
+    def report_error(self, error: BaseException, where: str = "") -> None:
+        """An error no screen handled: its traceback to the log, and a modal that says what to do."""
+        from tui.screens.error import ErrorScreen
+
+        try:
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.log_path, "a", encoding="utf-8") as log:
+                log.write(f"--- {where or 'worker'}\n")
+                log.write("".join(traceback.format_exception(error)))
+            log_name: str | None = str(self.log_path)
+        except OSError:
+            log_name = None  # the modal still says what happened
+        if isinstance(error, ApplianceError):
+            self.push_screen(ErrorScreen(error.title, error.message, error.hint, log_name))
+        else:
+            self.push_screen(ErrorScreen(f"Unexpected error{f' in {where}' if where else ''}",
+                                         f"{type(error).__name__}: {error}",
+                                         "The screen may show less than it should; the traceback is in the log.",
+                                         log_name))
 
     def action_models(self) -> None:
         if not isinstance(self.focused, _typing_widgets()):
@@ -135,22 +164,26 @@ class ApplianceApp(App[None]):
     def open_run(self, run_id: str, stage: str = "train") -> None:
         """Open a run at one of its stages; from another stage of a run, that screen is replaced."""
         from tui.screens.audit import AuditScreen
+        from tui.screens.base import RunScreen
         from tui.screens.data import DataScreen
         from tui.screens.evaluate import EvaluateScreen
         from tui.screens.export import ExportScreen
+        from tui.screens.sweep import SweepScreen
         from tui.screens.train import TrainScreen
 
         screens: dict[str, Callable[[str], Screen[Any]]] = {
-            "data": DataScreen, "train": TrainScreen, "evaluate": EvaluateScreen, "export": ExportScreen,
-            "audit": AuditScreen}
+            "data": DataScreen, "train": TrainScreen, "sweep": SweepScreen, "evaluate": EvaluateScreen,
+            "export": ExportScreen, "audit": AuditScreen}
         screen = screens[stage](run_id)
-        if getattr(self.screen, "run_id", None) is not None and not isinstance(self.screen, HomeScreen):
+        if isinstance(self.screen, RunScreen):
             self.switch_screen(screen)
         else:
             self.push_screen(screen)
 
     def action_stage(self, stage: str) -> None:
-        run_id = getattr(self.screen, "run_id", None)
+        from tui.screens.base import RunScreen
+
+        run_id = self.screen.run_id if isinstance(self.screen, RunScreen) else None
         if run_id is None and isinstance(self.screen, HomeScreen):
             run = self.screen.selected_run()
             run_id = run.id if run is not None else None
@@ -176,12 +209,14 @@ class ApplianceApp(App[None]):
         self.push_screen(ChatScreen(model))
 
     def action_chat(self) -> None:
+        from tui.screens.base import RunScreen
+
         if isinstance(self.focused, _typing_widgets()):
             return
         screen = self.screen
         selected = screen.selected_run() if isinstance(screen, HomeScreen) else None
-        run_id = selected.id if selected is not None else getattr(screen, "run_id", None)
-        if run_id is not None and (self.store.runs_dir / run_id / "gguf" / "verification.json").is_file():
+        run_id = selected.id if selected is not None else screen.run_id if isinstance(screen, RunScreen) else None
+        if run_id is not None and self.store.run(run_id).exported:
             self.open_chat(run_id)
         else:
             self.notify("Open or select an exported run, or pick 'Chat with …' in the command palette (ctrl+p).",

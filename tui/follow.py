@@ -9,6 +9,7 @@ its messages.
 from __future__ import annotations
 
 from textual.message import Message
+from textual.message_pump import MessagePump
 
 from appliance import events as ev
 from appliance.jobs import Job
@@ -37,7 +38,7 @@ class JobEnded(Message):
         self.error = error
 
 
-def follow(job: Job, post: object) -> None:
+def follow(job: Job, post: MessagePump) -> None:
     """Read the job's events until it ends, posting them with `post` (a widget's post_message).
 
     Runs in a thread worker. A job that dies without its last word (killed by the kernel) still
@@ -46,7 +47,7 @@ def follow(job: Job, post: object) -> None:
     from textual.worker import get_current_worker
 
     worker = get_current_worker()
-    send = post.post_message  # type: ignore[attr-defined]
+    send = post.post_message
     done: ev.Done | None = None
     error: ev.Error | None = None
     for event in job.follow(poll_s=0.1, stop=lambda: worker.is_cancelled):

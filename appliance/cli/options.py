@@ -81,10 +81,11 @@ def _parameter(spec: FieldSpec, argument: bool, panel: str | None) -> inspect.Pa
     from rich.markup import escape
 
     many = spec.kind in ("list", "mapping")
-    help_text = escape(spec.help)  # typer renders help as rich markup: "[a | b]" is text here, not a style
+    # typer renders help as rich markup: "[1 to 4]" is text here, not a style; a choice's values are its metavar
+    help_text = escape(spec.help_text(choices=False))
     if argument:
         kind: Any = list[str] if many else str
-        info: Any = typer.Argument(help=help_text, metavar=spec.name.upper(), show_default=False)
+        info: Any = typer.Argument(help=escape(spec.description), metavar=spec.name.upper(), show_default=False)
         return inspect.Parameter(spec.name, inspect.Parameter.KEYWORD_ONLY, annotation=Annotated[kind, info])
     if spec.kind == "bool":
         negative = "--no-" + spec.option.removeprefix("--")

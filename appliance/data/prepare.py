@@ -43,6 +43,7 @@ from appliance.records import (
     InputFile,
     Labels,
     Lengths,
+    NearDuplicate,
     Output,
     PiiDropped,
     PiiPreview,
@@ -417,7 +418,7 @@ def _finish(cfg: DataConfig, scan: _Scan, staging: Path, emit: Emitter) -> DataR
         pii=PiiReport(mode=cfg.pii, **scan.pii.as_dict(), dropped=scan.pii_dropped, previews=scan.pii_previews),
         duplicates=Duplicates(
             exact=scan.exact_dups,
-            near=[Duplicate(source=rows.source(r), duplicate_of=rows.source(k), cosine=round(s, 4))
+            near=[NearDuplicate(source=rows.source(r), duplicate_of=rows.source(k), cosine=round(s, 4))
                   for r, (k, s) in sorted(near.items())[:MAX_LISTED]],
             near_threshold=cfg.near_dup_threshold if cfg.near_dup else None),
         contamination=Contamination(

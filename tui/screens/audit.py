@@ -3,7 +3,7 @@ verification and evaluation results) and the verify action: re-hash everything, 
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import ClassVar
 
 from rich.markup import escape
 from rich.text import Text
@@ -13,8 +13,9 @@ from textual.binding import Binding, BindingType
 from textual.containers import Horizontal
 from textual.widgets import Button, DataTable, Footer, Header, Static
 
-from appliance.fsutil import read_json_object
-from tui.screens.run import RunScreen
+from appliance import manifest
+from appliance.errors import ApplianceError
+from tui.screens.base import RunScreen
 
 
 class AuditScreen(RunScreen):
@@ -35,24 +36,28 @@ class AuditScreen(RunScreen):
         yield Footer()
 
     def on_mount(self) -> None:
-        manifest = read_json_object(self.run_dir / "manifest.json")
         summary = self.query_one("#audit-summary", Static)
-        if not manifest:
+        try:
+            manifest = self.run.manifest()
+        except ApplianceError as exc:
+            summary.update(f"[red]{escape(exc.message)}[/]\n{escape(exc.hint)}")
+            return
+        if manifest is None:
             summary.update("No manifest yet: `export` writes and signs one.")
             self.query_one("#audit-verify", Button).disabled = True
             return
-        versions = manifest.get("versions") or {}
-        signature = manifest.get("signature") or {}
+        entries = manifest.entries()
+        signature = manifest.signature
         summary.update("\n".join([
-            f"created {escape(str(manifest.get('created')))}, {len(_entries(manifest))} files recorded",
-            "versions: " + escape(", ".join(f"{k} {v}" for k, v in list(versions.items())[:8])),
-            f"signed ({escape(str(signature.get('algorithm')))}) with key {escape(str(signature.get('key_id')))}",
+            f"created {escape(manifest.created)}, {len(entries)} files recorded",
+            "versions: " + escape(", ".join(f"{k} {v}" for k, v in list(manifest.versions.items())[:8])),
+            f"signed ({escape(signature.algorithm)}) with key {escape(signature.key_id)}" if signature is not None
+            else "[red]not signed[/]",
         ]))
-        table = self.query_one("#audit-files", DataTable)
+        table: DataTable[Text] = self.query_one("#audit-files", DataTable)
         table.add_columns("kind", "file", "sha256", "bytes")
-        for kind, name, entry in _entries(manifest):
-            table.add_row(Text(kind), Text(name), Text(str(entry.get("sha256", ""))[:16]),
-                          Text(f"{entry.get('bytes', 0):,}"))
+        for kind, name, entry in entries:
+            table.add_row(Text(kind), Text(name), Text(entry.sha256[:16]), Text(f"{entry.bytes:,}"))
 
     @on(Button.Pressed, "#audit-verify")
     def action_verify(self) -> None:
@@ -61,11 +66,8 @@ class AuditScreen(RunScreen):
 
     @work(thread=True, exclusive=True, group="verify", exit_on_error=False)
     def _verify(self) -> None:
-        from appliance.errors import ApplianceError
-        from appliance import manifest
-
         try:
-            report: Any = manifest.verify(self.app.store, self.run_dir)  # type: ignore[attr-defined]
+            report = manifest.verify(self.run)
         except ApplianceError as exc:
             self.app.call_from_thread(self._result, f"[red]{escape(exc.message)}[/]\n{escape(exc.hint)}")
             return
@@ -81,18 +83,3 @@ class AuditScreen(RunScreen):
 
     def _result(self, text: str) -> None:
         self.query_one("#audit-result", Static).update(text)
-
-
-def _entries(manifest: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
-    """Every recorded file: the data inputs, the base model's files, the run's own files."""
-    inputs = manifest.get("inputs") or {}
-    rows: list[tuple[str, str, dict[str, Any]]] = []
-    for entry in inputs.get("data") or []:
-        if isinstance(entry, dict):
-            rows.append(("data", str(entry.get("path")), entry))
-    base = inputs.get("base_model") or {}
-    for name, entry in (base.get("files") or {}).items():
-        rows.append(("base model", f"{base.get('name')}/{name}", entry if isinstance(entry, dict) else {}))
-    for name, entry in (manifest.get("files") or {}).items():
-        rows.append(("run", name, entry if isinstance(entry, dict) else {}))
-    return rows

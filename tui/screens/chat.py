@@ -17,8 +17,9 @@ from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, VerticalScroll
 from textual.reactive import reactive
-from textual.screen import Screen
 from textual.widgets import Footer, Header, Input, Label, Static
+
+from tui.screens.base import AppScreen
 
 
 class Bubble(Static):
@@ -38,7 +39,7 @@ class Bubble(Static):
         self.update(Text(self.text))
 
 
-class ChatScreen(Screen[None]):
+class ChatScreen(AppScreen[None]):
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("escape", "stop_or_back", "Stop / back"),
         Binding("ctrl+r", "reset", "Forget the conversation"),
@@ -74,7 +75,7 @@ class ChatScreen(Screen[None]):
         from appliance.serve.model import resolve
 
         try:
-            served = resolve(self.app.store, self.model_spec, self.quant)  # type: ignore[attr-defined]
+            served = resolve(self.store, self.model_spec, self.quant)
             session = ChatSession.open(served, Sampling(temperature=self.temperature), constrain=not self.free)
         except ApplianceError as exc:
             self.app.call_from_thread(self._failed, exc.message, exc.hint)

@@ -3,7 +3,7 @@ quantization, the confusion matrix of the target under the cursor and the predic
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import ClassVar
 
 from rich.markup import escape
 from rich.text import Text
@@ -15,16 +15,17 @@ from textual.widgets import Button, DataTable, Footer, Header, Static, TabbedCon
 
 from appliance import jobs
 from appliance.config import EvalConfig
-from appliance.fsutil import read_json_object
+from appliance.errors import ApplianceError
+from appliance.records import Interval, TargetResult
 from tui.follow import JobEnded
-from tui.screens.run import RunScreen
+from tui.screens.base import RunScreen
 from tui.widgets.job_panel import JobPanel
 
 
-def interval(score: dict[str, Any] | None) -> str:
-    if not score:
+def interval(score: Interval | None) -> str:
+    if score is None:
         return ""
-    return f"{score['point'] * 100:.1f} [{score['low'] * 100:.1f}, {score['high'] * 100:.1f}]"
+    return f"{score.point * 100:.1f} [{score.low * 100:.1f}, {score.high * 100:.1f}]"
 
 
 class EvaluateScreen(RunScreen):
@@ -35,7 +36,7 @@ class EvaluateScreen(RunScreen):
 
     def __init__(self, run_id: str) -> None:
         super().__init__(run_id)
-        self.reports: dict[str, dict[str, Any]] = {}
+        self.reports: dict[str, TargetResult] = {}
 
     def compose(self) -> ComposeResult:
         yield Header()
@@ -55,36 +56,39 @@ class EvaluateScreen(RunScreen):
 
     def on_mount(self) -> None:
         self.show()
-        job = jobs.attach(self.run_dir)
-        if job is not None and job.stage == "eval" and job.running():
+        job = jobs.attach(self.run.path, "eval")
+        if job is not None:
             self.query_one(JobPanel).follow(job)
 
     def show(self) -> None:
-        folder = self.run_dir / "eval"
-        comparison = read_json_object(folder / "comparison.json")
-        table = self.query_one("#eval-table", DataTable)
+        table: DataTable[str | Text] = self.query_one("#eval-table", DataTable)
         table.clear(columns=True)
-        if not comparison:
-            self.query_one("#eval-sentences", Static).update("No evaluation yet: press Evaluate (ctrl+s).")
+        sentences = self.query_one("#eval-sentences", Static)
+        try:
+            comparison = self.run.comparison()
+            self.reports = {row.target: report for row in comparison.targets
+                            if (report := self.run.evaluation(row.target)) is not None} if comparison else {}
+        except ApplianceError as exc:
+            sentences.update(f"[red]{escape(exc.message)}[/]\n{escape(exc.hint)}")
             return
-        primary = comparison.get("primary", "score")
-        with_f1 = comparison.get("task") == "classification"
-        table.add_columns("target", f"{primary} (95% CI)", *(["macro F1"] if with_f1 else []), "size", "tokens/s")
-        self.reports = {}
-        for row in comparison.get("targets", []):
-            name = row["target"]
-            self.reports[name] = read_json_object(folder / f"{name.replace(':', '-')}.json")
-            size = f"{row['size_bytes'] / 2**20:,.0f} MiB" if row.get("size_bytes") else ""
-            f1 = [interval(row.get("macro_f1"))] if with_f1 else []
-            table.add_row(name, interval(row.get("score")), *f1, size, f"{row.get('tokens_per_s') or 0:.0f}", key=name)
-        lines = [escape(c["sentence"]) for c in comparison.get("comparisons", [])]
-        recommendation = comparison.get("recommendation")
+        if comparison is None:
+            sentences.update("No evaluation yet: press Evaluate (ctrl+s).")
+            return
+        with_f1 = comparison.task == "classification"
+        table.add_columns("target", f"{comparison.primary} (95% CI)", *(["macro F1"] if with_f1 else []), "size",
+                          "tokens/s")
+        for row in comparison.targets:
+            size = f"{row.size_bytes / 2**20:,.0f} MiB" if row.size_bytes else ""
+            f1 = [interval(row.macro_f1)] if with_f1 else []
+            table.add_row(row.target, interval(row.score), *f1, size, f"{row.tokens_per_s:.0f}", key=row.target)
+        lines = [escape(c.sentence) for c in comparison.comparisons]
+        recommendation = comparison.recommendation
         if recommendation:
-            lines.append(f"[b]Recommended:[/b] {escape(recommendation['target'])}, "
-                         f"{recommendation['size_bytes'] / 2**20:,.0f} MiB: {escape(recommendation['reason'])}")
-        elif comparison.get("note"):
-            lines.append(escape(comparison["note"]))
-        self.query_one("#eval-sentences", Static).update("\n".join(lines))
+            lines.append(f"[b]Recommended:[/b] {escape(recommendation.target)}, "
+                         f"{recommendation.size_bytes / 2**20:,.0f} MiB: {escape(recommendation.reason)}")
+        elif comparison.note:
+            lines.append(escape(comparison.note))
+        sentences.update("\n".join(lines))
         self._predictions()
         first = next(iter(self.reports), None)
         if first:
@@ -96,13 +100,13 @@ class EvaluateScreen(RunScreen):
             self._confusion(str(message.row_key.value))
 
     def _confusion(self, target: str) -> None:
-        report = (self.reports.get(target) or {}).get("report") or {}
-        table = self.query_one("#eval-confusion", DataTable)
+        report = self.reports.get(target)
+        table: DataTable[str | Text] = self.query_one("#eval-confusion", DataTable)
         table.clear(columns=True)
-        matrix, labels = report.get("confusion"), report.get("labels")
-        if not matrix or not labels:
+        found = report.confusion() if report is not None else None
+        if found is None:
             return
-        columns = report.get("confusion_columns") or labels
+        labels, columns, matrix = found
         table.add_columns(f"{target}: true \\ predicted", *columns)
         for label, row in zip(labels, matrix, strict=False):
             cells = [Text(str(n), style="bold green" if c == label and n else ("red" if n else "dim"))
@@ -110,18 +114,18 @@ class EvaluateScreen(RunScreen):
             table.add_row(label, *cells)
 
     def _predictions(self) -> None:
-        table = self.query_one("#eval-predictions", DataTable)
+        table: DataTable[str | Text] = self.query_one("#eval-predictions", DataTable)
         table.clear(columns=True)
-        names = [n for n, r in self.reports.items() if r.get("predictions")]
+        names = [n for n, r in self.reports.items() if r.predictions]
         if not names:
             return
-        references = [s.get("reference") for s in self.reports[names[0]].get("samples", [])]
+        references = [s.get("reference") for s in self.reports[names[0]].samples]
         table.add_columns("#", "reference", *names)
-        for i in range(len(self.reports[names[0]]["predictions"])):
+        for i in range(len(self.reports[names[0]].predictions)):
             reference = references[i] if i < len(references) else None
             cells = []
             for name in names:
-                predictions = self.reports[name]["predictions"]
+                predictions = self.reports[name].predictions
                 answer = str(predictions[i]) if i < len(predictions) else ""
                 style = "" if reference is None else ("green" if answer == reference else "red")
                 cells.append(Text(answer[:60], style=style))
@@ -133,15 +137,15 @@ class EvaluateScreen(RunScreen):
         if panel.running:
             self.notify("The evaluation is running.", severity="warning")
             return
-        store = self.app.store  # type: ignore[attr-defined]
-        cfg = EvalConfig(store=str(store.root))
-        job = self.start_job("eval", cfg, record=cfg.model_dump(mode="json"))
-        if job is not None:
-            panel.follow(job)
+        try:
+            job = jobs.start("eval", self.run.path, EvalConfig(store=str(self.store.root)))
+        except ApplianceError as exc:
+            self.notify(f"{exc.message}\n{exc.hint}", title=exc.title, severity="error", timeout=12)
+            return
+        panel.follow(job)
 
     @on(JobEnded)
     def _ended(self, message: JobEnded) -> None:
         if message.done is not None:
             self.query_one(JobPanel).say("[green]done[/]")
             self.show()
-

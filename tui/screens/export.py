@@ -14,12 +14,13 @@ from textual.containers import Horizontal, Vertical
 from textual.widgets import Button, DataTable, Footer, Header, Input, Label, SelectionList, Static
 from textual.widgets.selection_list import Selection
 
-from appliance import jobs
+from appliance import jobs, quants
 from appliance.config import ExportConfig
+from appliance.errors import ApplianceError
+from appliance.fields import validated
 from appliance.quants import QUANTS, RECOMMENDED
-from appliance.fsutil import read_json_object
 from tui.follow import JobEnded
-from tui.screens.run import RunScreen
+from tui.screens.base import RunScreen
 from tui.widgets.job_panel import JobPanel
 
 MARK = {"pass": Text("pass", style="green"), "warn": Text("warn", style="yellow"), "fail": Text("FAIL", style="red")}
@@ -53,28 +54,22 @@ class ExportScreen(RunScreen):
     def on_mount(self) -> None:
         self.predict_sizes()
         self.show()
-        job = jobs.attach(self.run_dir)
-        if job is not None and job.stage == "export" and job.running():
+        job = jobs.attach(self.run.path, "export")
+        if job is not None:
             self.query_one(JobPanel).follow(job)
 
     @work(thread=True, exclusive=True, group="sizes", exit_on_error=False)
     def predict_sizes(self) -> None:
         """Predicted sizes from the tensor shapes of the base model (the merged model has the same)."""
-        from appliance.errors import ApplianceError
-        from appliance import quants
-
-        store = self.app.store  # type: ignore[attr-defined]
         try:
-            from appliance.export.run import base_model_of
-
-            model_dir = store.model_dir(base_model_of(store, self.run_dir))
-            sizes = {name: quants.predict(model_dir, name).bytes for name in QUANTS}
-        except (ApplianceError, OSError, ValueError, KeyError):
-            return  # no trained run yet: the list stays without sizes
+            model_dir = self.run.base_model_dir()
+        except ApplianceError:
+            return  # no base model to size: the list stays without sizes
+        sizes = {name: quants.predict(model_dir, name).bytes for name in QUANTS}
         self.app.call_from_thread(self._sizes, sizes)
 
     def _sizes(self, sizes: dict[str, int]) -> None:
-        chooser = self.query_one("#export-quants", SelectionList)
+        chooser: SelectionList[str] = self.query_one("#export-quants", SelectionList)
         chosen = set(chooser.selected)
         chooser.clear_options()
         for q in QUANTS.values():
@@ -84,31 +79,34 @@ class ExportScreen(RunScreen):
             chooser.add_option(Selection(prompt, q.name, q.name in chosen))
 
     def show(self) -> None:
-        folder = self.run_dir / "gguf"
-        record = read_json_object(folder / "verification.json")
-        table = self.query_one("#export-checks", DataTable)
+        files = self.query_one("#export-files", Static)
+        table: DataTable[Text] = self.query_one("#export-checks", DataTable)
         table.clear(columns=True)
-        if not record:
-            self.query_one("#export-files", Static).update("Nothing exported yet: choose quantizations and press "
-                                                           "Export (ctrl+s).")
+        run = self.run
+        try:
+            record = run.verification()
+        except ApplianceError as exc:
+            files.update(f"[red]{escape(exc.message)}[/]\n{escape(exc.hint)}")
             return
-        lines = [f"[b]{escape(str(record.get('name')))}[/b] in {escape(str(folder))}"]
-        for entry in record.get("files", []):
-            size = entry.get("size_bytes", 0) / 2**20
-            state = "[green]verified[/]" if entry.get("passed") else "[red]rejected[/]"
-            extra = f", agreement {entry['agreement'] * 100:.0f}%" if entry.get("agreement") is not None else ""
-            extra += f", ppl {entry['ppl_delta'] * 100:+.2f}%" if entry.get("ppl_delta") is not None else ""
-            lines.append(f"{escape(entry['file'])}: {state}, {size:,.0f} MiB{extra}")
-        if (folder / "Modelfile").is_file():
-            lines.append(f"Modelfile: {escape(str(folder / 'Modelfile'))}")
-        if record.get("rejected_dir"):
-            lines.append(f"[red]rejected files in {escape(str(record['rejected_dir']))}[/]")
-        self.query_one("#export-files", Static).update("\n".join(lines))
+        if record is None:
+            files.update("Nothing exported yet: choose quantizations and press Export (ctrl+s).")
+            return
+        lines = [f"[b]{escape(str(record.name))}[/b] in {escape(str(run.gguf_dir))}"]
+        for entry in record.files:
+            state = "[green]verified[/]" if entry.passed else "[red]rejected[/]"
+            extra = f", agreement {entry.agreement * 100:.0f}%" if entry.agreement is not None else ""
+            extra += f", ppl {entry.ppl_delta * 100:+.2f}%" if entry.ppl_delta is not None else ""
+            lines.append(f"{escape(entry.file)}: {state}, {entry.size_bytes / 2**20:,.0f} MiB{extra}")
+        if (run.gguf_dir / "Modelfile").is_file():
+            lines.append(f"Modelfile: {escape(str(run.gguf_dir / 'Modelfile'))}")
+        if record.rejected_dir:
+            lines.append(f"[red]rejected files in {escape(record.rejected_dir)}[/]")
+        files.update("\n".join(lines))
         table.add_columns("file", "check", "result", "detail")
-        for entry in record.get("files", []):
-            for check in entry.get("checks", []):
-                table.add_row(Text(entry["quant"]), Text(check["name"]),
-                              MARK.get(check["status"], Text(check["status"])), Text(check.get("detail", "")[:100]))
+        for entry in record.files:
+            for check in entry.checks:
+                table.add_row(Text(entry.quant), Text(check.name), MARK.get(check.status, Text(check.status)),
+                              Text(check.detail[:100]))
 
     @on(Button.Pressed, "#export-start")
     def action_start(self) -> None:
@@ -116,23 +114,20 @@ class ExportScreen(RunScreen):
         if panel.running:
             self.notify("The export is running.", severity="warning")
             return
-        if not (self.run_dir / "adapter").is_dir():
+        if not self.run.trained:
             self.notify("Train the run first: there is no adapter to export.", severity="error")
             return
-        from pydantic import ValidationError
-
-        chosen = list(self.query_one("#export-quants", SelectionList).selected)
-        store = self.app.store  # type: ignore[attr-defined]
+        chosen: SelectionList[str] = self.query_one("#export-quants", SelectionList)
         ppl = self.query_one("#export-ppl", Input).value.strip()
         try:
-            cfg = ExportConfig(quants=chosen, ppl_tokens=int(ppl) if ppl.isdigit() else ppl, store=str(store.root))
-        except ValidationError as exc:
-            self.notify("; ".join(f"{e['loc'][0]}: {e['msg']}" for e in exc.errors()), title="Check the settings",
-                        severity="error")
+            cfg = validated(ExportConfig, {"quants": list(chosen.selected), "ppl_tokens": ppl,
+                                           "store": str(self.store.root)},
+                            name=lambda field: {"ppl_tokens": "perplexity tokens"}.get(field, field))
+            job = jobs.start("export", self.run.path, cfg)
+        except ApplianceError as exc:
+            self.notify(f"{exc.message}\n{exc.hint}", title=exc.title, severity="error", timeout=12)
             return
-        job = self.start_job("export", cfg, record=cfg.model_dump(mode="json"))
-        if job is not None:
-            panel.follow(job)
+        panel.follow(job)
 
     @on(JobEnded)
     def _ended(self, message: JobEnded) -> None:

@@ -10,10 +10,10 @@ from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import Horizontal
-from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Header, Static
 
 from appliance.runs import RunSummary, list_runs
+from tui.screens.base import AppScreen
 
 STATE_STYLE = {"running": "bold cyan", "done": "green", "failed": "bold red", "stopped": "yellow", "idle": "dim"}
 MARK = {"ok": "[green]✓[/]", "warn": "[yellow]![/]", "fail": "[red]✗[/]"}
@@ -31,7 +31,7 @@ def doctor_summary(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-class HomeScreen(Screen[None]):
+class HomeScreen(AppScreen[None]):
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("enter", "open_run", "Open run", show=True),
         Binding("n", "new_run", "New run"),
@@ -47,24 +47,24 @@ class HomeScreen(Screen[None]):
         yield Footer()
 
     def on_mount(self) -> None:
-        table = self.query_one("#runs", DataTable)
+        table: DataTable[Text] = self.query_one("#runs", DataTable)
         table.add_columns("run", "task", "done", "last job", "state", "detail")
         self.action_refresh()
         self.check_machine()
 
     @work(thread=True, exclusive=True, group="doctor", exit_on_error=False)
     def check_machine(self) -> None:
-        report = self.app.doctor()  # type: ignore[attr-defined]
+        report = self.appliance.doctor()
         self.app.call_from_thread(self.query_one("#doctor", Static).update, doctor_summary(report))
 
     def action_refresh(self) -> None:
-        store = self.app.store  # type: ignore[attr-defined]
+        store = self.store
         runs = list_runs(store)
         models = store.list_models()
         self.query_one("#store", Static).update(
             f"[b]Store[/b] {escape(str(store.root))}\n{len(models)} base model(s): "
             + (escape(", ".join(m.name for m in models)) or "none: import one in Models") + f"\n{len(runs)} run(s)")
-        table = self.query_one("#runs", DataTable)
+        table: DataTable[Text] = self.query_one("#runs", DataTable)
         selected = table.cursor_row
         table.clear()
         for run in runs:
@@ -74,12 +74,11 @@ class HomeScreen(Screen[None]):
             table.move_cursor(row=min(selected, len(runs) - 1))
 
     def selected_run(self) -> RunSummary | None:
-        table = self.query_one("#runs", DataTable)
+        table: DataTable[Text] = self.query_one("#runs", DataTable)
         if table.row_count == 0:
             return None
         run_id = str(table.coordinate_to_cell_key(table.cursor_coordinate).row_key.value)
-        store = self.app.store  # type: ignore[attr-defined]
-        return next((r for r in list_runs(store) if r.id == run_id), None)
+        return next((r for r in list_runs(self.store) if r.id == run_id), None)
 
     @on(DataTable.RowSelected, "#runs")
     def _row_chosen(self) -> None:
@@ -90,7 +89,7 @@ class HomeScreen(Screen[None]):
         if run is None:
             self.notify("No run yet: press n to start one from your data.", severity="warning")
             return
-        self.app.open_run(run.id)  # type: ignore[attr-defined]
+        self.appliance.open_run(run.id)
 
     def action_new_run(self) -> None:
-        self.app.new_run()  # type: ignore[attr-defined]
+        self.appliance.new_run()

@@ -11,16 +11,18 @@ from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, Vertical
-from textual.screen import Screen
 from textual.widgets import Button, DataTable, Footer, Header, Input, Static
 
 from appliance import jobs
 from appliance.config import ImportConfig
+from appliance.errors import ApplianceError
+from appliance.fields import validated
 from tui.follow import JobEnded
+from tui.screens.base import AppScreen
 from tui.widgets.job_panel import JobPanel
 
 
-class ModelsScreen(Screen[None]):
+class ModelsScreen(AppScreen[None]):
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("escape", "app.pop_screen", "Back", priority=True),
     ]
@@ -48,7 +50,7 @@ class ModelsScreen(Screen[None]):
         self.show()
 
     def show(self) -> None:
-        store = self.app.store  # type: ignore[attr-defined]
+        store = self.store
         table = self.query_one("#models-table", DataTable)
         table.clear()
         models = store.list_models()
@@ -68,7 +70,7 @@ class ModelsScreen(Screen[None]):
             self._detail(str(message.row_key.value))
 
     def _detail(self, name: str) -> None:
-        store = self.app.store  # type: ignore[attr-defined]
+        store = self.store
         info = store.get_model(name)
         source = info.source
         lines = [f"[b]{escape(info.name)}[/b] ({escape(info.model_type)}, {info.num_layers} layers, hidden "
@@ -83,21 +85,18 @@ class ModelsScreen(Screen[None]):
 
     @on(Button.Pressed, "#models-start")
     def _import(self) -> None:
-        from pydantic import ValidationError
-
         panel = self.query_one(JobPanel)
         if panel.running:
             self.notify("An import is running.", severity="warning")
             return
-        store = self.app.store  # type: ignore[attr-defined]
-        name = self.query_one("#models-name", Input).value.strip() or None
+        store = self.store
+        settings = {"source": self.query_one("#models-source", Input).value.strip(),
+                    "name": self.query_one("#models-name", Input).value.strip() or None, "store": str(store.root)}
         try:
-            cfg = ImportConfig(source=self.query_one("#models-source", Input).value.strip(), name=name,
-                               store=str(store.root))
-        except ValidationError as exc:
-            self.notify("; ".join(f"{e['loc'][0]}: {e['msg']}" for e in exc.errors()), severity="error")
-            return
-        panel.follow(jobs.start("import", store.new_job_dir("import"), cfg))
+            cfg = validated(ImportConfig, settings, name=lambda field: field)
+            panel.follow(jobs.start("import", store.new_job_dir("import"), cfg))
+        except ApplianceError as exc:
+            self.notify(f"{exc.message}\n{exc.hint}", title=exc.title, severity="error")
 
     @on(JobEnded)
     def _ended(self, message: JobEnded) -> None:

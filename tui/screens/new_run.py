@@ -1,5 +1,6 @@
 """New run: pick data files, see what they are (type, convention, columns), map the columns for the
-task, choose the base model and how PII and bad rows are handled, and prepare them as a job.
+task, choose the base model, and every other setting of the data stage (PII, bad rows, split, an
+extraction schema, a template file, ...) as a form made from its config; then prepare them as a job.
 
 The files are inspected as soon as the path is typed (first rows only, in a worker), and the task
 and columns start from what the inspection suggests. A failed preparation lists every problem
@@ -8,7 +9,6 @@ and columns start from what the inspection suggests. A failed preparation lists 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -17,26 +17,30 @@ from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, Vertical, VerticalScroll
-from textual.screen import ModalScreen
 from textual.timer import Timer
-from textual.widgets import Button, Checkbox, DataTable, Input, Label, Select, Static
+from textual.widgets import Button, DataTable, Input, Label, Select, Static
 
+from appliance import jobs
 from appliance.config import DataConfig
 from appliance.errors import ApplianceError
+from appliance.records import Problem
+from appliance.run import Run
 from tui.follow import JobEnded
+from tui.screens.base import AppModal
+from tui.widgets.form import ConfigForm
 from tui.widgets.job_panel import JobPanel
 
 TASKS = [("classification: answer with one label", "classification"), ("chat: free answers", "chat"),
          ("extraction: answer with JSON", "extraction")]
-PII = [("redact: typed placeholders", "redact"), ("report: keep, only count", "report"),
-       ("drop: leave rows with PII out", "drop")]
-ON_ERROR = [("fail: list every bad row and stop", "fail"), ("skip: leave bad rows out, listed", "skip")]
 COLUMNS = {"text_field": ("text column", ("classification", "extraction")),
            "label_field": ("label column", ("classification",)),
            "output_field": ("JSON column", ("extraction",))}
+OWN = ("inputs", "task", "model", *COLUMNS, "store")  # the settings this screen asks for itself
+LABELS = {"pii": "PII", "on_error": "bad rows", "near_dup": "near-duplicates", "schema_path": "schema file",
+          "template_path": "template file"}
 
 
-class NewRunScreen(ModalScreen[str | None]):
+class NewRunScreen(AppModal[str | None]):
     """Dismissed with the new run's id once its data is prepared, or None."""
 
     BINDINGS: ClassVar[list[BindingType]] = [Binding("escape", "cancel", "Cancel"),
@@ -45,7 +49,7 @@ class NewRunScreen(ModalScreen[str | None]):
     def __init__(self, path: str = "") -> None:
         super().__init__()
         self.initial_path = path
-        self.run_dir: Path | None = None  # made on the first try, reused by the next
+        self.run: Run | None = None  # made on the first try, reused by the next
         self.inspected: list[Any] = []
         self._debounce: Timer | None = None
 
@@ -69,18 +73,9 @@ class NewRunScreen(ModalScreen[str | None]):
                     yield Label("base model", classes="field-label")
                     yield Select[str](self._models(), id="nr-model", prompt="(none: import one in Models)")
                 with Horizontal(classes="field"):
-                    yield Label("PII", classes="field-label")
-                    yield Select(PII, value="redact", allow_blank=False, id="nr-pii")
-                with Horizontal(classes="field"):
-                    yield Label("bad rows", classes="field-label")
-                    yield Select(ON_ERROR, value="fail", allow_blank=False, id="nr-on-error")
-                with Horizontal(classes="field"):
-                    yield Label("near-duplicates", classes="field-label")
-                    yield Checkbox("remove (sentence embeddings; slower on large files)", True, id="nr-near-dup",
-                                   compact=True)
-                with Horizontal(classes="field"):
-                    yield Label("split", classes="field-label")
-                    yield Input("80/10/10", id="nr-split", placeholder="train/val/test percent")
+                    yield Label("run name", classes="field-label")
+                    yield Input(id="nr-name", placeholder="optional: a name of your own (default: by the time)")
+                yield ConfigForm(DataConfig, exclude=OWN, labels=LABELS, id="nr-settings")
             yield Static("", id="nr-status")
             yield JobPanel("nr", idle="")
             problems: DataTable[str] = DataTable(id="nr-problems", cursor_type="row", zebra_stripes=True)
@@ -98,17 +93,15 @@ class NewRunScreen(ModalScreen[str | None]):
             self._inspect(self.initial_path)
 
     def _models(self) -> list[tuple[str, str]]:
-        store = self.app.store  # type: ignore[attr-defined]
-        default = store.catalog_entry("default")
+        default = self.store.catalog_entry("default")
         return [(m.name + ("  (default)" if default and m.name == default.name else ""), m.name)
-                for m in store.list_models()]
+                for m in self.store.list_models()]
 
     def on_show(self) -> None:
-        select = self.query_one("#nr-model", Select)
+        select: Select[str] = self.query_one("#nr-model", Select)
         if select.is_blank():
-            store = self.app.store  # type: ignore[attr-defined]
-            default = store.catalog_entry("default")
-            names = [m.name for m in store.list_models()]
+            default = self.store.catalog_entry("default")
+            names = [m.name for m in self.store.list_models()]
             if names:
                 select.value = default.name if default and default.name in names else names[0]
 
@@ -145,10 +138,10 @@ class NewRunScreen(ModalScreen[str | None]):
         self.query_one("#nr-files", Static).update("\n".join(lines) or "type a path: each file is inspected")
         names = list(dict.fromkeys(c.name for i in infos for c in i.columns))
         for name in COLUMNS:
-            select = self.query_one(f"#nr-{name}", Select)
+            select: Select[str] = self.query_one(f"#nr-{name}", Select)
             select.set_options([(n, n) for n in names])
             wanted = getattr(suggestion, name, None)
-            if wanted in names:
+            if isinstance(wanted, str) and wanted in names:
                 select.value = wanted
         if infos and not any(i.error for i in infos):
             self.query_one("#nr-task", Select).value = suggestion.task
@@ -170,41 +163,30 @@ class NewRunScreen(ModalScreen[str | None]):
         self.dismiss(None)
 
     def config(self) -> DataConfig | None:
-        from pydantic import ValidationError
-
-        store = self.app.store  # type: ignore[attr-defined]
         paths = [p.strip() for p in self.query_one("#nr-path", Input).value.split(",") if p.strip()]
-        options: dict[str, Any] = {}
         task = self.query_one("#nr-task", Select).value
+        own: dict[str, Any] = {"inputs": paths, "task": task, "store": str(self.store.root)}
         for name, (label, tasks) in COLUMNS.items():
-            select = self.query_one(f"#nr-{name}", Select)
+            select: Select[str] = self.query_one(f"#nr-{name}", Select)
             if task in tasks:
                 if select.is_blank():
                     self._error(f"choose the {label}")
                     return None
-                options[name] = select.value
-        model = self.query_one("#nr-model", Select)
+                own[name] = select.value
+        model: Select[str] = self.query_one("#nr-model", Select)
+        own["model"] = None if model.is_blank() else model.value
         try:
-            split = tuple(float(v) / 100 for v in self.query_one("#nr-split", Input).value.split("/"))
-        except ValueError:
-            split = ()
-        try:
-            return DataConfig(inputs=paths, task=task, pii=self.query_one("#nr-pii", Select).value,
-                              on_error=self.query_one("#nr-on-error", Select).value,
-                              near_dup=self.query_one("#nr-near-dup", Checkbox).value,
-                              model=None if model.is_blank() else model.value, split=split,
-                              store=str(store.root), **options)
-        except ValidationError as exc:
-            self._error("; ".join(f"{e['loc'][0] if e['loc'] else 'settings'}: {e['msg']}" for e in exc.errors()))
+            cfg: DataConfig = self.query_one("#nr-settings", ConfigForm).validate_with(own)
+        except ApplianceError as exc:
+            self._error(exc.message)
             return None
+        return cfg
 
     def _error(self, text: str) -> None:
         self.query_one("#nr-status", Static).update(f"[red]{escape(text)}[/]")
 
     @on(Button.Pressed, "#nr-start")
     def action_prepare(self) -> None:
-        from appliance import jobs
-
         if self.query_one(JobPanel).running:
             return
         cfg = self.config()
@@ -214,17 +196,17 @@ class NewRunScreen(ModalScreen[str | None]):
         if missing:
             self._error(f"not found: {', '.join(missing)}")
             return
-        store = self.app.store  # type: ignore[attr-defined]
-        if self.run_dir is None:
-            self.run_dir = store.new_run_dir()
+        name = self.query_one("#nr-name", Input).value.strip() or None
         try:
-            job = jobs.start("data", self.run_dir, cfg, record=cfg.model_dump(mode="json"))
+            if self.run is None or (name is not None and name != self.run.id):
+                self.run = self.store.run_or_new(name)
+            job = jobs.start("data", self.run.path, cfg)
         except ApplianceError as exc:
             self._error(f"{exc.title}: {exc.message}")
             return
         self.query_one("#nr-problems", DataTable).display = False
         self.query_one("#nr-start", Button).disabled = True
-        self.query_one("#nr-status", Static).update(f"preparing into {self.run_dir.name}…")
+        self.query_one("#nr-status", Static).update(f"preparing into {self.run.id}…")
         self.query_one(JobPanel).follow(job)
 
     @on(JobEnded)
@@ -236,19 +218,17 @@ class NewRunScreen(ModalScreen[str | None]):
         error = message.error
         assert error is not None
         self.query_one("#nr-status", Static).update(f"[red]{escape(error.title)}[/]: {escape(error.hint)}")
-        listing = message.job.dir / "data_problems.jsonl"
-        if listing.is_file():
-            self._list_problems(listing)
+        if self.run is not None and self.run.failed_problems_path.is_file():
+            self._list_problems(self.run.failed_problems_path)
 
     def _list_problems(self, listing: Path) -> None:
-        table = self.query_one("#nr-problems", DataTable)
+        table: DataTable[str] = self.query_one("#nr-problems", DataTable)
         table.clear()
         with open(listing, encoding="utf-8") as handle:
             for number, line in enumerate(handle):
                 if number >= 1000:
                     break
-                problem = json.loads(line)
-                where = f"{Path(problem['file']).name}:{problem['line']}"
-                table.add_row(where, problem.get("field") or "", problem["reason"])
+                problem = Problem.model_validate_json(line)
+                table.add_row(f"{Path(problem.file).name}:{problem.line}", problem.field, problem.reason)
         table.display = True
         table.focus()

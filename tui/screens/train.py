@@ -1,67 +1,69 @@
-"""Train: the run's training settings as a form (checked as you type, with the memory planner's
-prediction), start / stop / resume, and the job live: progress, tokens/s, ETA, memory, the loss
-curves and the log. Opening a run whose training is running (started by an earlier TUI or the
-CLI) attaches to it and replays its history."""
+"""Train: every training setting as a form (the same fields as `appliance train`, checked as you type,
+with the memory planner's verdict), start / stop / resume, a sweep, and the job live: progress,
+tokens/s, ETA, memory, the loss curves and the log. Opening a run shows its last training, running
+(started by an earlier TUI or the CLI: the screen attaches to it) or finished, with its history."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, ClassVar
 
 from rich.markup import escape
 from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
-from textual.containers import Horizontal, Vertical
-from textual.widgets import Button, Footer, Header, Input, Label, Static
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.widgets import Button, Checkbox, Footer, Header, Input, Select, Static
 from textual_plotext import PlotextPlot
 
 from appliance import events as ev
-from appliance import jobs
-from appliance.config import TrainConfig
-from appliance.errors import ApplianceError, StoreError
-from appliance.store import Store
+from appliance import hardware, jobs, planner
+from appliance.config import TrainConfig, load_settings
+from appliance.errors import ApplianceError
+from appliance.records import TrainResult
+from appliance.run import Run
 from tui.follow import JobEnded, JobEvent
-from tui.screens.run import RunScreen
+from tui.screens.base import RunScreen
+from tui.widgets.form import ConfigForm
 from tui.widgets.job_panel import JobPanel
 
-FIELDS: dict[str, tuple[str, type]] = {  # config field -> (label, type)
-    "max_steps": ("steps", int),
-    "batch_size": ("batch size", int),
-    "max_seq_len": ("max tokens per row", int),
-    "learning_rate": ("learning rate", float),
-    "rank": ("LoRA rank", int),
-    "eval_every": ("evaluate every", int),
-    "processes": ("processes (GPUs)", int),
-}
+RECIPE = Path(__file__).resolve().parents[2] / "appliance" / "train" / "recipes" / "smollm2-cpu.yaml"
+HIDDEN = ("store", "resume")  # the screen's own: the store it runs in, and the Resume button
 
 
-def describe_plan(cfg: TrainConfig, store: Any) -> str:
-    """The planner's prediction for these settings on this machine (CPU unless a GPU is seen)."""
-    import json
+def starting_values(run: Run) -> dict[str, Any]:
+    """What the form starts from: the run's last training settings, else the CPU recipe (on the run's own base
+    model)."""
+    recorded = run.settings("train")
+    if recorded:
+        return recorded
+    recipe = dict(load_settings(RECIPE))
+    recipe.pop("base_model", None)
+    return recipe
 
-    from appliance import hardware
-    from appliance import planner
 
+def plan_text(cfg: TrainConfig, run: Run) -> str:
+    """The planner's verdict for these settings on this machine (the GPU when one is seen, else the CPU)."""
     try:
-        name = store.resolve_model(cfg.base_model, "base model", "Import one in Models.")
+        name = run.base_model(cfg.base_model)
     except ApplianceError as exc:  # no base model yet: say so instead of a prediction
-        return f"[yellow]{escape(str(exc))}[/]"
-    model_dir = store.model_dir(name)
-    parameters = json.loads((model_dir / "source.json").read_text(encoding="utf-8"))["parameters"]
+        return f"[yellow]{escape(exc.message)}[/]\n{escape(exc.hint)}"
     gpus = hardware.nvidia_gpus(timeout_s=2.0)
-    device, available = ("cuda", float(gpus[0].memory_free_mb or gpus[0].memory_total_mb)) if gpus else \
-        ("cpu", float(hardware.memory().available_mb) / cfg.processes)  # the processes share the machine's RAM
-    plan = planner.plan(cfg, model_dir, parameters, cfg.max_seq_len, device, available)
-    verdict = "[green]fits[/]" if plan.fits else "[red]does not fit[/]"
-    each = f" per process ({cfg.world_size}, {cfg.sharding.upper()})" if cfg.world_size > 1 else ""
-    return (f"memory plan: about {plan.peak_mb / 1024:.1f} GiB at peak on {device}{each}, "
-            f"{plan.available_mb / 1024:.1f} GiB available: {verdict}")
+    device, available = planner.device_memory(
+        cfg.processes, float(gpus[0].memory_free_mb or gpus[0].memory_total_mb) if gpus else None)
+    parameters = run.store.get_model(name).parameters
+    try:
+        plan = planner.check(cfg, run.store.model_dir(name), parameters, cfg.max_seq_len, device, available)
+    except planner.PlanRefused as exc:
+        return f"[red]{escape(exc.title)}[/]: {escape(exc.message)}\n[b]hint[/]: {escape(exc.hint)}"
+    return f"memory plan: {escape(planner.summary(plan))}: [green]fits[/]"
 
 
 class TrainScreen(RunScreen):
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("ctrl+s", "start", "Start"),
         Binding("ctrl+x", "stop", "Stop"),
+        Binding("ctrl+w", "sweep", "Sweep"),
         Binding("escape", "app.pop_screen", "Back", priority=True),
     ]
 
@@ -69,8 +71,13 @@ class TrainScreen(RunScreen):
         super().__init__(run_id)
         self.job: jobs.Job | None = None
         self.curves: dict[str, tuple[list[int], list[float]]] = {}
+        self.recorded: dict[str, Any] = {}
 
     def compose(self) -> ComposeResult:
+        try:
+            self.recorded = starting_values(self.run)
+        except ApplianceError:
+            self.recorded = {}  # a damaged run.yaml: the form starts from the defaults; starting explains it
         yield Header()
         with Horizontal(id="train-top"):
             with Vertical(id="train-form"):
@@ -79,10 +86,9 @@ class TrainScreen(RunScreen):
                     yield Button("Start", id="start", variant="primary", compact=True)
                     yield Button("Resume", id="resume", compact=True)
                     yield Button("Stop", id="stop", variant="error", disabled=True, compact=True)
-                for name, (label, _kind) in FIELDS.items():
-                    with Horizontal(classes="field"):
-                        yield Label(label, classes="field-label")
-                        yield Input(id=f"f-{name}", classes="field-input")
+                    yield Button("Sweep…", id="sweep", compact=True)
+                with VerticalScroll(id="train-fields"):
+                    yield ConfigForm(TrainConfig, exclude=HIDDEN, values=self.recorded, id="train-settings")
                 yield Static("", id="train-errors")
                 yield Static("", id="train-plan")
             with Vertical(id="train-live"):
@@ -91,48 +97,31 @@ class TrainScreen(RunScreen):
         yield Footer()
 
     def on_mount(self) -> None:
-        defaults = {"max_steps": 100, "batch_size": 4, "max_seq_len": 512, "learning_rate": 2e-4, "rank": 16,
-                    "eval_every": 25, "processes": 1}
-        recorded = self._recorded()
-        for name in FIELDS:
-            self.query_one(f"#f-{name}", Input).value = str(recorded.get(name) or defaults[name])
-        self.query_one("#resume", Button).disabled = not (self.run_dir / "checkpoints").is_dir()
+        self.query_one("#resume", Button).disabled = not self.run.checkpoints_dir.is_dir()
         self._check_form()
-        job = jobs.attach(self.run_dir)
-        if job is not None and job.stage == "train" and (job.running() or job.events_path.exists()):
-            self._follow(job)
-
-    def _recorded(self) -> dict[str, Any]:
-        try:
-            return Store.stage_config(self.run_dir, "train")
-        except StoreError:
-            return {}  # the form starts from the recipe; starting the training explains the damage
+        job = jobs.attach(self.run.path, "train")
+        if job is not None:
+            self._follow(job)  # its history, and what it does now if it still runs
 
     # -- the form ----------------------------------------------------------------------------
 
-    def settings(self) -> dict[str, Any]:
-        values: dict[str, Any] = {}
-        for name, (_label, kind) in FIELDS.items():
-            text = self.query_one(f"#f-{name}", Input).value.strip()
-            try:
-                values[name] = kind(text)
-            except ValueError:
-                values[name] = text  # the config's validation names the field
-        return {**self._recorded(), **values, "store": str(self.app.store.root)}  # type: ignore[attr-defined]
+    @property
+    def form(self) -> ConfigForm:
+        return self.query_one("#train-settings", ConfigForm)
 
     def config(self, resume: bool = False) -> TrainConfig | None:
-        from pydantic import ValidationError
-
         try:
-            cfg = TrainConfig(**{**self.settings(), "resume": resume})
-        except ValidationError as exc:
-            problems = [f"{FIELDS.get(str(e['loc'][0]), (str(e['loc'][0]),))[0]}: {e['msg']}" for e in exc.errors()]
-            self.query_one("#train-errors", Static).update("[red]" + escape("\n".join(problems)) + "[/]")
+            cfg: TrainConfig = self.form.validate_with({**self.recorded, "store": str(self.store.root),
+                                                        "resume": resume})
+        except ApplianceError as exc:
+            self.query_one("#train-errors", Static).update("[red]" + escape(exc.message.replace("; ", "\n")) + "[/]")
             return None
         self.query_one("#train-errors", Static).update("")
         return cfg
 
     @on(Input.Changed)
+    @on(Select.Changed)
+    @on(Checkbox.Changed)
     def _check_form(self) -> None:
         cfg = self.config()
         if cfg is not None:
@@ -140,7 +129,7 @@ class TrainScreen(RunScreen):
 
     @work(thread=True, exclusive=True, group="plan", exit_on_error=False)
     def plan_preview(self, cfg: TrainConfig) -> None:
-        text = describe_plan(cfg, self.app.store)  # type: ignore[attr-defined]
+        text = plan_text(cfg, self.run)
         self.app.call_from_thread(self.query_one("#train-plan", Static).update, text)
 
     # -- the job -----------------------------------------------------------------------------
@@ -153,6 +142,10 @@ class TrainScreen(RunScreen):
     def _resume(self) -> None:
         self._launch(resume=True)
 
+    @on(Button.Pressed, "#sweep")
+    def action_sweep(self) -> None:
+        self.appliance.open_run(self.run_id, "sweep")
+
     def _launch(self, resume: bool) -> None:
         if self.job is not None and self.job.running():
             self.notify("Training is already running for this run.", severity="warning")
@@ -161,8 +154,10 @@ class TrainScreen(RunScreen):
         if cfg is None:
             self.notify("Fix the settings first.", severity="error")
             return
-        job = self.start_job("train", cfg, record=cfg.model_dump(mode="json", exclude={"resume"}))
-        if job is None:
+        try:
+            job = jobs.start("train", self.run.path, cfg)
+        except ApplianceError as exc:
+            self.notify(f"{exc.message}\n{exc.hint}", title=exc.title, severity="error", timeout=12)
             return
         self.curves.clear()
         self._follow(job)
@@ -185,7 +180,7 @@ class TrainScreen(RunScreen):
 
     def _set_running(self, running: bool) -> None:
         self.query_one("#start", Button).disabled = running
-        self.query_one("#resume", Button).disabled = running or not (self.run_dir / "checkpoints").is_dir()
+        self.query_one("#resume", Button).disabled = running or not self.run.checkpoints_dir.is_dir()
         self.query_one("#stop", Button).disabled = not running
 
     @on(JobEvent)
@@ -201,10 +196,9 @@ class TrainScreen(RunScreen):
     def _ended(self, message: JobEnded) -> None:
         self._set_running(False)
         if message.done is not None:
-            result = message.done.result
-            adapter = escape(str(result.get("adapter")))
-            self.query_one(JobPanel).say(f"[green]done[/]: {result.get('steps')} steps, train loss "
-                                         f"{result.get('train_loss', float('nan')):.4f}, adapter in {adapter}")
+            result = TrainResult.model_validate(message.done.result)
+            self.query_one(JobPanel).say(f"[green]done[/]: {result.steps} steps, train loss {result.train_loss:.4f}, "
+                                         f"adapter in {escape(result.adapter)}")
 
     def _point(self, curve: str, step: int, value: float) -> None:
         xs, ys = self.curves.setdefault(curve, ([], []))

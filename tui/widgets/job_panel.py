@@ -16,22 +16,10 @@ from textual.widgets import ProgressBar, RichLog, Static
 from appliance import events as ev
 from appliance.jobs import Job
 from tui.follow import JobEnded, JobEvent, follow
+from tui.screens.base import ReportsWorkerErrors
 
 
-def describe(event: ev.Progress) -> str:
-    parts = [event.phase, f"step {event.step}/{event.total}" if event.total else ""]
-    if event.loss is not None:
-        parts.append(f"loss {event.loss:.4f}")
-    if event.tokens_per_s:
-        parts.append(f"{event.tokens_per_s:,.0f} tok/s")
-    if event.eta_s is not None:
-        parts.append(f"ETA {int(event.eta_s) // 60}:{int(event.eta_s) % 60:02d}")
-    if event.mem_mb:
-        parts.append(f"{event.mem_mb / 1024:.1f} GiB")
-    return " · ".join(p for p in parts if p)
-
-
-class JobPanel(Vertical):
+class JobPanel(ReportsWorkerErrors, Vertical):
     def __init__(self, prefix: str, idle: str = "not started") -> None:
         super().__init__(id=f"{prefix}-job", classes="job-panel")
         self.prefix = prefix
@@ -71,7 +59,7 @@ class JobPanel(Vertical):
         event = message.event
         if isinstance(event, ev.Progress):
             self.query_one(ProgressBar).update(total=event.total, progress=event.step)
-            self.say(escape(describe(event)))
+            self.say(escape(event.describe()))
         elif isinstance(event, ev.Log):
             style = {"warning": "yellow", "error": "red"}.get(event.level, "")
             text = escape(event.message)
