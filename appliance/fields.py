@@ -13,7 +13,7 @@ import functools
 import types
 import typing
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal, Union
 
 from annotated_types import Ge, Gt, Le, Lt, MaxLen, MinLen
@@ -68,6 +68,11 @@ class FieldSpec:
         if not self.required and not self.secret and self.default not in (None, [], {}, ""):
             extra.append(f"default {self.text(self.default)}")
         return self.description + (f" [{'; '.join(extra)}]" if extra else "")
+
+    def values_to_try(self) -> FieldSpec:
+        """The field as several values to try, comma-separated (a sweep's grid)."""
+        return replace(self, kind="list", description=f"Values to try, comma-separated: {self.description}",
+                       default=None, optional=False, choices=())
 
     def parse(self, text: str | Iterable[str]) -> Any:
         """What was typed, as the value the config validates; an empty text is None for an optional field.
@@ -148,19 +153,10 @@ def _kind(alternatives: list[Any]) -> tuple[Kind, tuple[str, ...]]:
     if not others:
         return "choice", literals
     origin = typing.get_origin(others[0]) or others[0]
-    if origin is list:
-        return "list", literals
-    if origin is dict:
-        return "mapping", literals
-    if origin is tuple:
-        return "tuple", literals
-    if origin is bool:
-        return "bool", literals
-    if origin is int:
-        return "int", literals
-    if origin is float:
-        return "float", literals
-    return "text", literals
+    return _KINDS.get(origin, "text"), literals
+
+
+_KINDS: dict[Any, Kind] = {list: "list", dict: "mapping", tuple: "tuple", bool: "bool", int: "int", float: "float"}
 
 
 def _count(n: int, what: str) -> str:

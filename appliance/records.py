@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, computed_field
+from pydantic import BaseModel, ConfigDict, Field, computed_field, model_validator
 
 from appliance.config import DataConfig
 from appliance.templating import ChatContract
@@ -21,6 +21,14 @@ class Record(BaseModel):
     """A record as written: unknown fields from a newer version are kept, not refused."""
 
     model_config = ConfigDict(extra="allow")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _derived_fields_are_not_read(cls, data: Any) -> Any:
+        """What a record derives (`passed`) is written for its readers, and derived again when read back."""
+        if isinstance(data, dict) and cls.model_computed_fields:
+            return {k: v for k, v in data.items() if k not in cls.model_computed_fields}
+        return data
 
 
 # -- data ------------------------------------------------------------------------------------

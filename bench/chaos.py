@@ -101,8 +101,10 @@ class Bench:
     def outcome(self, stage: str, run_dir: Path, result: dict[str, Any]) -> Any:
         """What must come out the same however often the stage was killed on the way."""
         if stage == "data":
-            report = json.loads((run_dir / "data" / "data_report.json").read_text(encoding="utf-8"))
-            return {name: out.get("sha256") for name, out in report["outputs"].items()}
+            from appliance.run import Run
+
+            report = Run.at(run_dir).require_data_report()
+            return {name: out.sha256 for name, out in report.outputs.items()}
         if stage == "train":
             return result["steps"]
         return sorted((f["quant"], f["passed"]) for f in result["files"])
@@ -161,7 +163,9 @@ class Bench:
             if resumed != expected and not (run_dir / "adapter").is_dir() and expected is not None:
                 lost.append(f"resumed from {resumed}, not the last complete checkpoint {expected}")
         if stage == "export" and outcome is not None:
-            report = manifest.verify(self.store, run_dir)
+            from appliance.run import Run
+
+            report = manifest.verify(Run(self.store, run_dir))
             if not report.ok:
                 lost.append(f"manifest: signature {report.signature}, changed {report.changed[:2]}, "
                             f"missing {report.missing[:2]}, unrecorded {report.unrecorded[:2]}")

@@ -96,8 +96,8 @@ def measure(args: argparse.Namespace, quants: list[str]) -> dict[str, Any]:
     offline.activate()
     from appliance import templating as encoding
     from appliance import toolchain
-    from appliance.evaluate.items import load_items
     from appliance.evaluate.targets import GGUFTarget, HFTarget
+    from appliance.run import Run
     from appliance.store import Store
     from appliance.templating import load_tokenizer
 
@@ -114,8 +114,9 @@ def measure(args: argparse.Namespace, quants: list[str]) -> dict[str, Any]:
         tmp = Path(name)
         print("... preparing the shipped sample", file=sys.stderr)
         run_dir = _prepare(tmp)
-        items = load_items(run_dir / "data" / "test.jsonl", args.items)
-        labels: list[str] = json.loads((run_dir / "data" / "data_report.json").read_text())["labels"]["set"]
+        run = Run.at(run_dir)
+        items = run.items("test", args.items)
+        labels = run.require_data_report().label_set
         tokenizer = load_tokenizer(model_dir)
         stop_ids = encoding.stop_ids(tokenizer)
         prompts = [encoding.prompt_ids(tokenizer, i.prompt) for i in items]

@@ -105,14 +105,15 @@ def measure(args: argparse.Namespace, quants: list[str]) -> dict[str, Any]:
         print(f"... ours: appliance export --quant {','.join(quants)}", file=sys.stderr)
         ours, ours_wall = _cli(env, "export", "--run", run, "--quant", ",".join(quants))
         if ours.get("rejected_dir"):  # why the gate refused a file; the report goes with the temp dir
-            report = json.loads((Path(ours["rejected_dir"]) / "verification.json").read_text(encoding="utf-8"))
-            ours["rejected_why"] = {f["quant"]: "; ".join(f"{c['name']}: {c['detail']}" for c in f["checks"]
-                                                          if c["status"] == "fail") for f in report["files"]}
+
+            report = store.run(run).verification(Path(ours["rejected_dir"]))
+            ours["rejected_why"] = {f.quant: "; ".join(f"{c.name}: {c.detail}" for c in f.checks
+                                                       if c.status == "fail") for f in (report.files if report else [])}
         print("... bare: peft merge_and_unload + convert + quantize", file=sys.stderr)
         out = Path(tmp) / "bare"
         out.mkdir()
         began = time.perf_counter()
-        peer = subprocess.run([sys.executable, __file__, "--child", str(store.run_dir(run)),
+        peer = subprocess.run([sys.executable, __file__, "--child", str(store.run(run).path),
                                str(store.model_dir(MODEL)), str(out), ",".join(quants)],
                               capture_output=True, text=True, cwd=REPO, check=False)
         if peer.returncode != 0:

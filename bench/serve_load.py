@@ -136,15 +136,16 @@ def _rss_mib(pid: int) -> float:
 
 def _model(spec: str | None) -> Path:
     sys.path.insert(0, str(REPO))
-    from appliance.serve.model import exported, resolve
+    from appliance.run import exported_models
+    from appliance.serve.model import resolve
     from appliance.store import Store
 
     store = Store.open()
     if spec is None:
-        names = exported(store)
+        names = exported_models(store)
         if not names:
             raise SystemExit("no exported model in the store: run `appliance export --run RUN` first, or give --model")
-        spec = max(names.items(), key=lambda item: item[1].name)[0]
+        spec = max(names.items(), key=lambda item: item[1].id)[0]
     return resolve(store, spec).path
 
 

@@ -7,7 +7,9 @@ import os
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -82,6 +84,33 @@ def exported(trained: tuple[Store, Path]) -> tuple[Store, Path, ExportResult]:
                      store=store.root)
     assert result.returncode == 0, result.stderr
     return store, run_dir, ExportResult.model_validate_json(result.stdout)
+
+
+@dataclass
+class Quickstarted:
+    """`appliance quickstart` run once for the session, watched by the egress witness (tests/witness)."""
+
+    store: Store
+    run_dir: Path
+    summary: dict[str, Any]
+    stdout: str
+    stderr: str
+    witness: Path
+
+
+@pytest.fixture(scope="session")
+def quickstarted(tmp_path_factory: pytest.TempPathFactory, default_store: Store) -> Quickstarted:
+    """The whole product once, end to end, with a tiny step budget: the quickstart test checks it, and the
+    evaluation, PII and data tests check what its stages wrote instead of running them again."""
+    store = Store.open(tmp_path_factory.mktemp("quickstart-store"))
+    os.symlink(default_store.model_dir(DEFAULT_MODEL), store.model_dir(DEFAULT_MODEL))
+    witness = store.root / "witness.jsonl"
+    result = run_cli("quickstart", "--max-steps", "3", "--ppl-tokens", "128", "--max-items", "16", "--json",
+                     store=store.root, env={"APPLIANCE_WITNESS": str(witness),
+                                            "PYTHONPATH": str(REPO / "tests" / "witness")})
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    return Quickstarted(store, store.runs_dir / summary["run"], summary, result.stdout, result.stderr, witness)
 
 
 def clone_run(store: Store, source: Path, name: str) -> Path:

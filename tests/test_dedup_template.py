@@ -3,17 +3,18 @@ marks exactly the assistant turns as trained; the shipped sample is what its gen
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
-from conftest import run_cli
+import pytest
+from conftest import Quickstarted, run_cli
 from data_helpers import assert_accounted, run_prepare, split_rows, write_jsonl
 
 from appliance.data import dedup
 from appliance.data.lengths import length_stats
 from appliance.data.sample import generate, shipped_path, to_csv
 from appliance.embedder import Embedder, ensure_onnx
+from appliance.run import Run
 from appliance.store import Store
 from appliance.templating import encode, load_tokenizer
 
@@ -120,21 +121,30 @@ def test_shipped_sample_matches_its_generator() -> None:
     assert 300 <= len(rows) <= 600 and len({r["category"] for r in rows}) == 6
 
 
-def test_sample_end_to_end_through_the_cli(tmp_path: Path, scratch_store: Store) -> None:
+@pytest.mark.slow
+def test_sample_end_to_end_through_the_cli(tmp_path: Path, quickstarted: Quickstarted) -> None:
+    """`appliance data sample` writes the shipped sample; what the quickstart prepared from it (through the
+    data job, with near-duplicates) accounts for every row, and the data summary says what PII it found."""
     sample = tmp_path / "helpdesk.csv"
     assert run_cli("data", "sample", str(sample)).returncode == 0
-    result = run_cli("data", "prepare", str(sample), "--task", "classification", "--label-field", "category",
-                     "--json", store=scratch_store.root)
-    assert result.returncode == 0, result.stderr
-    output = json.loads(result.stdout)
-    report = output["report"]
-    assert_accounted(report)
-    assert report["counts"]["duplicates_exact"] > 0 and report["counts"]["duplicates_near"] > 0
-    assert set(report["labels"]["set"]) == {"access", "billing", "hardware", "network", "security", "software"}
-    run_dir = scratch_store.runs_dir / output["run"]
-    assert (run_dir / "run.yaml").is_file() and (run_dir / "events.jsonl").is_file()
+    assert sample.read_bytes() == shipped_path().read_bytes()
+    run = Run.at(quickstarted.run_dir)
+    report = run.require_data_report()
+    assert_accounted(report.model_dump(mode="json"))
+    assert report.counts.duplicates_exact > 0 and report.counts.duplicates_near > 0
+    assert set(report.label_set) == {"access", "billing", "hardware", "network", "security", "software"}
+    assert run.config_path.is_file() and run.events_path.is_file()
     for name in ("train", "val", "test"):
-        assert report["outputs"][name]["rows"] == len((run_dir / "data" / f"{name}.jsonl").read_text().splitlines())
-    text = run_cli("data", "prepare", str(sample), "--task", "classification", "--label-field", "category",
-                   store=scratch_store.root)
-    assert "PII found (redact)" in text.stdout and "CREDIT_CARD" in text.stdout
+        assert report.outputs[name].rows == len(run.split_path(name).read_text().splitlines())
+    from rich.console import Console
+
+    from appliance.cli import data as data_cli
+
+    printed = Console(width=200, record=True)
+    data_cli.console, original = printed, data_cli.console
+    try:
+        data_cli.print_data_summary(run.id, report, run.data_dir)
+    finally:
+        data_cli.console = original
+    text = printed.export_text()
+    assert "PII found (redact)" in text and "CREDIT_CARD" in text and f"-> {run.data_dir}" in text

@@ -10,11 +10,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import run_cli
+from conftest import Quickstarted, run_cli
 
 from appliance import toolchain
 from appliance.evaluate.items import choose_examples, with_examples
-from appliance.records import ExportResult
+from appliance.records import EvalResult, ExportResult
 from appliance.run import Item, Run
 from appliance.store import Store
 
@@ -95,36 +95,48 @@ def test_llama_cpp_scores_agree_with_transformers(tiny_targets: tuple[Any, Any, 
 
 
 @pytest.mark.slow
-def test_eval_compares_every_target(exported: tuple[Store, Path, ExportResult]) -> None:
-    store, run_dir, _export = exported
-    result = run_cli("eval", "--run", run_dir.name, "--targets", "base,fewshot,tuned,gguf:Q8_0", "--max-items", "12",
-                     "--fewshot-select", "random", "--json", store=store.root)
-    assert result.returncode == 0, result.stderr
-    summary = json.loads(result.stdout)
-    assert summary["task"] == "classification" and summary["primary"] == "accuracy" and summary["n"] == 12
-    assert [t["target"] for t in summary["targets"]] == ["base", "fewshot", "tuned", "gguf:Q8_0"]
-    labels = Run.at(run_dir).require_data_report().label_set
-    reports = {}
-    for name in ("base", "fewshot", "tuned", "gguf-Q8_0"):
-        report = json.loads((run_dir / "eval" / f"{name}.json").read_text())
-        reports[name] = report
-        assert set(report["predictions"]) <= set(labels)  # label scoring: always a valid label
-        assert report["report"]["out_of_set_rate"] == 0.0
-        assert sum(map(sum, report["report"]["confusion"])) == 12
-        score = report["score"]
-        assert 0.0 <= score["low"] <= score["point"] <= score["high"] <= 1.0
-        assert report["tokens_per_s"] > 0 and report["size_bytes"] > 0
-    assert len(reports["gguf-Q8_0"]["predictions"]) == len(reports["tuned"]["predictions"]) == 12
-    pairs = {(c["baseline"], c["target"]) for c in summary["comparisons"]}
-    assert {("base", "fewshot"), ("base", "tuned"), ("fewshot", "tuned"), ("tuned", "gguf:Q8_0")} <= pairs
-    assert all(c["sentence"].endswith(("beyond noise", "within noise")) for c in summary["comparisons"])
-    recommendation = summary["recommendation"]
-    assert recommendation is None or recommendation["file"] == "Q8_0"
-    assert (recommendation is None) == (summary["note"] is not None)
-    manifest = Run.at(run_dir).manifest()
+def test_eval_compares_every_target(quickstarted: Quickstarted) -> None:
+    """The quickstart's evaluation: base zero-shot, few-shot, tuned and every verified GGUF on the same test
+    rows, each record complete, every comparison a sentence, the manifest signed again with the results."""
+    run = Run.at(quickstarted.run_dir)
+    comparison = run.comparison()
+    assert comparison is not None
+    assert comparison.task == "classification" and comparison.primary == "accuracy" and comparison.n == 16
+    names = [t.target for t in comparison.targets]
+    ggufs = [n for n in names if n.startswith("gguf:")]
+    assert names[:3] == ["base", "fewshot", "tuned"] and ggufs and names == names[:3] + ggufs
+    labels = run.require_data_report().label_set
+    for name in names:
+        report = run.evaluation(name)
+        assert report is not None and report.target == name
+        assert set(report.predictions) <= set(labels) and len(report.predictions) == 16  # always a valid label
+        assert report.report["out_of_set_rate"] == 0.0
+        assert sum(map(sum, report.report["confusion"])) == 16
+        assert 0.0 <= report.score.low <= report.score.point <= report.score.high <= 1.0
+        assert report.tokens_per_s > 0 and report.size_bytes
+    pairs = {(c.baseline, c.target) for c in comparison.comparisons}
+    assert {("base", "fewshot"), ("base", "tuned"), ("fewshot", "tuned")} | {("tuned", g) for g in ggufs} <= pairs
+    assert all(c.sentence.endswith(("beyond noise", "within noise")) for c in comparison.comparisons)
+    recommendation = comparison.recommendation
+    assert recommendation is None or f"gguf:{recommendation.file}" in ggufs
+    assert (recommendation is None) == (comparison.note is not None)
+    manifest = run.manifest()
     assert manifest is not None and set(manifest.evaluation or {}) >= {"base", "tuned", "comparison"}
-    assert run_cli("verify", run_dir.name, store=store.root).returncode == 0
-    assert not math.isnan(summary["seconds"])
+    assert run_cli("verify", run.id, store=quickstarted.store.root).returncode == 0
+    assert not math.isnan(comparison.seconds)
+
+
+@pytest.mark.slow
+def test_eval_command_scores_the_targets_it_is_given(exported: tuple[Store, Path, ExportResult]) -> None:
+    store, run_dir, _export = exported
+    result = run_cli("eval", "--run", run_dir.name, "--targets", "gguf:Q8_0", "--max-items", "6", "--split", "val",
+                     "--json", store=store.root)
+    assert result.returncode == 0, result.stderr
+    summary = EvalResult.model_validate_json(result.stdout)
+    assert summary.split == "val" and summary.n == 6 and [t.target for t in summary.targets] == ["gguf:Q8_0"]
+    assert summary.note and Run.at(run_dir).comparison() == summary  # what it printed is what it recorded
+    refused = run_cli("eval", "--run", run_dir.name, "--targets", "gguf:Q2_K", store=store.root)
+    assert refused.returncode == 1 and "has no verified Q2_K GGUF" in refused.stderr
 
 
 @pytest.mark.slow

@@ -105,53 +105,40 @@ def test_data_preparation_killed_then_prepared_again(scratch_store: Store) -> No
 
 
 @pytest.mark.slow
-def test_training_killed_then_resumed(prepared: tuple[Store, Path]) -> None:
+def test_training_killed_or_out_of_disk_then_resumed(prepared: tuple[Store, Path]) -> None:
+    """Killed at two drawn points, then out of disk while writing a checkpoint and the adapter: after each the
+    run is consistent and a full disk is explained; the training then resumes and completes."""
     store, source = prepared
     run_dir = clone_run(store, source, "chaos-train")
     cfg = TrainConfig(store=str(store.root), **TRAIN)
     for point in draw("train", 2):
         killed_at("train", run_dir, cfg, point)
-    result = completes("train", run_dir, cfg.model_copy(update={"resume": True}), TrainResult)
+    resume = cfg.model_copy(update={"resume": True})
+    for point in ("train.checkpoint", "train.adapter"):
+        assert "df -h" in full_disk_at("train", run_dir, resume, point).hint
+        assert not (run_dir / "adapter").exists()
+    result = completes("train", run_dir, resume, TrainResult)
     assert result.steps == TRAIN["max_steps"]
     assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
 
 
 @pytest.mark.slow
-def test_export_killed_then_exported_again(trained: tuple[Store, Path]) -> None:
+def test_export_killed_or_out_of_disk_then_exported_again(trained: tuple[Store, Path]) -> None:
+    """Killed at two drawn points, then out of disk at the quantization and at the manifest (a full disk at the
+    merge and the conversion: test_export's test_a_full_disk_leaves_nothing_registered): the run stays
+    consistent, and the export then completes with a manifest that verifies."""
     store, source = trained
     run_dir = clone_run(store, source, "chaos-export")
     shutil.copytree(source / "adapter", run_dir / "adapter")
     cfg = ExportConfig(quants=["Q8_0"], ppl_tokens=128, store=str(store.root))
     for point in sorted(draw("export", 2), key=POINTS["export"].index):
         killed_at("export", run_dir, cfg, point)
+    for point in ("export.quantize", "write:manifest.json"):
+        full_disk_at("export", run_dir, cfg, point)
     result = completes("export", run_dir, cfg, ExportResult)
     assert [f.quant for f in result.files if f.passed] == ["F16", "Q8_0"]
     verified = run_cli("verify", run_dir.name, "--json", store=store.root)
     assert verified.returncode == 0, verified.stdout + verified.stderr
-
-
-@pytest.mark.slow
-def test_a_full_disk_while_training_is_explained_and_keeps_nothing_half_written(
-        prepared: tuple[Store, Path]) -> None:
-    store, source = prepared
-    run_dir = clone_run(store, source, "full-train")
-    cfg = TrainConfig(store=str(store.root), **{**TRAIN, "max_steps": 2})
-    for point in ("train.checkpoint", "train.adapter"):
-        assert "df -h" in full_disk_at("train", run_dir, cfg, point).hint
-        assert not (run_dir / "adapter").exists()
-    completes("train", run_dir, cfg, TrainResult)
-
-
-@pytest.mark.slow
-def test_a_full_disk_at_each_write_of_an_export_is_explained(trained: tuple[Store, Path]) -> None:
-    store, source = trained
-    run_dir = clone_run(store, source, "full-export")
-    shutil.copytree(source / "adapter", run_dir / "adapter")
-    cfg = ExportConfig(quants=["Q8_0"], ppl_tokens=128, store=str(store.root))
-    # a full disk at the merge and at the conversion: test_export's test_a_full_disk_leaves_nothing_registered
-    for point in ("export.quantize", "write:manifest.json"):
-        full_disk_at("export", run_dir, cfg, point)
-    completes("export", run_dir, cfg, ExportResult)
 
 
 @pytest.mark.slow

@@ -13,26 +13,19 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import REPO, run_cli
+from conftest import Quickstarted
 
 from appliance.run import Run
-from appliance.store import Store
 
 
 @pytest.mark.slow
-def test_quickstart_with_a_tiny_budget(scratch_store: Store) -> None:
-    store = scratch_store
-    witness = store.root / "witness.jsonl"
-    result = run_cli("quickstart", "--max-steps", "3", "--ppl-tokens", "128", "--max-items", "16", "--json",
-                     store=store.root, env={"APPLIANCE_WITNESS": str(witness),
-                                            "PYTHONPATH": str(REPO / "tests" / "witness")})
-    assert result.returncode == 0, result.stderr
+def test_quickstart_with_a_tiny_budget(quickstarted: Quickstarted) -> None:
+    store, witness, summary = quickstarted.store, quickstarted.witness, quickstarted.summary
     assert not store.egress_log.exists() or store.egress_log.read_text() == ""  # zero attempts refused
     seen = [json.loads(line) for line in witness.read_text().splitlines()]
     assert [e for e in seen if e["event"] != "start" and not _local(e)] == []
     assert len({e["pid"] for e in _processes(witness)}) >= 5  # the CLI and its four stage jobs were all watched
-    summary = json.loads(result.stdout)
-    run_dir = store.runs_dir / summary["run"]
+    run_dir = quickstarted.run_dir
     assert [d.name for d in store.runs_dir.iterdir()] == [run_dir.name]
 
     counts = summary["data"]["counts"]

@@ -117,7 +117,7 @@ def test_cancelled_import_rolls_back(store_dir: Path, default_store: Store) -> N
     cfg = ImportConfig(source="default", name="cancelled", store=str(store.root))
     job = jobs.start("import", store.new_job_dir("import"), cfg)
     for event in job.follow():
-        if isinstance(event, ev.Progress) and event.phase.startswith("loading"):
+        if isinstance(event, ev.Log) and event.message.startswith("importing"):  # its staging folder is made
             job.process.send_signal(signal.SIGTERM)  # the stage stops at its next safe point
             break
     with pytest.raises(jobs.Cancelled):

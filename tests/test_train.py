@@ -35,7 +35,8 @@ def test_lora_training_end_to_end(backend: str, request: pytest.FixtureRequest) 
         store, source = request.getfixturevalue("prepared")
         run_dir = clone_run(store, source, f"e2e-{backend}")
         recipe = run_dir.parent / "recipe.yaml"
-        recipe.write_text("\n".join(f"{k}: {v}" for k, v in SETTINGS.items()) + "\n")
+        # the label probe has its own test, on the session's trained run: this one measures the loss only
+        recipe.write_text("\n".join(f"{k}: {v}" for k, v in {**SETTINGS, "task_eval_items": 0}.items()) + "\n")
         result = run_cli("train", "--run", run_dir.name, "--recipe", str(recipe), "--backend", backend, "--json",
                          store=store.root)
         assert result.returncode == 0, result.stderr
@@ -108,7 +109,7 @@ def test_sigkill_then_resume_continues_exactly(prepared: tuple[Store, Path]) -> 
 def test_sigterm_stops_at_a_step_and_saves(prepared: tuple[Store, Path]) -> None:
     store, source = prepared
     run_dir = clone_run(store, source, "stopped")
-    cfg = TrainConfig(store=str(store.root), **{**SETTINGS, "max_steps": 40, "save_every": 100})
+    cfg = TrainConfig(store=str(store.root), **{**SETTINGS, "max_steps": 40, "save_every": 100, "task_eval_items": 0})
     job = jobs.start("train", run_dir, cfg)
     for event in job.follow():
         if isinstance(event, ev.Progress) and event.phase == "training" and event.step >= 2:

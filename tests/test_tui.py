@@ -28,6 +28,7 @@ from tui.screens.base import RunScreen
 from tui.screens.chat import Bubble, ChatScreen
 from tui.screens.home import HomeScreen
 from tui.screens.train import TrainScreen
+from tui.widgets.job_panel import JobPanel
 
 DOCTOR = {"ok": True, "checks": [
     {"name": "gpu", "status": "ok", "detail": "none: training runs on the CPU (slower)"},
@@ -191,7 +192,6 @@ def test_snapshot_chat_without_a_model_file_120x40(snap_compare: Any) -> None:
     store = _fake_store(SNAPSHOT_STORE)
 
     async def chat(pilot: Any) -> None:
-        from tui.screens.chat import ChatScreen
 
         await _settle(pilot)
         pilot.app.push_screen(ChatScreen("run-20261103-090000-cccccc"))
@@ -208,9 +208,10 @@ async def _settle(pilot: Any) -> None:
 
 
 @pytest.mark.slow
-def test_the_whole_pipeline_new_run_data_train_export_chat(scratch_store: Store) -> None:
-    """From the keyboard: a new run on the sample (inspected, columns suggested), its data report,
-    three training steps with live progress, one verified quantization, and one chat message."""
+def test_the_whole_pipeline_new_run_data_train(scratch_store: Store) -> None:
+    """From the keyboard: a new run on the sample (inspected, columns suggested), its data report (the same
+    settings recorded as the CLI records), and three training steps with live progress. Exporting from the
+    TUI and chatting run on the session's exported run (below), not on a second export of their own."""
     store = scratch_store
     sample = str(shipped_path())
 
@@ -254,7 +255,7 @@ def test_the_whole_pipeline_new_run_data_train_export_chat(scratch_store: Store)
             screen = app.screen
             assert isinstance(screen, TrainScreen) and screen.run_id == run_id
             for name, value in (("max_steps", "3"), ("batch_size", "2"), ("grad_accum", "1"), ("max_seq_len", "128"),
-                                ("eval_every", "1000")):  # one evaluation, at the end
+                                ("eval_every", "1000"), ("task_eval_items", "0")):  # one evaluation, at the end
                 screen.query_one(f"#f-{name}", Input).value = value
             screen.query_one("#f-batch_size", Input).value = "0"
             await pilot.pause()
@@ -268,34 +269,11 @@ def test_the_whole_pipeline_new_run_data_train_export_chat(scratch_store: Store)
             assert screen.curves["train loss"][0] == [1, 2, 3]
             assert (store.runs_dir / run_id / "adapter" / "adapter_model.safetensors").is_file()
 
-            await pilot.press("f4")  # export one quantization through the gate
-            await pilot.pause()
-            screen = app.screen
-            chooser: SelectionList[str] = screen.query_one("#export-quants", SelectionList)
-            chooser.deselect_all()
-            chooser.select("Q8_0")
-            screen.query_one("#export-ppl", Input).value = "128"
-            await pilot.click("#export-start")
-            await _until(pilot, lambda: "done" in _text(app, "#export-status"), 600, "the export")
-            assert "passed the verification gate" in _text(app, "#export-status")
-            files = _text(app, "#export-files")
-            assert "-Q8_0.gguf: verified" in files and "-F16.gguf: verified" in files and "Modelfile" in files
-
-            await pilot.press("c")  # and chat with it
-            await _until(pilot, lambda: "verified" in _text(app, "#chat-title"), 120, "the model")
-            chat = app.screen
-            assert isinstance(chat, ChatScreen)
-            chat.query_one("#chat-input", Input).value = "My laptop will not connect to the VPN."
-            await pilot.press("enter")
-            await pilot.pause(0.5)
-            await _until(pilot, lambda: not chat.answering, 120, "the answer")
-            bubbles = [b.text for b in chat.query(Bubble)]
-            assert bubbles[1] in report.label_set, bubbles
             await pilot.press("escape")
             await pilot.press("h")
             assert isinstance(app.screen, HomeScreen)
             table = app.screen.query_one("#runs", DataTable)
-            assert str(table.get_row(run_id)[2]) == "data train export"
+            assert str(table.get_row(run_id)[2]) == "data train"  # export and chat: on the session's export below
 
     asyncio.run(drive())
 
@@ -383,7 +361,6 @@ def test_chat_streams_an_answer_and_locks_the_input(exported: tuple[Store, Path,
     labels = Run.at(run_dir).require_data_report().label_set
 
     async def drive() -> None:
-        from tui.screens.chat import ChatScreen
 
         app = _app(store)
         async with app.run_test(size=(120, 40)) as pilot:
@@ -455,7 +432,9 @@ def test_the_real_tui_in_tmux(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_export_results_and_audit_verify_on_the_real_export(exported: tuple[Store, Path, ExportResult]) -> None:
+def test_export_started_from_the_tui_and_the_audit_verify(exported: tuple[Store, Path, ExportResult]) -> None:
+    """Export the session's exported run again from the Export screen (its files are reused: same adapter, same
+    settings), read the gate's checks, and verify the signed manifest from the Audit screen."""
     store, run_dir, result = exported
 
     async def drive() -> None:
@@ -463,7 +442,21 @@ def test_export_results_and_audit_verify_on_the_real_export(exported: tuple[Stor
         async with app.run_test(size=(120, 40)) as pilot:
             app.open_run(run_dir.name, "export")
             await pilot.pause(0.5)
+            screen = app.screen
+            chooser: SelectionList[str] = screen.query_one("#export-quants", SelectionList)
+            chooser.deselect_all()
+            chooser.select("Q8_0")
+            screen.query_one("#export-ppl", Input).value = "1024"  # as the session's export: nothing is redone
+            panel = screen.query_one(JobPanel)
+            await _until(pilot, lambda: panel.job is not None and not panel.running, 30, "the last export shown")
+            shown = panel.job
+            await pilot.click("#export-start")
+            await _until(pilot, lambda: panel.job is not shown and not panel.running
+                         and "done" in _text(app, "#export-status"), 300, "the export")
+            assert "passed the verification gate" in _text(app, "#export-status")
+            assert "already exported and verified from this adapter; kept" in _log_text(app, "#export-log")
             files = _text(app, "#export-files")
+            assert "-F16.gguf: verified" in files
             assert f"{result.name}-Q8_0.gguf: verified" in files and "Modelfile" in files
             checks = app.screen.query_one("#export-checks", DataTable)
             rows = [[str(c) for c in checks.get_row_at(i)] for i in range(checks.row_count)]

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
-from dataclasses import replace
 from typing import Annotated, Any, TypeVar
 
 import typer
@@ -42,7 +41,7 @@ def config_options(config: type[BaseModel], exclude: tuple[str, ...] = ("store",
         taken = set(own.parameters)
         specs = [s for s in fields(config, exclude) if s.name not in taken and (only is None or s.name in only)]
         if lists:
-            specs = [as_list(s) for s in specs]
+            specs = [s.values_to_try() for s in specs]
         generated = [_parameter(s, s.name in arguments, panel) for s in specs]
         kept = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own.parameters.values() if p.name != "settings"]
 
@@ -69,12 +68,6 @@ def field_help(config: type[BaseModel], name: str) -> str:
     from rich.markup import escape
 
     return escape(next(spec.help for spec in fields(config, ()) if spec.name == name))
-
-
-def as_list(spec: FieldSpec) -> FieldSpec:
-    """The field as several values to try, comma-separated."""
-    return replace(spec, kind="list", description=f"Values to try, comma-separated: {spec.description}", default=None,
-                   optional=False, choices=(), bounds=spec.bounds)
 
 
 def _parameter(spec: FieldSpec, argument: bool, panel: str | None) -> inspect.Parameter:

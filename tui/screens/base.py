@@ -9,9 +9,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, TypeVar
 
+from pydantic import BaseModel
 from textual.screen import ModalScreen, Screen
 from textual.worker import Worker, WorkerState
 
+from appliance import jobs
+from appliance.errors import ApplianceError
 from appliance.run import Run
 from appliance.store import Store
 
@@ -32,36 +35,33 @@ def appliance_of(node: object) -> ApplianceApp:
     return app
 
 
-class ReportsWorkerErrors:
-    """Mixed into every screen and widget that runs thread workers: a worker that fails is shown, not lost."""
+class AppPart:
+    """Mixed into every screen and widget of the app: the typed app and its store, and a worker that fails
+    is shown, not lost."""
+
+    @property
+    def appliance(self) -> ApplianceApp:
+        return appliance_of(self)
+
+    @property
+    def store(self) -> Store:
+        return self.appliance.store
 
     def on_worker_state_changed(self, event: Worker.StateChanged) -> None:
         if event.state == WorkerState.ERROR and event.worker.error is not None:
             appliance_of(self).report_error(event.worker.error, event.worker.name)
 
 
-class AppScreen(ReportsWorkerErrors, Screen[T]):
-    @property
-    def appliance(self) -> ApplianceApp:
-        return appliance_of(self)
-
-    @property
-    def store(self) -> Store:
-        return self.appliance.store
+class AppScreen(AppPart, Screen[T]):
+    pass
 
 
-class AppModal(ReportsWorkerErrors, ModalScreen[T]):
-    @property
-    def appliance(self) -> ApplianceApp:
-        return appliance_of(self)
-
-    @property
-    def store(self) -> Store:
-        return self.appliance.store
+class AppModal(AppPart, ModalScreen[T]):
+    pass
 
 
 class RunScreen(AppScreen[None]):
-    """A screen of one run."""
+    """A screen of one run: it shows the last job of its own stage, and starts that stage's jobs."""
 
     def __init__(self, run_id: str) -> None:
         super().__init__()
@@ -70,3 +70,21 @@ class RunScreen(AppScreen[None]):
     @property
     def run(self) -> Run:
         return self.store.run(self.run_id)
+
+    def last_job(self, stage: str) -> jobs.Job | None:
+        """The run's last job of `stage`, shown in the screen's job panel (its history, or it live)."""
+        from tui.widgets.job_panel import JobPanel
+
+        job = jobs.attach(self.run.path, stage)
+        if job is not None:
+            self.query_one(JobPanel).follow(job)
+        return job
+
+    def start_job(self, stage: str, cfg: BaseModel) -> jobs.Job | None:
+        """Start a stage on this run; None (with the reason shown) when it cannot start, e.g. while another
+        job of the run is still running."""
+        try:
+            return jobs.start(stage, self.run.path, cfg)
+        except ApplianceError as exc:
+            self.notify(f"{exc.message}\n{exc.hint}", title=exc.title, severity="error", timeout=12)
+            return None

@@ -13,7 +13,6 @@ from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, Vertical
 from textual.widgets import Button, DataTable, Footer, Header, Static, TabbedContent, TabPane
 
-from appliance import jobs
 from appliance.config import EvalConfig
 from appliance.errors import ApplianceError
 from appliance.records import Interval, TargetResult
@@ -56,9 +55,7 @@ class EvaluateScreen(RunScreen):
 
     def on_mount(self) -> None:
         self.show()
-        job = jobs.attach(self.run.path, "eval")
-        if job is not None:
-            self.query_one(JobPanel).follow(job)
+        self.last_job("eval")
 
     def show(self) -> None:
         table: DataTable[str | Text] = self.query_one("#eval-table", DataTable)
@@ -137,12 +134,9 @@ class EvaluateScreen(RunScreen):
         if panel.running:
             self.notify("The evaluation is running.", severity="warning")
             return
-        try:
-            job = jobs.start("eval", self.run.path, EvalConfig(store=str(self.store.root)))
-        except ApplianceError as exc:
-            self.notify(f"{exc.message}\n{exc.hint}", title=exc.title, severity="error", timeout=12)
-            return
-        panel.follow(job)
+        job = self.start_job("eval", EvalConfig(store=str(self.store.root)))
+        if job is not None:
+            panel.follow(job)
 
     @on(JobEnded)
     def _ended(self, message: JobEnded) -> None:

@@ -14,7 +14,7 @@ from textual.containers import Horizontal, Vertical
 from textual.widgets import Button, DataTable, Footer, Header, Input, Label, SelectionList, Static
 from textual.widgets.selection_list import Selection
 
-from appliance import jobs, quants
+from appliance import quants
 from appliance.config import ExportConfig
 from appliance.errors import ApplianceError
 from appliance.fields import validated
@@ -54,9 +54,7 @@ class ExportScreen(RunScreen):
     def on_mount(self) -> None:
         self.predict_sizes()
         self.show()
-        job = jobs.attach(self.run.path, "export")
-        if job is not None:
-            self.query_one(JobPanel).follow(job)
+        self.last_job("export")
 
     @work(thread=True, exclusive=True, group="sizes", exit_on_error=False)
     def predict_sizes(self) -> None:
@@ -123,11 +121,12 @@ class ExportScreen(RunScreen):
             cfg = validated(ExportConfig, {"quants": list(chosen.selected), "ppl_tokens": ppl,
                                            "store": str(self.store.root)},
                             name=lambda field: {"ppl_tokens": "perplexity tokens"}.get(field, field))
-            job = jobs.start("export", self.run.path, cfg)
         except ApplianceError as exc:
-            self.notify(f"{exc.message}\n{exc.hint}", title=exc.title, severity="error", timeout=12)
+            self.notify(exc.message, title="Check the settings", severity="error")
             return
-        panel.follow(job)
+        job = self.start_job("export", cfg)
+        if job is not None:
+            panel.follow(job)
 
     @on(JobEnded)
     def _ended(self, message: JobEnded) -> None:

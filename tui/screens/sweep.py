@@ -14,7 +14,6 @@ from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, Vertical
 from textual.widgets import Button, DataTable, Footer, Header, Input, Label, Static
 
-from appliance import jobs
 from appliance.config import SWEEPABLE, SweepConfig, TrainConfig
 from appliance.errors import ApplianceError
 from appliance.fields import fields, validated
@@ -24,7 +23,7 @@ from tui.screens.base import RunScreen
 from tui.screens.train import starting_values
 from tui.widgets.job_panel import JobPanel
 
-GRID = {spec.name: spec for spec in fields(TrainConfig) if spec.name in SWEEPABLE}
+GRID = {spec.name: spec.values_to_try() for spec in fields(TrainConfig) if spec.name in SWEEPABLE}
 
 
 class SweepScreen(RunScreen):
@@ -58,9 +57,7 @@ class SweepScreen(RunScreen):
 
     def on_mount(self) -> None:
         self.show()
-        job = jobs.attach(self.run.path, "sweep")
-        if job is not None:
-            self.query_one(JobPanel).follow(job)
+        self.last_job("sweep")
 
     def show(self) -> None:
         """The ranked trials of the run's last sweep."""
@@ -108,14 +105,9 @@ class SweepScreen(RunScreen):
             self.notify("The sweep is running.", severity="warning")
             return
         cfg = self.config()
-        if cfg is None:
-            return
-        try:
-            job = jobs.start("sweep", self.run.path, cfg)
-        except ApplianceError as exc:
-            self.notify(f"{exc.message}\n{exc.hint}", title=exc.title, severity="error", timeout=12)
-            return
-        panel.follow(job)
+        job = self.start_job("sweep", cfg) if cfg is not None else None
+        if job is not None:
+            panel.follow(job)
 
     @on(JobEnded)
     def _ended(self, message: JobEnded) -> None:

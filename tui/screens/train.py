@@ -154,13 +154,10 @@ class TrainScreen(RunScreen):
         if cfg is None:
             self.notify("Fix the settings first.", severity="error")
             return
-        try:
-            job = jobs.start("train", self.run.path, cfg)
-        except ApplianceError as exc:
-            self.notify(f"{exc.message}\n{exc.hint}", title=exc.title, severity="error", timeout=12)
-            return
-        self.curves.clear()
-        self._follow(job)
+        job = self.start_job("train", cfg)
+        if job is not None:
+            self.curves.clear()
+            self._follow(job)
 
     @on(Button.Pressed, "#stop")
     def action_stop(self) -> None:

@@ -16,10 +16,10 @@ from textual.widgets import ProgressBar, RichLog, Static
 from appliance import events as ev
 from appliance.jobs import Job
 from tui.follow import JobEnded, JobEvent, follow
-from tui.screens.base import ReportsWorkerErrors
+from tui.screens.base import AppPart
 
 
-class JobPanel(ReportsWorkerErrors, Vertical):
+class JobPanel(AppPart, Vertical):
     def __init__(self, prefix: str, idle: str = "not started") -> None:
         super().__init__(id=f"{prefix}-job", classes="job-panel")
         self.prefix = prefix
