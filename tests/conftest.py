@@ -15,6 +15,7 @@ import pytest
 
 from appliance.data.sample import shipped_path
 from appliance.records import ExportResult
+from appliance.run import Run
 from appliance.store import Store
 
 REPO = Path(__file__).resolve().parents[1]
@@ -77,13 +78,15 @@ def trained(prepared: tuple[Store, Path]) -> tuple[Store, Path]:
 
 
 @pytest.fixture(scope="session")
-def exported(trained: tuple[Store, Path]) -> tuple[Store, Path, ExportResult]:
-    """The trained run exported to F16, Q8_0 and Q4_K_M through the verification gate."""
-    store, run_dir = trained
-    result = run_cli("export", "--run", run_dir.name, "--quant", "Q8_0,Q4_K_M", "--ppl-tokens", "1024", "--json",
-                     store=store.root)
-    assert result.returncode == 0, result.stderr
-    return store, run_dir, ExportResult.model_validate_json(result.stdout)
+def exported(quickstarted: Quickstarted) -> tuple[Store, Path, ExportResult]:
+    """The quickstart's run: the default model trained 8 steps on the sample and exported to F16, Q8_0 and
+    Q4_K_M through the verification gate (one end-to-end run serves both)."""
+    result = Run.at(quickstarted.run_dir).result("export")
+    assert isinstance(result, ExportResult) and not result.rejected, result
+    return quickstarted.store, quickstarted.run_dir, result
+
+
+EXPORT_PPL_TOKENS = 256  # what the session's export scored; an export with the same settings reuses its files
 
 
 @dataclass
@@ -96,21 +99,28 @@ class Quickstarted:
     stdout: str
     stderr: str
     witness: Path
+    runs: list[str]  # the store's runs right after the quickstart (later tests add their own)
 
 
 @pytest.fixture(scope="session")
 def quickstarted(tmp_path_factory: pytest.TempPathFactory, default_store: Store) -> Quickstarted:
-    """The whole product once, end to end, with a tiny step budget: the quickstart test checks it, and the
-    evaluation, PII and data tests check what its stages wrote instead of running them again."""
+    """The whole product once, end to end, with a small step budget: the quickstart test checks it; its run is
+    the session's exported model, and the evaluation, PII and data tests check what its stages wrote instead
+    of running them again."""
+    from appliance.embedder import ensure_onnx
+
     store = Store.open(tmp_path_factory.mktemp("quickstart-store"))
     os.symlink(default_store.model_dir(DEFAULT_MODEL), store.model_dir(DEFAULT_MODEL))
+    encoders = ensure_onnx(default_store.root).parent  # exported once for the session, not once per store
+    os.symlink(encoders, store.root / encoders.name)
     witness = store.root / "witness.jsonl"
-    result = run_cli("quickstart", "--max-steps", "3", "--ppl-tokens", "128", "--max-items", "16", "--json",
-                     store=store.root, env={"APPLIANCE_WITNESS": str(witness),
-                                            "PYTHONPATH": str(REPO / "tests" / "witness")})
+    result = run_cli("quickstart", "--max-steps", "8", "--ppl-tokens", str(EXPORT_PPL_TOKENS), "--max-items", "16",
+                     "--json", store=store.root, env={"APPLIANCE_WITNESS": str(witness),
+                                                      "PYTHONPATH": str(REPO / "tests" / "witness")})
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)
-    return Quickstarted(store, store.runs_dir / summary["run"], summary, result.stdout, result.stderr, witness)
+    return Quickstarted(store, store.runs_dir / summary["run"], summary, result.stdout, result.stderr, witness,
+                        sorted(d.name for d in store.runs_dir.iterdir()))
 
 
 def clone_run(store: Store, source: Path, name: str) -> Path:

@@ -14,7 +14,7 @@ from conftest import Quickstarted, run_cli
 
 from appliance import toolchain
 from appliance.evaluate.items import choose_examples, with_examples
-from appliance.records import EvalResult, ExportResult
+from appliance.records import EvalResult
 from appliance.run import Item, Run
 from appliance.store import Store
 
@@ -127,14 +127,15 @@ def test_eval_compares_every_target(quickstarted: Quickstarted) -> None:
 
 
 @pytest.mark.slow
-def test_eval_command_scores_the_targets_it_is_given(exported: tuple[Store, Path, ExportResult]) -> None:
-    store, run_dir, _export = exported
-    result = run_cli("eval", "--run", run_dir.name, "--targets", "gguf:Q8_0", "--max-items", "6", "--split", "val",
+def test_eval_command_scores_the_targets_it_is_given(trained: tuple[Store, Path]) -> None:
+    store, run_dir = trained
+    result = run_cli("eval", "--run", run_dir.name, "--targets", "tuned", "--max-items", "6", "--split", "val",
                      "--json", store=store.root)
     assert result.returncode == 0, result.stderr
     summary = EvalResult.model_validate_json(result.stdout)
-    assert summary.split == "val" and summary.n == 6 and [t.target for t in summary.targets] == ["gguf:Q8_0"]
+    assert summary.split == "val" and summary.n == 6 and [t.target for t in summary.targets] == ["tuned"]
     assert summary.note and Run.at(run_dir).comparison() == summary  # what it printed is what it recorded
+    assert Run.at(run_dir).settings("eval")["targets"] == ["tuned"]  # recorded, as every front end records it
     refused = run_cli("eval", "--run", run_dir.name, "--targets", "gguf:Q2_K", store=store.root)
     assert refused.returncode == 1 and "has no verified Q2_K GGUF" in refused.stderr
 

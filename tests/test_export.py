@@ -1,5 +1,5 @@
-"""Export of a real fine-tune of the default model, end to end on the CPU: merge, F16 GGUF, Q8_0 and
-Q4_K_M through the verification gate; the GGUF chats through llama-cpp-python with the trained
+"""Export of a real fine-tune of the default model, end to end on the CPU (the session's quickstart run):
+merge, F16 GGUF, Q8_0 and Q4_K_M through the verification gate; the GGUF chats through llama-cpp-python with the trained
 template and stops by itself, saying what the merged model says; a second export reuses what is
 done; a full disk leaves nothing registered; a changed byte makes `appliance verify` name the file."""
 
@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import clone_run, run_cli
+from conftest import EXPORT_PPL_TOKENS, clone_run, run_cli
 
 from appliance import events as ev
 from appliance import jobs
@@ -149,8 +149,8 @@ def test_manifest_covers_the_export_and_verifies(exported: Exported) -> None:
 
 def test_second_export_reuses_the_merge_and_the_files(exported: Exported) -> None:
     store, run_dir, first = exported
-    result = run_cli("export", "--run", run_dir.name, "--quant", "Q4_K_M,Q6_K", "--ppl-tokens", "1024", "--json",
-                     store=store.root)
+    result = run_cli("export", "--run", run_dir.name, "--quant", "Q4_K_M,Q6_K", "--ppl-tokens",
+                     str(EXPORT_PPL_TOKENS), "--json", store=store.root)
     assert result.returncode == 0, result.stderr
     second = ExportResult.model_validate_json(result.stdout)
     assert second.merged.reused
@@ -177,7 +177,8 @@ def test_a_changed_byte_in_a_gguf_is_named_by_verify(exported: Exported) -> None
         target.write_bytes(original)
 
 
-def _clone_trained(store: Store, source: Path, name: str, merged: bool) -> Path:
+def _clone_exported(store: Store, source: Path, name: str, merged: bool) -> Path:
+    """A run with the exported run's data, settings and adapter (and merged model), exported from scratch."""
     run_dir = clone_run(store, source, name)
     shutil.copy(source / "run.yaml", run_dir / "run.yaml")
     shutil.copytree(source / "adapter", run_dir / "adapter")
@@ -187,16 +188,15 @@ def _clone_trained(store: Store, source: Path, name: str, merged: bool) -> Path:
 
 
 def test_a_file_that_fails_the_gate_is_kept_aside_and_not_registered(
-        trained: tuple[Store, Path], exported: Exported,
-        monkeypatch: pytest.MonkeyPatch) -> None:
+        exported: Exported, monkeypatch: pytest.MonkeyPatch) -> None:
     """A quantizer that loses the chat template (planted): that file goes to gguf-rejected/ with its
     report; the 16-bit reference that passed is registered, and the manifest lists only it."""
     from appliance import gguf_meta, toolchain
     from appliance.config import ExportConfig
     from appliance.export import run as export_run
 
-    store, source = trained
-    run_dir = _clone_trained(store, source, "planted", merged=True)
+    store, source, _ = exported
+    run_dir = _clone_exported(store, source, "planted", merged=True)
     real_quantize = toolchain.quantize
 
     def lossy_quantize(src: Path, dst: Path, quant: str, threads: int = 0) -> None:
@@ -233,11 +233,10 @@ def _export_limited(store: Store, run_dir: Path, limit: int) -> subprocess.Compl
 
 
 @pytest.mark.parametrize("stage", ["merge", "convert"])
-def test_a_full_disk_leaves_nothing_registered(stage: str, trained: tuple[Store, Path],
-                                               exported: Exported) -> None:
-    store, source = trained
+def test_a_full_disk_leaves_nothing_registered(stage: str, exported: Exported) -> None:
+    store, source, _ = exported
     # with the merge done already, the conversion is the first big write
-    run_dir = _clone_trained(store, source, f"disk-full-{stage}", merged=stage == "convert")
+    run_dir = _clone_exported(store, source, f"disk-full-{stage}", merged=stage == "convert")
     result = _export_limited(store, run_dir, 64 * 2**20)
     assert result.returncode == 1
     assert "the disk is full (or a file-size limit was hit)" in result.stderr, result.stderr
@@ -248,20 +247,19 @@ def test_a_full_disk_leaves_nothing_registered(stage: str, trained: tuple[Store,
     assert [p.name for p in run_dir.iterdir() if p.name.startswith(".") and p.name != jobs.LOCK_FILE] == []
 
 
-def test_adapter_alone_as_gguf_serves_like_the_merged_model(trained: tuple[Store, Path],
-                                                            exported: Exported) -> None:
+def test_adapter_alone_as_gguf_serves_like_the_merged_model(exported: Exported) -> None:
     """--lora-gguf: the adapter as a GGUF adapter plus the base as GGUF, verified together: llama.cpp
     with the adapter applied picks the merged model's greedy tokens and ends its turns."""
     from appliance.config import ExportConfig
     from appliance.export import run as export_run
 
-    store, source = trained
-    run_dir = _clone_trained(store, source, "lora-gguf", merged=True)
+    store, source, _ = exported
+    run_dir = _clone_exported(store, source, "lora-gguf", merged=True)
     cfg = ExportConfig(quants=[], lora_gguf=True, ppl_tokens=256, store=str(store.root))
     result = export_run.run(cfg, run_dir, ev.Emitter(lambda event: None))
     files = {f.quant: f for f in result.files}
     assert set(files) == {"F16", "LORA", "BASE"} and all(f.passed for f in files.values()) and not result.rejected
-    assert files["LORA"].bytes < files["F16"].bytes / 10  # rank-8 adapter: a small file
+    assert files["LORA"].bytes < files["F16"].bytes / 10  # a rank-16 adapter: a small file
     record = Run.at(run_dir).verification()
     assert record is not None
     lora = record.file("LORA")

@@ -26,12 +26,12 @@ def test_quickstart_with_a_tiny_budget(quickstarted: Quickstarted) -> None:
     assert [e for e in seen if e["event"] != "start" and not _local(e)] == []
     assert len({e["pid"] for e in _processes(witness)}) >= 5  # the CLI and its four stage jobs were all watched
     run_dir = quickstarted.run_dir
-    assert [d.name for d in store.runs_dir.iterdir()] == [run_dir.name]
+    assert quickstarted.runs == [run_dir.name]  # one new run
 
     counts = summary["data"]["counts"]
     assert counts["rows_read"] == 480 and counts["train"] > 300
     assert sum(summary["data"]["pii"].values()) > 50  # the sample's planted PII was found (and redacted)
-    assert summary["train"]["steps"] == 3 and summary["train"]["method"] == "lora"
+    assert summary["train"]["steps"] == 8 and summary["train"]["method"] == "lora"
     assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
 
     files = {f["quant"]: f for f in summary["export"]["files"]}
@@ -40,7 +40,7 @@ def test_quickstart_with_a_tiny_budget(quickstarted: Quickstarted) -> None:
     for quant, entry in files.items():  # every file passed the gate and is on disk, or was set aside
         assert entry["passed"] == (quant not in rejected)
         assert (run_dir / "gguf" / entry["file"]).is_file() == entry["passed"]
-    assert bool(rejected) == (run_dir / "gguf-rejected").is_dir()  # 3 steps may leave a quant that runs on
+    assert bool(rejected) == (run_dir / "gguf-rejected").is_dir()  # a short training may leave a quant that runs on
     assert (run_dir / "gguf" / "Modelfile").is_file() and (run_dir / "manifest.json").is_file()
     verified = {q for q, f in files.items() if f["passed"]}
 

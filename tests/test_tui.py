@@ -14,13 +14,13 @@ from typing import Any
 
 import fakes
 import pytest
-from conftest import TRAIN_SETTINGS, clone_run, run_cli
+from conftest import EXPORT_PPL_TOKENS, clone_run, run_cli
 from textual.widgets import Button, Checkbox, DataTable, Input, Select, SelectionList
 
 from appliance import jobs
 from appliance.config import DataConfig, TrainConfig
 from appliance.data.sample import shipped_path
-from appliance.records import ExportResult
+from appliance.records import ExportResult, TrainResult
 from appliance.run import Run
 from appliance.store import Store
 from tui.app import ApplianceApp
@@ -446,7 +446,7 @@ def test_export_started_from_the_tui_and_the_audit_verify(exported: tuple[Store,
             chooser: SelectionList[str] = screen.query_one("#export-quants", SelectionList)
             chooser.deselect_all()
             chooser.select("Q8_0")
-            screen.query_one("#export-ppl", Input).value = "1024"  # as the session's export: nothing is redone
+            screen.query_one("#export-ppl", Input).value = str(EXPORT_PPL_TOKENS)  # as the session's: nothing redone
             panel = screen.query_one(JobPanel)
             await _until(pilot, lambda: panel.job is not None and not panel.running, 30, "the last export shown")
             shown = panel.job
@@ -554,9 +554,10 @@ def test_each_stage_screen_shows_the_last_job_of_its_own_stage(exported: tuple[S
         async with app.run_test(size=(120, 40)) as pilot:
             app.open_run(run_dir.name, "train")
             await _until(pilot, lambda: "done" in _text(app, "#train-status"), 30, "the training's history")
-            assert f"{TRAIN_SETTINGS['max_steps']} steps" in _text(app, "#train-status")
+            trained = Run.at(run_dir).result("train")
+            assert isinstance(trained, TrainResult) and f"{trained.steps} steps" in _text(app, "#train-status")
             screen = app.screen
-            assert isinstance(screen, TrainScreen) and screen.curves["train loss"][0][-1] == TRAIN_SETTINGS["max_steps"]
+            assert isinstance(screen, TrainScreen) and screen.curves["train loss"][0][-1] == trained.steps
             await pilot.press("f4")
             await _until(pilot, lambda: "done" in _text(app, "#export-status"), 30, "the export's history")
 

@@ -53,7 +53,7 @@ def merge(run: Run, base_dir: Path, emit: Emitter, device: str = "auto") -> Merg
     previous = run.merge_record()
     if previous is not None and previous.adapter_sha256 == digest and _complete(final):
         emit.log(f"merged model already holds adapter {digest[:12]}; reusing {final}")
-        return previous.model_copy(update={"reused": True, "seconds": 0.0})
+        return previous.model_copy(update={"reused": True, "seconds": 0.0, "merged": str(final)})
     _refuse_quantized_base(base_dir)
     started = time.monotonic()
     tmp = run.path / f".merged-{os.getpid()}-{uuid.uuid4().hex[:6]}"

@@ -13,7 +13,6 @@ parameter, the same in every layout, so a run may resume on another number of pr
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import uuid
 from pathlib import Path
@@ -22,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel, Field
 
 from appliance import faults
-from appliance.fsutil import atomic_write_text, fsync_dir
+from appliance.fsutil import atomic_write_text, fsync_dir, replace_dir
 
 if TYPE_CHECKING:
     from appliance.train.distributed import Group
@@ -86,10 +85,7 @@ def save(run_dir: Path, step: int, model: Any, optimizer: Any, scheduler: Any, s
         atomic_write_text(tmp / STATE, state.model_dump_json(indent=2) + "\n")  # last: marks it complete
         fsync_dir(tmp)
         faults.point("train.checkpoint.register")
-        if final.exists():
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-        fsync_dir(root)
+        replace_dir(tmp, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     for old in checkpoint_dirs(run_dir)[:-keep]:

@@ -1,4 +1,4 @@
-"""Data: what the data stage made of a run's files, from `data/data_report.json`.
+"""Data: what the data stage made of a run's files (its data report), and its last data job.
 
 Tabs: a summary (where every row went, the label balance of each split), the problems as a
 navigable table (file:line, field, reason), PII found with rows before (masked) and after, exact
@@ -23,6 +23,7 @@ from appliance.errors import ApplianceError
 from appliance.records import Bins, DataReport, Lengths, PiiReport
 from appliance.run import PROBLEMS
 from tui.screens.base import RunScreen
+from tui.widgets.job_panel import JobPanel
 
 COUNTS = {"rows_read": "rows read", "invalid": "invalid (see Problems)", "pii_dropped": "dropped for PII",
           "duplicates_exact": "exact duplicates", "duplicates_near": "near-duplicates", "train": "train",
@@ -52,9 +53,11 @@ class DataScreen(RunScreen):
             with TabPane("Lengths", id="tab-lengths"), Vertical():
                 yield Static("", id="data-lengths-note")
                 yield PlotextPlot(id="data-histogram")
+        yield JobPanel("data", idle="")
         yield Footer()
 
     def on_mount(self) -> None:
+        self.last_job("data")  # a preparation that failed or still runs says so below the report
         title = self.query_one("#data-title", Static)
         try:
             report = self.run.data_report()

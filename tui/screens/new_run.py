@@ -151,7 +151,7 @@ class NewRunScreen(AppModal[str | None]):
     def _show_columns(self) -> None:
         task = self.query_one("#nr-task", Select).value
         for name, (_label, tasks) in COLUMNS.items():
-            self.query_one(f"#nr-row-{name}").display = task in tasks
+            self.query_one(f"#nr-row-{name}", Horizontal).display = task in tasks
 
     # -- preparing ---------------------------------------------------------------------------
 
