@@ -30,8 +30,7 @@ _METAVAR = {"int": "INTEGER", "float": "NUMBER", "text": "TEXT", "list": "VALUES
 
 
 def config_options(config: type[BaseModel], exclude: tuple[str, ...] = ("store",), arguments: tuple[str, ...] = (),
-                   only: tuple[str, ...] | None = None, lists: bool = False,
-                   panel: str | None = None) -> Callable[[F], F]:
+                   only: tuple[str, ...] | None = None, lists: bool = False) -> Callable[[F], F]:
     """Give the decorated command an option (or, for the fields in `arguments`, an argument) per field of
     `config`, except `exclude` and the fields the command declares itself; with `only`, just those.
     `lists`: each option takes several values of its field (a sweep's grid)."""
@@ -42,7 +41,7 @@ def config_options(config: type[BaseModel], exclude: tuple[str, ...] = ("store",
         specs = [s for s in fields(config, exclude) if s.name not in taken and (only is None or s.name in only)]
         if lists:
             specs = [s.values_to_try() for s in specs]
-        generated = [_parameter(s, s.name in arguments, panel) for s in specs]
+        generated = [_parameter(s, s.name in arguments) for s in specs]
         kept = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own.parameters.values() if p.name != "settings"]
 
         def command(*args: Any, **kwargs: Any) -> Any:
@@ -70,7 +69,7 @@ def field_help(config: type[BaseModel], name: str) -> str:
     return escape(next(spec.help for spec in fields(config, ()) if spec.name == name))
 
 
-def _parameter(spec: FieldSpec, argument: bool, panel: str | None) -> inspect.Parameter:
+def _parameter(spec: FieldSpec, argument: bool) -> inspect.Parameter:
     from rich.markup import escape
 
     many = spec.kind in ("list", "mapping")
@@ -82,11 +81,11 @@ def _parameter(spec: FieldSpec, argument: bool, panel: str | None) -> inspect.Pa
         return inspect.Parameter(spec.name, inspect.Parameter.KEYWORD_ONLY, annotation=Annotated[kind, info])
     if spec.kind == "bool":
         negative = "--no-" + spec.option.removeprefix("--")
-        info = typer.Option(f"{spec.option}/{negative}", help=help_text, show_default=False, rich_help_panel=panel)
+        info = typer.Option(f"{spec.option}/{negative}", help=help_text, show_default=False)
         return inspect.Parameter(spec.name, inspect.Parameter.KEYWORD_ONLY, default=None,
                                  annotation=Annotated[bool | None, info])
     metavar = "[" + "|".join(spec.choices) + "]" if spec.kind == "choice" else _METAVAR[spec.kind]
-    info = typer.Option(spec.option, help=help_text, metavar=metavar, show_default=False, rich_help_panel=panel)
+    info = typer.Option(spec.option, help=help_text, metavar=metavar, show_default=False)
     kind = list[str] | None if many else str | None
     return inspect.Parameter(spec.name, inspect.Parameter.KEYWORD_ONLY, default=None,
                              annotation=Annotated[kind, info])
