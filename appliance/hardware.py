@@ -49,6 +49,22 @@ def peak_rss_mb() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
+def rss_mb() -> float:
+    """This process's resident memory now."""
+    with open("/proc/self/status", encoding="ascii") as handle:
+        for line in handle:
+            if line.startswith("VmRSS:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    raise OSError("no VmRSS in /proc/self/status")
+
+
+def reset_peak_rss() -> None:
+    """Start `peak_rss_mb` again from the memory in use now (Linux: writes 5 to /proc/self/clear_refs), so a
+    measurement covers one piece of work and not what came before it."""
+    with open("/proc/self/clear_refs", "w", encoding="ascii") as handle:
+        handle.write("5")
+
+
 def disk_free_mb(path: Path) -> int:
     probe = path
     while not probe.exists() and probe != probe.parent:

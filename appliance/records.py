@@ -307,8 +307,10 @@ class MergeResult(Record):
     device: str
     reused: bool
     seconds: float
-    max_logit_diff: float  # merged (as saved) vs base + adapter, on a probe prompt
-    top1_agreement: float
+    tensors_merged: int = 0  # tensors the adapter changed
+    check: str = "layer-wise"  # how the merged weights were checked
+    max_relative_error: float | None = None  # the largest, over the changed tensors, of max|merged - reference|
+    worst_tensor: str | None = None  # / max|reference| on random inputs: the rounding to the base's dtype
 
 
 class ExportedFile(BaseModel):

@@ -407,14 +407,16 @@ def last_job(folder: Path, stage: str | None = None) -> tuple[JobEntry, int | No
 
 
 def exported_models(store: Store) -> dict[str, Run]:
-    """Every exported model in the store, by the name its export gave it."""
+    """Every exported model in the store, by the name its export gave it. A run folder copied under another
+    name carries its source's record: the name stays with the run that made the export."""
     found: dict[str, Run] = {}
     for run in store.runs():
         try:
             record = run.verification()
         except StoreError:
             continue  # a damaged export serves nothing; `appliance verify` names it
-        if record is not None and record.name and record.contract is not None:
+        if (record is not None and record.name and record.contract is not None
+                and (record.name not in found or record.run == run.id)):
             found[record.name] = run
     return found
 

@@ -123,19 +123,25 @@ def test_limits_body_size_max_tokens_and_queue(served: tuple[Server, Path, dict[
     assert excinfo.value.code == "invalid_max_tokens"
     # --max-queue 0: while one request generates, the next is turned away at once
     slow: dict[str, Any] = {}
+    generating = threading.Event()
 
-    def long_completion() -> None:
-        slow["reply"] = server.client().completions.create(model=result.name, prompt="Once upon a time",
-                                                           max_tokens=120, temperature=0)
+    def long_completion() -> None:  # streamed, so the test knows it is generating; its end-of-text tokens barred
+        pieces = []
+        for chunk in server.client().completions.create(model=result.name, prompt="Once upon a time",
+                                                        max_tokens=300, temperature=0, stream=True,
+                                                        logit_bias={"0": -100, "2": -100}):
+            pieces.append(chunk.choices[0].text)
+            generating.set()
+        slow["reply"] = "".join(pieces)
 
     worker = threading.Thread(target=long_completion)
     worker.start()
-    time.sleep(1.5)
+    assert generating.wait(60)
     with pytest.raises(openai.RateLimitError) as busy:
         server.client().chat.completions.create(model=result.name, messages=[{"role": "user", "content": "hi"}])
     assert busy.value.status_code == 429 and busy.value.response.headers["retry-after"] == "1"
     worker.join()
-    assert slow["reply"].choices[0].text
+    assert slow["reply"]
 
 
 def test_no_cors_unless_origins_are_named(served: tuple[Server, Path, dict[str, Any]]) -> None:

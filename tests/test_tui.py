@@ -615,7 +615,9 @@ def test_new_run_prepares_an_extraction_run_from_a_schema_file(scratch_store: St
             app.screen.query_one("#f-near_dup", Checkbox).value = False
             app.screen.query_one("#nr-name", Input).value = "tickets-extraction"
             await pilot.press("ctrl+s")
-            await _until(pilot, lambda: bool(app.screen.query("#data-counts")), 300, "the prepared data")
+            await _until(pilot, lambda: bool(app.screen.query("#data-counts"))
+                         and app.screen.query_one("#data-counts", DataTable).row_count > 0, 300, "the prepared data")
+            await pilot.pause()  # the data screen settles before the app closes
 
     asyncio.run(drive())
     run = store.run("tickets-extraction")

@@ -65,7 +65,8 @@ def export(
 def _print_export(result: ExportResult) -> None:
     merged = result.merged
     how = "reused" if merged.reused else f"{merged.seconds} s on {merged.device}"
-    console.print(f"merge: {how}, top-1 agreement with base + adapter {merged.top1_agreement:.1%}")
+    error = f", largest relative error {merged.max_relative_error:.1e}" if merged.max_relative_error is not None else ""
+    console.print(f"merge: {how}, {merged.tensors_merged} tensors changed; check: {merged.check}{error}")
     table = Table(title=f"Exported {result.name} (run {result.run}) to {result.gguf_dir}")
     for column in ("quant", "gate", "size", "predicted", "agreement", "perplexity", "vs reference", "seconds"):
         table.add_column(column)

@@ -1,30 +1,36 @@
-"""Merge a run's adapter onto its 16-bit base model, into `merged/`.
+"""Merge a run's adapter onto its 16-bit base model, into `merged/`, a tensor at a time.
 
-The base is always loaded fresh from the store in full precision, never in 4 bits: a LoRA
+The base is always read fresh from the store in its 16-bit release, never in 4 bits: a LoRA
 merged into a 4-bit base picks up the rounding of the 4-bit weights, which is how other tools
-end up exporting a model that is not the one they trained. The merge happens in float32 and is
-rounded once to the base's own dtype. `merged/merge.json` records which adapter it holds, so a
-second export of the same adapter sees the merge is done and says so.
+end up exporting a model that is not the one they trained. The merge streams over the base's
+safetensors shards: each tensor the adapter changes is read a block of rows at a time, gets
+`scale * B @ A` added in float32, is rounded once to the base's own dtype and written to the
+matching output shard; every other tensor is copied as it is. Memory stays at a few blocks
+whatever the model's size, and the disk the merged model needs is checked before anything is
+written. Each changed tensor is checked as it is written against the adapter applied the way
+LoRA applies it. `merged/merge.json` records which adapter it holds, so a second export of the
+same adapter sees the merge is done and says so.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from appliance import faults
+from appliance import faults, tensorfile
 from appliance.errors import ApplianceError, is_disk_full
 from appliance.events import Emitter
 from appliance.fsutil import fsync_dir, replace_dir, sha256_file
+from appliance.hardware import disk_free_mb
 from appliance.records import MergeResult
 from appliance.run import Run
-
-PROBE = [{"role": "user", "content": "Summarise in one line: the printer on floor 3 jams every morning."}]
 
 
 class ExportError(ApplianceError):
@@ -77,63 +83,238 @@ def merge(run: Run, base_dir: Path, emit: Emitter, device: str = "auto") -> Merg
 def _merge_into(folder: Path, adapter_dir: Path, base_dir: Path, digest: str, device: str,
                 emit: Emitter) -> MergeResult:
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    base_config = json.loads((base_dir / "config.json").read_text(encoding="utf-8"))
-    save_dtype = getattr(torch, str(base_config.get("torch_dtype") or base_config.get("dtype") or "bfloat16"))
-    target = _device(device, base_dir)
-    emit.progress(f"merging the adapter on {target}", 0, 3)
+    full = is_full_model(adapter_dir)
+    source = adapter_dir if full else base_dir
+    save_dtype = _dtype_of(base_dir)
+    config = json.loads((source / "config.json").read_text(encoding="utf-8"))
+    deltas = {} if full else lora_deltas(adapter_dir)
+    target = _device(device)
+    plan = _layout(source, tensorfile.dtype_name(getattr(torch, save_dtype)))
+    _match(deltas, {name: shape for _p, layout, _m in plan for name, _d, shape in layout}, base_dir.name)
+    _check_space(folder, plan)
+    check = Check()
+    total = sum(len(layout) for _path, layout, _meta in plan)
+    done = 0
+    for path, layout, metadata in plan:
+        with tensorfile.Reader(path) as reader:
+            writer = tensorfile.Writer(folder / path.name, layout, metadata)
+            try:
+                for name, dtype, _shape in layout:
+                    emit.check_cancelled()
+                    emit.progress(f"merging the adapter on {target}", done, total)
+                    _stream(reader, writer, reader.tensors[name], dtype, deltas.get(name), target, check)
+                    done += 1
+            finally:
+                writer.close()
+    _write_index(source, folder, plan)
+    config["use_cache"] = True
+    config["dtype" if "dtype" in config or "torch_dtype" not in config else "torch_dtype"] = save_dtype
+    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    if (source / "generation_config.json").is_file():
+        shutil.copy2(source / "generation_config.json", folder / "generation_config.json")
     tokenizer = AutoTokenizer.from_pretrained(str(adapter_dir))
-    if is_full_model(adapter_dir):
-        model = AutoModelForCausalLM.from_pretrained(str(adapter_dir), dtype=torch.float32)
-        reference = merged_logits = _logits(model, tokenizer)
-    else:
-        from peft import PeftModel
-
-        base = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32).to(target)
-        tuned = PeftModel.from_pretrained(base, str(adapter_dir))
-        reference = _logits(tuned, tokenizer)
-        emit.check_cancelled()
-        emit.progress(f"merging the adapter on {target}", 1, 3)
-        model = tuned.merge_and_unload()
-        model = model.to(save_dtype).to(torch.float32)  # round once, as saved, and measure that
-        merged_logits = _logits(model, tokenizer)
-    emit.check_cancelled()
-    emit.progress("writing the merged model", 2, 3)
-    model = model.to(save_dtype)
-    model.config.use_cache = True
-    model.save_pretrained(str(folder), safe_serialization=True)
     tokenizer.save_pretrained(str(folder))
     if not (folder / "chat_template.jinja").is_file() and isinstance(tokenizer.chat_template, str):
         (folder / "chat_template.jinja").write_text(tokenizer.chat_template, encoding="utf-8")
-    diff = float((reference - merged_logits).abs().max())
-    agreement = float((reference.argmax(-1) == merged_logits.argmax(-1)).float().mean())
-    emit.progress("merged", 3, 3)
-    return MergeResult(merged=str(folder), adapter_sha256=digest, base_model=base_dir.name,
-                       dtype=str(save_dtype).removeprefix("torch."), device=str(target), reused=False, seconds=0.0,
-                       max_logit_diff=round(diff, 4), top1_agreement=round(agreement, 4))
+    emit.progress("merged", total, total)
+    return MergeResult(merged=str(folder), adapter_sha256=digest, base_model=base_dir.name, dtype=save_dtype,
+                       device=target, reused=False, seconds=0.0, tensors_merged=len(deltas),
+                       check="none: a fully fine-tuned model is copied" if full else "layer-wise",
+                       max_relative_error=None if full else round(check.worst, 6), worst_tensor=check.worst_name)
 
 
-def _logits(model: Any, tokenizer: Any) -> Any:
+def _dtype_of(base_dir: Path) -> str:
+    """The base's 16-bit (or 32-bit) type, which the merged model keeps; bfloat16 when its config says none."""
+    config = json.loads((base_dir / "config.json").read_text(encoding="utf-8"))
+    named = str(config.get("dtype") or config.get("torch_dtype") or "bfloat16")
+    return named if named in ("bfloat16", "float16", "float32") else "bfloat16"
+
+
+@dataclass(frozen=True, slots=True)
+class Delta:
+    """One tensor's change: `scale * B @ A` (its rows), or for an embedding its transpose; with `base`, the
+    adapter also carries the layer's own weights (peft saves an embedding's), which replace the base's."""
+
+    a: Any  # float32, (r, in) or, for an embedding, (r, rows)
+    b: Any  # float32, (out, r) or, for an embedding, (dim, r)
+    scale: float
+    embedding: bool
+    base: Any = None
+
+    def rows(self, start: int, stop: int) -> Any:
+        if self.embedding:
+            return (self.b @ self.a[:, start:stop]).T * self.scale
+        return (self.b[start:stop] @ self.a) * self.scale
+
+
+def _match(deltas: dict[str, Delta], shapes: dict[str, tuple[int, ...]], base: str) -> None:
+    """Refuses, before anything is written, an adapter whose layers the base model does not have."""
+    missing = sorted(set(deltas) - set(shapes))
+    if missing:
+        raise ExportError(f"the adapter changes {len(missing)} tensors the base model {base} does not have "
+                          f"(first: {missing[0]})", "Export with the base model the run was trained on.")
+    for name, delta in deltas.items():
+        made = (delta.a.shape[1], delta.b.shape[0]) if delta.embedding else (delta.b.shape[0], delta.a.shape[1])
+        carried = tuple(delta.base.shape) if delta.base is not None else shapes[name]
+        if made != shapes[name] or carried != shapes[name]:
+            raise ExportError(f"the adapter's {name} is {made if made != shapes[name] else carried}, the base model "
+                              f"{base}'s is {shapes[name]}", "Export with the base model the run was trained on, "
+                              "as imported (a resized vocabulary is not merged).")
+
+
+def lora_deltas(adapter_dir: Path) -> dict[str, Delta]:
+    """The base tensors a LoRA adapter changes, by name, each with its `B`, `A` and scale; refuses an
+    adapter of a kind this merge does not apply, naming what it has."""
+    import math
+
+    from safetensors.torch import load_file
+
+    settings = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
+    unsupported = [what for what, present in (
+        ("DoRA (use_dora)", settings.get("use_dora")),
+        ("fan_in_fan_out layers", settings.get("fan_in_fan_out")),
+        (f"trained biases (bias={settings.get('bias')})", settings.get("bias", "none") != "none"),
+        ("fully trained modules (modules_to_save)", settings.get("modules_to_save")),
+        ("layer replication", settings.get("layer_replication")),
+        ("target parameters", settings.get("target_parameters")),
+        ("biases on the LoRA layers (lora_bias)", settings.get("lora_bias")),
+        ("activated LoRA (alora_invocation_tokens)", settings.get("alora_invocation_tokens")),
+        (f"adapter type {settings.get('peft_type')}", settings.get("peft_type", "LORA") != "LORA"),
+    ) if present]
+    if unsupported:
+        raise ExportError(f"the adapter in {adapter_dir} uses {', '.join(unsupported)}, which the export does "
+                          "not merge", "Train with plain LoRA (the appliance's default settings) and export again.")
+    weights = load_file(str(adapter_weights(adapter_dir)))
+    alpha = float(settings.get("lora_alpha", 8))
+    patterns: dict[str, Any] = settings.get("alpha_pattern") or {}
+    deltas = {}
+    for key in weights:
+        for a_suffix, b_suffix, embedding in ((".lora_A.weight", ".lora_B.weight", False),
+                                              (".lora_embedding_A", ".lora_embedding_B", True)):
+            if not key.endswith(a_suffix):
+                continue
+            module = key.removesuffix(a_suffix)
+            b_key = module + b_suffix
+            if b_key not in weights:
+                raise ExportError(f"the adapter in {adapter_dir} has {key} but no {b_key}",
+                                  "The adapter is damaged: train the run again.")
+            name = module.removeprefix("base_model.model.")
+            a, b = weights[key].float(), weights[b_key].float()
+            rank = a.shape[0]
+            module_alpha = float(next((v for p, v in patterns.items() if re.match(rf"(.*\.)?({p})$", name)), alpha))
+            scale = module_alpha / (math.sqrt(rank) if settings.get("use_rslora") else rank)
+            own = weights.get(module + ".base_layer.weight")
+            deltas[name + ".weight"] = Delta(a, b, scale, embedding, None if own is None else own.float())
+    other = [k for k in weights if ".lora_" not in k
+             and not (k.endswith(".base_layer.weight") and k.removeprefix("base_model.model.").removesuffix(
+                 ".base_layer.weight") + ".weight" in deltas)]
+    if other or not deltas:
+        raise ExportError(f"the adapter in {adapter_dir} holds {other[0] if other else 'no LoRA weights'}",
+                          "Train with plain LoRA (the appliance's default settings) and export again.")
+    return deltas
+
+
+ROWS_AT_ONCE = 1 << 22  # elements of one tensor handled at a time: 16 MB in float32
+
+
+class Check:
+    """The layer-wise check: each changed tensor as written, against the base and the adapter applied as
+    LoRA applies them (`W x + scale * B (A x)`, never forming `B A`), on a few random inputs."""
+
+    def __init__(self) -> None:
+        self.worst = 0.0
+        self.worst_name: str | None = None
+
+    def add(self, name: str, base: Any, merged: Any, delta: Delta, start: int, stop: int, probe: Any) -> None:
+        import torch
+
+        with torch.no_grad():
+            if delta.embedding:  # a lookup: the rows themselves are what the model reads
+                reference = base.float() + (delta.b @ delta.a[:, start:stop]).T * delta.scale
+                got = merged.float()
+            else:
+                reference = base.float() @ probe + (delta.b[start:stop] @ (delta.a @ probe)) * delta.scale
+                got = merged.float() @ probe
+            error = float((reference - got).abs().max() / reference.abs().max().clamp_min(1e-12))
+        if error > self.worst or self.worst_name is None:
+            self.worst, self.worst_name = error, name
+
+
+def _stream(reader: tensorfile.Reader, writer: tensorfile.Writer, info: tensorfile.TensorInfo, dtype: str,
+            delta: Delta | None, device: str, check: Check) -> None:
+    """One tensor from `reader` to `writer`: copied as it is, cast, or with its delta added, a block of rows
+    at a time; the delta in float32, rounded once to `dtype`."""
     import torch
 
-    ids = tokenizer.apply_chat_template(PROBE, add_generation_prompt=True, return_tensors="pt", return_dict=True)
-    device = next(model.parameters()).device
-    with torch.no_grad():
-        return model(input_ids=ids["input_ids"].to(device)).logits[0].float().cpu()
+    if delta is None and dtype == info.dtype:
+        for piece in reader.chunks(info):
+            writer.write(info.name, piece)
+        return
+    rows = info.shape[0] if info.shape else 1
+    per_row = max(1, info.numel // rows)
+    step = max(1, ROWS_AT_ONCE // per_row)
+    out_dtype = tensorfile.torch_dtype(dtype)
+    probe = None
+    if delta is not None:
+        delta = Delta(delta.a.to(device), delta.b.to(device), delta.scale, delta.embedding, delta.base)
+        if not delta.embedding:
+            probe = torch.randn(per_row, 4, generator=torch.Generator().manual_seed(0)).to(device)
+    for start in range(0, rows, step):
+        stop = min(rows, start + step)
+        if delta is not None and delta.base is not None:
+            block = delta.base[start:stop]
+        else:
+            block = reader.rows(info, start, stop) if info.shape else reader.read(info.name)
+        if delta is None:
+            writer.write(info.name, block.to(out_dtype))
+            continue
+        base = block.to(device)
+        merged = (base.float() + delta.rows(start, stop)).to(out_dtype)
+        check.add(info.name, base, merged, delta, start, stop, probe)
+        writer.write(info.name, merged.cpu())
 
 
-def _device(choice: str, base_dir: Path) -> str:
-    """CUDA when asked or when it has room for the model in float32 twice over; else the CPU."""
+def _layout(source: Path, save_dtype: str) -> list[tuple[Path, list[tuple[str, str, tuple[int, ...]]], dict[str, str]]]:
+    """Per shard of `source`: the merged shard's tensors (name, type, shape) in file order, and its metadata."""
+    plan = []
+    for path in tensorfile.shards(source):
+        with tensorfile.Reader(path) as reader:
+            ordered = sorted(reader.tensors.values(), key=lambda t: t.begin)
+            layout = [(t.name, save_dtype if t.dtype in tensorfile.FLOATS else t.dtype, t.shape) for t in ordered]
+            plan.append((path, layout, {**reader.metadata, "format": "pt"}))
+    if not plan:
+        raise ExportError(f"{source} holds no safetensors weights", "Import the model again: appliance models import.")
+    return plan
+
+
+def _check_space(folder: Path, plan: list[Any]) -> None:
+    need = sum(tensorfile.nbytes(d, s) for _p, layout, _m in plan for _n, d, s in layout) + (64 << 20)
+    free = disk_free_mb(folder) * (1 << 20)
+    if free < need:
+        raise ExportError(f"the merged model needs {need / 1e9:.2f} GB and the store's disk has {free / 1e9:.2f} GB "
+                          "free", "Free space on the store's disk (df -h shows it) and export again; nothing was "
+                          "written.")
+
+
+def _write_index(source: Path, folder: Path, plan: list[Any]) -> None:
+    index = source / "model.safetensors.index.json"
+    if not index.is_file():
+        return
+    data = json.loads(index.read_text(encoding="utf-8"))
+    total = sum(tensorfile.nbytes(d, s) for _p, layout, _m in plan for _n, d, s in layout)
+    data["metadata"] = {**(data.get("metadata") or {}), "total_size": total}
+    (folder / index.name).write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+
+
+def _device(choice: str) -> str:
+    """Where the merge's arithmetic runs: a block of rows at a time fits any GPU, so CUDA when there is one."""
     import torch
 
     if choice != "auto":
         return choice
-    if not torch.cuda.is_available():
-        return "cpu"
-    weights = sum(p.stat().st_size for p in base_dir.glob("*.safetensors"))
-    free, _total = torch.cuda.mem_get_info()
-    return "cuda" if free > weights * 2 * 2.5 else "cpu"  # 16-bit files, float32 copies, adapter, headroom
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _refuse_quantized_base(base_dir: Path) -> None:
