@@ -121,7 +121,6 @@ def test_the_merge_holds_a_few_blocks_not_the_model(exported: Exported, tmp_path
     _store, run_dir, _result = exported
     base_dir = Run.at(run_dir).base_model_dir()
     out = tmp_path / "merged"
-    out.mkdir()
     done = subprocess.run([sys.executable, "-c", _MERGE_MEMORY, str(run_dir), str(out), str(base_dir)],
                           capture_output=True, text=True, timeout=600, check=False)
     assert done.returncode == 0, done.stderr

@@ -94,7 +94,6 @@ def test_the_streamed_merge_is_peft_merge_on_tiny_models(tmp_path: Path, default
         if file.name.startswith(("tokenizer", "chat_template")):
             shutil.copy2(file, adapter_dir / file.name)
     expected = tuned.merge_and_unload().to(torch.bfloat16).state_dict()
-    out.mkdir()
     result = merge._merge_into(out, adapter_dir, base_dir, "test", "cpu", ev.Emitter(lambda event: None))
     written = load_file(str(out / "model.safetensors"))
     assert set(written) == set(load_file(str(base_dir / "model.safetensors")))
@@ -109,7 +108,6 @@ def test_a_fully_fine_tuned_model_is_copied_in_the_base_dtype(tmp_path: Path, de
     base_dir, trained, out = tmp_path / "base", tmp_path / "adapter", tmp_path / "merged"
     _tiny(base_dir, torch.bfloat16, default_model_dir)
     model = _tiny(trained, torch.float32, default_model_dir)  # trained in float32
-    out.mkdir()
     result = merge._merge_into(out, trained, base_dir, "test", "cpu", ev.Emitter(lambda event: None))
     written = load_file(str(out / "model.safetensors"))
     expected = model.to(torch.bfloat16).state_dict()

@@ -94,6 +94,7 @@ def _merge_into(folder: Path, adapter_dir: Path, base_dir: Path, digest: str, de
     plan = _layout(source, tensorfile.dtype_name(getattr(torch, save_dtype)))
     _match(deltas, {name: shape for _p, layout, _m in plan for name, _d, shape in layout}, base_dir.name)
     _check_space(folder, plan)
+    folder.mkdir(parents=True, exist_ok=True)
     check = Check()
     total = sum(len(layout) for _path, layout, _meta in plan)
     done = 0
