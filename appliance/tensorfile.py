@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import struct
 from collections.abc import Iterator
@@ -43,10 +44,7 @@ def dtype_name(torch_dtype: Any) -> str:
 
 def nbytes(dtype: str, shape: tuple[int, ...]) -> int:
     """The bytes of a tensor of safetensors type `dtype` and `shape`."""
-    count = 1
-    for dim in shape:
-        count *= dim
-    return count * _SIZES[dtype]
+    return math.prod(shape) * _SIZES[dtype]
 
 
 def torch_dtype(name: str) -> Any:
@@ -65,10 +63,7 @@ class TensorInfo:
 
     @property
     def numel(self) -> int:
-        count = 1
-        for dim in self.shape:
-            count *= dim
-        return count
+        return math.prod(self.shape)
 
     @property
     def nbytes(self) -> int:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -110,7 +111,7 @@ def random_base(shape: str, folder: Path) -> None:
         writer = tensorfile.Writer(folder / file, layout)
         for name, _dtype, dims in layout:
             rows = dims[0]
-            step = max(1, (1 << 24) // max(1, (tensorfile.nbytes("BF16", dims) // 2) // rows))
+            step = max(1, (1 << 24) // max(1, math.prod(dims[1:])))
             for start in range(0, rows, step):
                 block = torch.randn((min(step, rows - start), *dims[1:]), generator=generator) * 0.02
                 writer.write(name, (block + 1.0 if name.endswith("norm.weight") else block).to(torch.bfloat16))
