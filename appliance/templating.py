@@ -86,19 +86,28 @@ def stop_tokens(tokenizer: Any) -> list[str]:
     end-of-turn token the template writes (what runtimes are told to stop on)."""
     eos = str(tokenizer.eos_token)
     template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else ""
-    vocab = tokenizer.get_vocab()
-    return [eos] + [t for t in END_OF_TURN_CANDIDATES if t in vocab and t != eos and t in template]
+    return [eos] + [t for t in END_OF_TURN_CANDIDATES
+                    if t != eos and t in template and token_id(tokenizer, t) is not None]
 
 
 def stop_ids(tokenizer: Any) -> list[int]:
     """Token ids that end a generated answer: the contract's stop tokens, and any other end-of-turn token
     the vocabulary has (a model that ends its turn with one of them has answered too)."""
-    vocab = tokenizer.get_vocab()
     ids = [int(tokenizer.eos_token_id)]
     for token in (*stop_tokens(tokenizer), *END_OF_TURN_CANDIDATES):
-        if token in vocab and vocab[token] not in ids:
-            ids.append(int(vocab[token]))
+        found = token_id(tokenizer, token)
+        if found is not None and found not in ids:
+            ids.append(found)
     return ids
+
+
+def token_id(tokenizer: Any, token: str) -> int | None:
+    """The id of one vocabulary entry, None when the vocabulary lacks it (looked up alone: building the
+    whole vocabulary as a dict takes tens of milliseconds, and answers are scored by the hundred)."""
+    found = tokenizer.convert_tokens_to_ids(token)
+    if found is None or tokenizer.convert_ids_to_tokens(int(found)) != token:
+        return None  # an unknown token maps to the unknown token's id, which names another token
+    return int(found)
 
 
 def shared_system_prompt(rows: Iterable[Messages]) -> str | None:
@@ -156,7 +165,6 @@ def contract(tokenizer: Any, system: str | None = None, task: str = "chat",
     template = tokenizer.chat_template
     if not isinstance(template, str) or not template.strip():
         raise ValueError("the tokenizer has no chat template")
-    vocab = tokenizer.get_vocab()
     stops = stop_tokens(tokenizer)
     bos = tokenizer.bos_token
     turns, generation, default_system = _derive_turns(tokenizer)
@@ -164,7 +172,7 @@ def contract(tokenizer: Any, system: str | None = None, task: str = "chat",
         template=template, eos_token=stops[0], eos_id=int(tokenizer.eos_token_id),
         bos_token=str(bos) if bos is not None else None,
         bos_id=int(tokenizer.bos_token_id) if tokenizer.bos_token_id is not None else None,
-        stop_tokens=stops, stop_ids=[int(vocab[t]) for t in stops],
+        stop_tokens=stops, stop_ids=[int(tokenizer.convert_tokens_to_ids(t)) for t in stops],
         turns=turns, generation_prompt=generation, default_system=default_system,
         system=system, task=task, labels=labels,
     )
