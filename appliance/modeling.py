@@ -35,24 +35,26 @@ def answer_nll(model: Any, batch: dict[str, Any]) -> Any:
 
 
 def score_answers(model: Any, prompt: list[int], answers: list[list[int]]) -> list[float]:
-    """The log-likelihood of each answer after the prompt. The prompt runs once; each answer continues from
-    its cache, which is cropped back after, and only the answer's positions are projected onto the
-    vocabulary."""
+    """The log-likelihood of each answer after the prompt. The prompt runs once; its cache is repeated for
+    the answers, which then run together as one batch, padded on the right (a causal model never looks
+    ahead, so the padding changes no real position). Two forwards per prompt however many labels."""
     import torch
 
     device = next(model.parameters()).device
     with torch.no_grad():
         out = model(input_ids=torch.tensor([prompt], device=device), use_cache=True, logits_to_keep=1)
-        cache = out.past_key_values
         first = torch.log_softmax(out.logits[0, -1].float(), dim=-1)
-        scores = []
-        for answer in answers:
-            total = float(first[answer[0]])
-            if len(answer) > 1:
-                step = model(input_ids=torch.tensor([answer[:-1]], device=device), past_key_values=cache,
-                             use_cache=True)
-                log_probs = torch.log_softmax(step.logits[0].float(), dim=-1)
-                total += float(log_probs[torch.arange(len(answer) - 1), torch.tensor(answer[1:])].sum())
-                cache.crop(-(len(answer) - 1))  # back to the prompt alone
-            scores.append(total)
+        scores = [float(first[answer[0]]) for answer in answers]
+        longer = [i for i, answer in enumerate(answers) if len(answer) > 1]
+        if not longer:
+            return scores
+        width = max(len(answers[i]) - 1 for i in longer)
+        cache = out.past_key_values
+        cache.batch_repeat_interleave(len(longer))
+        rows = [answers[i][:-1] + [answers[i][0]] * (width - len(answers[i]) + 1) for i in longer]
+        logits = model(input_ids=torch.tensor(rows, device=device), past_key_values=cache, use_cache=True).logits
+        log_probs = torch.log_softmax(logits.float(), dim=-1)
+        for row, i in enumerate(longer):
+            following = torch.tensor(answers[i][1:], device=device)
+            scores[i] += float(log_probs[row, torch.arange(len(following), device=device), following].sum())
     return scores
