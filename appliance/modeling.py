@@ -34,27 +34,67 @@ def answer_nll(model: Any, batch: dict[str, Any]) -> Any:
     return torch.zeros(targets.shape[0], dtype=losses.dtype, device=losses.device).index_add_(0, rows, losses)
 
 
-def score_answers(model: Any, prompt: list[int], answers: list[list[int]]) -> list[float]:
-    """The log-likelihood of each answer after the prompt. The prompt runs once; its cache is repeated for
-    the answers, which then run together as one batch, padded on the right (a causal model never looks
-    ahead, so the padding changes no real position). Two forwards per prompt however many labels."""
-    import torch
+class AnswerScorer:
+    """The log-likelihood of candidate answers after prompts, with a model whose weights do not change
+    while it scores.
 
-    device = next(model.parameters()).device
-    with torch.no_grad():
-        out = model(input_ids=torch.tensor([prompt], device=device), use_cache=True, logits_to_keep=1)
-        first = torch.log_softmax(out.logits[0, -1].float(), dim=-1)
-        scores = [float(first[answer[0]]) for answer in answers]
-        longer = [i for i, answer in enumerate(answers) if len(answer) > 1]
-        if not longer:
-            return scores
-        width = max(len(answers[i]) - 1 for i in longer)
-        cache = out.past_key_values
-        cache.batch_repeat_interleave(len(longer))
-        rows = [answers[i][:-1] + [answers[i][0]] * (width - len(answers[i]) + 1) for i in longer]
-        logits = model(input_ids=torch.tensor(rows, device=device), past_key_values=cache, use_cache=True).logits
-        log_probs = torch.log_softmax(logits.float(), dim=-1)
-        for row, i in enumerate(longer):
-            following = torch.tensor(answers[i][1:], device=device)
-            scores[i] += float(log_probs[row, torch.arange(len(following), device=device), following].sum())
-    return scores
+    Prompts of one evaluation share their beginning (the chat template's header, the system prompt,
+    few-shot examples): the cache of what the prompts seen so far share is kept, and each prompt runs
+    only what follows it. The candidates then run together as one batch over the prompt's cache,
+    repeated, padded on the right (a causal model never looks ahead, so padding changes no real
+    position): two forwards per prompt, however many labels.
+    """
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+        self.device = next(model.parameters()).device
+        self.shared: list[int] = []  # what the cache holds: the beginning of every prompt scored so far
+        self.cache: Any = None
+
+    def _prompt(self, prompt: list[int]) -> Any:
+        """The forward over `prompt` (its last position's logits), from a copy of the shared cache."""
+        import copy
+
+        import torch
+
+        if self.cache is not None:
+            common = 0
+            for held, wanted in zip(self.shared, prompt[:-1], strict=False):
+                if held != wanted:
+                    break
+                common += 1
+            if common == 0:
+                self.cache = None
+            elif common < len(self.shared):
+                self.cache.crop(common - len(self.shared))  # a negative count: that many from the end
+                self.shared = self.shared[:common]
+        if self.cache is None:  # all but the last token of this prompt is what is shared so far
+            self.shared = prompt[:-1]
+            if self.shared:
+                self.cache = self.model(input_ids=torch.tensor([self.shared], device=self.device),
+                                        use_cache=True, logits_to_keep=1).past_key_values
+        cache = copy.deepcopy(self.cache) if self.shared else None
+        rest = torch.tensor([prompt[len(self.shared):]], device=self.device)
+        return self.model(input_ids=rest, past_key_values=cache, use_cache=True, logits_to_keep=1)
+
+    def score(self, prompt: list[int], answers: list[list[int]]) -> list[float]:
+        import torch
+
+        with torch.no_grad():
+            out = self._prompt(prompt)
+            first = torch.log_softmax(out.logits[0, -1].float(), dim=-1)
+            scores = [float(first[answer[0]]) for answer in answers]
+            longer = [i for i, answer in enumerate(answers) if len(answer) > 1]
+            if not longer:
+                return scores
+            width = max(len(answers[i]) - 1 for i in longer)
+            cache = out.past_key_values
+            cache.batch_repeat_interleave(len(longer))
+            rows = [answers[i][:-1] + [answers[i][0]] * (width - len(answers[i]) + 1) for i in longer]
+            logits = self.model(input_ids=torch.tensor(rows, device=self.device), past_key_values=cache,
+                                use_cache=True).logits
+            log_probs = torch.log_softmax(logits.float(), dim=-1)
+            for row, i in enumerate(longer):
+                following = torch.tensor(answers[i][1:], device=self.device)
+                scores[i] += float(log_probs[row, torch.arange(len(following), device=self.device), following].sum())
+        return scores

@@ -66,20 +66,26 @@ def tiny_targets(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory)
 
 
 def test_cached_label_scores_equal_the_plain_log_likelihood(tiny_targets: tuple[Any, Any, Any]) -> None:
-    """Scoring continues each answer from the prompt's cache and crops it back; the result must be
-    the log-likelihood a plain forward over prompt + answer gives, for every answer in turn."""
+    """Scoring runs the answers as one padded batch over the prompt's cache, and each prompt from the cache
+    of what the earlier prompts share; the result must be the log-likelihood a plain forward over prompt +
+    answer gives, for every answer, whichever prompts came before (one shares nothing with the others)."""
     import torch
 
-    from appliance.modeling import IGNORE, answer_nll
+    from appliance.modeling import IGNORE, AnswerScorer, answer_nll
     from appliance.train.data import Encoded, collate
 
     hf, _llama, tokenizer = tiny_targets
-    prompt = tokenizer.encode("<|im_start|>user\nWhich team?<|im_end|>\n<|im_start|>assistant\n")
+    prompts = [tokenizer.encode(f"<|im_start|>{text}<|im_end|>\n<|im_start|>assistant\n")
+               for text in ("user\nWhich team?", "user\nWhich team is it?", "user\nWhich office?", "system\nBe brief.")]
     answers = [[*tokenizer.encode(a), 2] for a in ("billing", "network operations", "hardware")]
-    rows = [Encoded(prompt + a, [IGNORE] * len(prompt) + a) for a in answers]
-    with torch.no_grad():
-        plain = [-float(x) for x in answer_nll(hf.model, collate(rows, 0))]
-    assert hf.score(prompt, answers) == pytest.approx(plain, abs=1e-4)
+    scorer = AnswerScorer(hf.model)
+    for prompt in [*prompts, prompts[0]]:
+        rows = [Encoded(prompt + a, [IGNORE] * len(prompt) + a) for a in answers]
+        with torch.no_grad():
+            plain = [-float(x) for x in answer_nll(hf.model, collate(rows, 0))]
+        assert scorer.score(prompt, answers) == pytest.approx(plain, abs=1e-4), tokenizer.decode(prompt)
+        assert scorer.shared == prompt[:len(scorer.shared)]
+    assert scorer.shared == tokenizer.encode("<|im_start|>")  # what all of them share
 
 
 def test_llama_cpp_scores_agree_with_transformers(tiny_targets: tuple[Any, Any, Any]) -> None:

@@ -17,6 +17,8 @@ import time
 from pathlib import Path
 from typing import Any, Protocol
 
+from appliance.modeling import AnswerScorer
+
 Message = dict[str, str]
 
 
@@ -55,11 +57,10 @@ class HFTarget:
             model = PeftModel.from_pretrained(model, str(adapter_dir))
         self.model = model.eval()
         self.batch_size = batch_size
+        self.scorer = AnswerScorer(self.model)
 
     def score(self, prompt: list[int], answers: list[list[int]]) -> list[float]:
-        from appliance.modeling import score_answers
-
-        return score_answers(self.model, prompt, answers)
+        return self.scorer.score(prompt, answers)
 
     def generate(self, prompts: list[list[int]], max_new: int, stop_ids: list[int]) -> list[list[int]]:
         import torch

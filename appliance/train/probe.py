@@ -1,7 +1,7 @@
 """The task metric during training: label accuracy on (part of) the validation split.
 
 Measured at each evaluation interval with the model being trained, by the same label scoring the
-evaluation stage uses (`modeling.score_answers`), so the training curve shows the number the user will
+evaluation stage uses (`modeling.AnswerScorer`), so the training curve shows the number the user will
 be judged on and early stopping can follow it instead of the loss.
 """
 
@@ -35,10 +35,11 @@ class LabelProbe:
         return cls(labels, items) if items else None
 
     def accuracy(self, model: Any) -> float:
-        from appliance.modeling import score_answers
+        from appliance.modeling import AnswerScorer
 
+        scorer = AnswerScorer(model)  # a new one at each evaluation: the weights have changed since the last
         correct = 0
         for prompt, candidates, label in self.items:
-            scores = score_answers(model, prompt, candidates)
+            scores = scorer.score(prompt, candidates)
             correct += self.labels[max(range(len(scores)), key=scores.__getitem__)] == label
         return correct / len(self.items)
