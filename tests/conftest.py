@@ -123,6 +123,14 @@ def quickstarted(tmp_path_factory: pytest.TempPathFactory, default_store: Store)
                         sorted(d.name for d in store.runs_dir.iterdir()))
 
 
+def losses(run_dir: Path, offset: int = 0) -> dict[int, float]:
+    """The training loss at each step in a run's events (from byte `offset`: one job's share)."""
+    from appliance import events as ev
+
+    return {e.step: e.loss for e in ev.read_all(run_dir / ev.EVENTS_FILE, offset)
+            if isinstance(e, ev.Progress) and e.phase == "training" and e.loss is not None}
+
+
 def clone_run(store: Store, source: Path, name: str) -> Path:
     """A new run in `store` with the prepared data of `source`."""
     target = store.runs_dir / name

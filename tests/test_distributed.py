@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import clone_run
+from conftest import clone_run, losses
 
 from appliance import events as ev
 from appliance import jobs, offline
@@ -160,31 +160,43 @@ def test_sharding_one_cpu_process_is_refused_with_the_way_that_works(prepared: t
     assert "shards nothing" in excinfo.value.message and "--processes 2" in excinfo.value.hint
 
 
-def _losses(run_dir: Path, offset: int = 0) -> dict[int, float]:
-    return {e.step: e.loss for e in ev.read_all(run_dir / ev.EVENTS_FILE, offset)
-            if isinstance(e, ev.Progress) and e.phase == "training" and e.loss is not None}
-
-
 def _train(store: Store, source: Path, name: str, **settings: Any) -> tuple[Path, dict[str, Any]]:
     run_dir = clone_run(store, source, name)
     done = jobs.run("train", run_dir, TrainConfig(store=str(store.root), **{**SMALL, **settings}))
     return run_dir, done.result
 
 
+def _two_nodes(store: Store, source: Path) -> list[tuple[Path, dict[str, Any]]]:
+    """Two machines of one process each, played by two runs on this one over loopback: each node runs the
+    same command with its own rank and keeps its own copy of the run."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    nodes = [clone_run(store, source, f"node-{rank}") for rank in (0, 1)]
+    started = [jobs.start("train", run_dir, TrainConfig(store=str(store.root), nodes=2, node_rank=rank,
+                                                        main_address=f"127.0.0.1:{port}", **SMALL),
+                          env={"OMP_NUM_THREADS": "1"})  # two "machines" share these cores
+               for rank, run_dir in enumerate(nodes)]
+    return [(run_dir, job.wait().result) for run_dir, job in zip(nodes, started, strict=True)]
+
+
 @pytest.fixture(scope="module")
 def references(prepared: tuple[Store, Path]) -> dict[str, tuple[Path, dict[str, Any]]]:
     """The same training, uninterrupted, with global batch 4 both ways: one process accumulating 2 micro-batches
-    of 2 rows, and two processes of 2 rows each."""
+    of 2 rows, and two processes of 2 rows each, on two nodes (the leading node's run is "two"; two processes on
+    one node are the sharded and the stopped runs below)."""
     store, source = prepared
-    return {"one": _train(store, source, "one-process", grad_accum=2),
-            "two": _train(store, source, "two-processes", processes=2)}
+    nodes = _two_nodes(store, source)
+    return {"one": _train(store, source, "one-process", grad_accum=2), "two": nodes[0], "node-1": nodes[1]}
 
 
 @pytest.mark.slow
 def test_two_processes_follow_the_loss_trajectory_of_one(
         references: dict[str, tuple[Path, dict[str, Any]]]) -> None:
     (one_dir, one), (two_dir, two) = references["one"], references["two"]
-    one_losses, two_losses = _losses(one_dir), _losses(two_dir)
+    one_losses, two_losses = losses(one_dir), losses(two_dir)
     assert sorted(one_losses) == sorted(two_losses) == [1, 2, 3, 4]
     for step, loss in one_losses.items():
         assert two_losses[step] == pytest.approx(loss, rel=2e-3), (step, one_losses, two_losses)
@@ -215,29 +227,15 @@ def _processes_of(run_dir: Path) -> list[int]:
 
 
 @pytest.mark.slow
-def test_two_nodes_meet_at_the_main_address(prepared: tuple[Store, Path],
-                                            references: dict[str, tuple[Path, dict[str, Any]]]) -> None:
-    """Two machines of one process each, played by two runs on this one over loopback: each node runs the
-    same command with its own rank, keeps its own copy of the run, and trains what two local processes do."""
-    import socket
-
-    store, source = prepared
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    nodes = [clone_run(store, source, f"node-{rank}") for rank in (0, 1)]
-    started = [jobs.start("train", run_dir, TrainConfig(store=str(store.root), nodes=2, node_rank=rank,
-                                                        main_address=f"127.0.0.1:{port}", **SMALL),
-                          env={"OMP_NUM_THREADS": "1"})  # two "machines" share these cores
-               for rank, run_dir in enumerate(nodes)]
-    results = [job.wait().result for job in started]
+def test_two_nodes_meet_at_the_main_address(references: dict[str, tuple[Path, dict[str, Any]]]) -> None:
+    """The two nodes of the reference met, trained the same adapter, and each kept its own ranks' records."""
+    nodes, results = zip(references["two"], references["node-1"], strict=True)
     assert [r["steps"] for r in results] == [4, 4]
     assert results[0]["sha256"] == results[1]["sha256"]  # the same adapter on both nodes
     assert (nodes[1] / "ranks" / "rank-1.jsonl").is_file() and not (nodes[1] / "ranks" / "rank-0.jsonl").exists()
-    two = _losses(references["two"][0])
-    for run_dir in nodes:  # each node's own stream shows its leading process's steps
-        for step, loss in _losses(run_dir).items():
-            assert loss == pytest.approx(two[step], rel=2e-3)
+    two = losses(nodes[0])
+    for step, loss in losses(nodes[1]).items():  # each node's own stream shows its leading process's steps
+        assert loss == pytest.approx(two[step], rel=2e-3)
     config = yaml.safe_load((nodes[1] / "accelerate.yaml").read_text())
     assert (config["num_machines"], config["machine_rank"], config["num_processes"]) == (2, 1, 2)
 
@@ -250,7 +248,7 @@ def test_a_killed_sharded_run_leaves_nothing_running_and_resumes_anywhere(
     by position) resumes as one plain process. Every step of both follows the loss trajectory of the
     uninterrupted runs. (The other direction, a plain checkpoint loaded sharded, is the test below.)"""
     store, source = prepared
-    expected = _losses(references["two"][0])
+    expected = losses(references["two"][0])
     run_dir = clone_run(store, source, "killed-fsdp")
     cfg = TrainConfig(store=str(store.root), processes=2, sharding="fsdp", **SMALL)
     job = jobs.start("train", run_dir, cfg)
@@ -266,7 +264,7 @@ def test_a_killed_sharded_run_leaves_nothing_running_and_resumes_anywhere(
         time.sleep(0.2)
     assert _processes_of(run_dir) == [], "ranks outlived their job"
     assert not jobs.busy(run_dir)
-    before = _losses(run_dir)
+    before = losses(run_dir)
     assert before and all(loss == pytest.approx(expected[step], rel=2e-3) for step, loss in before.items()), \
         (before, expected)
     saved = checkpoint.load_state(checkpoint.latest(run_dir) or run_dir)
@@ -282,7 +280,7 @@ def test_a_killed_sharded_run_leaves_nothing_running_and_resumes_anywhere(
     logs = [e.message for e in ev.read_all(run_dir / ev.EVENTS_FILE, offset) if isinstance(e, ev.Log)]
     assert any("resumed from checkpoint step 2 (it was trained on 2 process(es), this run uses 1)" in m
                for m in logs), logs
-    after = _losses(run_dir, offset)
+    after = losses(run_dir, offset)
     assert sorted(after) == [3, 4]
     for step, loss in after.items():  # the optimizer state, schedule and data position all came back
         assert loss == pytest.approx(expected[step], rel=2e-3), (step, after, expected)
