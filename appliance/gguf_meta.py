@@ -17,6 +17,20 @@ from appliance.errors import ApplianceError
 
 SPECIAL_KEYS = ("bos", "eos", "eot", "eom", "padding", "unknown", "sep")
 
+# The GGUF architecture llama.cpp's converter writes for each Hugging Face model class it converts (read
+# from the pinned converter's `ModelBase.register` lines; Mistral is converted as a Llama).
+ARCHITECTURES = {
+    "LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3", "GemmaForCausalLM": "gemma", "Gemma2ForCausalLM": "gemma2",
+    "Gemma3ForCausalLM": "gemma3", "Phi3ForCausalLM": "phi3",
+}
+
+
+def expected_architecture(config: Mapping[str, Any]) -> str | None:
+    """The GGUF architecture a model with this `config.json` converts to; None for a family not listed."""
+    classes = config.get("architectures") or []
+    return next((ARCHITECTURES[c] for c in classes if c in ARCHITECTURES), None)
+
 
 class GGUFError(ApplianceError):
     title = "Unreadable GGUF file"
@@ -78,7 +92,7 @@ def rewrite(src: Path, dst: Path, set_fields: Mapping[str, Any] | None = None,
 
     set_fields = dict(set_fields or {})
     reader = gguf.GGUFReader(str(src))
-    arch = reader.fields["general.architecture"].contents()
+    arch = set_fields.pop("general.architecture", reader.fields["general.architecture"].contents())
     tmp = dst.with_name(f".{dst.name}.partial")
     writer = gguf.GGUFWriter(str(tmp), arch=arch, endianess=reader.endianess)
     try:

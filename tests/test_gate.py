@@ -1,8 +1,8 @@
 """The verification gate catches each failure it exists for, planted in a GGUF: the chat template
-removed, a wrong EOS id, a tokenizer that splits text differently. The untouched file passes every
-check, so each failure is the planted one and nothing else. The files come from a tiny random-weight
-Llama with the default model's tokenizer (the gate's mechanics, fast); the real model passes the
-same gate end to end in test_export."""
+removed, a wrong EOS id, a tokenizer that splits text differently, weights that are not the merged
+model's. The untouched file passes every check, so each failure is the planted one and nothing else.
+The files come from a tiny random-weight Llama with the default model's tokenizer (the gate's
+mechanics, fast); the real model passes the same gate end to end in test_export."""
 
 from __future__ import annotations
 
@@ -27,14 +27,18 @@ def reference_gguf(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactor
     return out
 
 
-@pytest.fixture(scope="module")
-def setting(tiny_model_dir: Path) -> tuple[gate.Reference, ChatContract]:
+def _reference(gguf: Path, merged_dir: Path) -> tuple[gate.Reference, ChatContract]:
     from appliance.templating import load_tokenizer
 
-    tokenizer = load_tokenizer(tiny_model_dir)
+    tokenizer = load_tokenizer(merged_dir)
     contract = templating.contract(tokenizer)
     rows = gate.scored_rows(tokenizer, VALIDATION, budget=512)
-    return gate.build_reference(tiny_model_dir, tokenizer, contract, PROMPTS, rows), contract
+    return gate.build_reference(gguf, merged_dir, tokenizer, contract, PROMPTS, rows, n_ctx=512), contract
+
+
+@pytest.fixture(scope="module")
+def setting(reference_gguf: Path, tiny_model_dir: Path) -> tuple[gate.Reference, ChatContract]:
+    return _reference(reference_gguf, tiny_model_dir)
 
 
 def _verify(path: Path, setting: tuple[gate.Reference, ChatContract]) -> dict[str, gate.Check]:
@@ -69,6 +73,28 @@ def test_each_planted_failure_is_caught(planted: str, changes: dict[str, object]
     failed = {name for name, c in checks.items() if c.status == "fail"}
     assert failed == {caught_by}, {n: c.detail for n, c in checks.items()}
     assert says in checks[caught_by].detail
+
+
+def test_a_gguf_that_is_not_the_merged_model_fails_greedy_parity(reference_gguf: Path, tiny_model_dir: Path,
+                                                                 tmp_path: Path) -> None:
+    """The 16-bit reference's continuations are fed to the merged model: another model's weights (here the same
+    shape, drawn again with a wide spread so that its choices are clear) pick other tokens, and the file fails."""
+    import shutil
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    other = tmp_path / "other-weights"
+    torch.manual_seed(1)
+    config = LlamaConfig.from_pretrained(tiny_model_dir)
+    config.initializer_range = 0.5
+    LlamaForCausalLM(config).save_pretrained(other, safe_serialization=True)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        shutil.copy(tiny_model_dir / name, other / name)
+    checks = _verify(reference_gguf, _reference(reference_gguf, other))
+    failed = {name for name, c in checks.items() if c.status == "fail"}
+    assert failed == {"greedy parity"}, {n: c.detail for n, c in checks.items()}
+    assert "the merged model picks" in checks["greedy parity"].detail
 
 
 def test_rewrite_refuses_a_field_the_file_lacks(reference_gguf: Path, tmp_path: Path) -> None:

@@ -17,7 +17,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from appliance import faults, manifest, quants, templating, toolchain
+from appliance import faults, gguf_meta, manifest, quants, templating, toolchain
 from appliance.config import ExportConfig
 from appliance.errors import StoreError
 from appliance.events import Emitter
@@ -159,15 +159,20 @@ def _verify(staging: Path, produced: dict[str, tuple[Path, float]], merged_dir: 
     if all(q in carried for q in produced):
         return dict(carried)
     faults.point("export.verify")
-    emit.progress("verification: the merged model's greedy answers", 0, len(produced) + 1)
+    emit.progress(f"verification: {reference_quant}'s greedy answers, checked against the merged model", 0,
+                  len(produced) + 1)
     rows = list(run.rows("val")) or list(run.rows("train"))[:16]
     prompts = [_prompt(r["messages"]) for r in rows[:MAX_PROMPTS - 1]] + [
         [{"role": "user", "content": "In one sentence, what is a computer?"}]]
     ppl_rows = gate.scored_rows(tokenizer, [r["messages"] for r in rows], cfg.ppl_tokens)
     emit.log(f"perplexity is measured on {len(ppl_rows)} of {len(rows)} validation rows "
              f"({sum(len(ids) for ids, _ in ppl_rows):,} tokens)")
-    reference = gate.build_reference(merged_dir, tokenizer, contract, prompts, ppl_rows)
-    n_ctx = _context(reference, merged_dir)
+    n_ctx = _context(tokenizer, prompts, ppl_rows, merged_dir)
+    reference = gate.build_reference(produced[reference_quant][0], merged_dir, tokenizer, contract, prompts, ppl_rows,
+                                     n_ctx)
+    emit.log(f"greedy parity: {len(reference.continuations)} prompts, "
+             f"{sum(len(g) for _p, g, _m in reference.continuations)} tokens of {reference_quant} fed to the merged "
+             f"model (a module at a time, float32): {reference.merged_agreement:.1%} identical")
     architecture = _architecture(merged_dir)
     reports: dict[str, FileReport] = {}
     reference_ppl: float | None = None
@@ -200,8 +205,10 @@ def _prompt(messages: list[dict[str, str]]) -> list[dict[str, str]]:
     return messages[:last]
 
 
-def _context(reference: gate.Reference, merged_dir: Path) -> int:
-    longest = max([len(p) + len(g) for p, g, _ in reference.continuations] + [len(i) for i, _ in reference.ppl_rows])
+def _context(tokenizer: Any, prompts: list[list[dict[str, str]]], ppl_rows: list[tuple[list[int], list[bool]]],
+             merged_dir: Path) -> int:
+    longest = max([len(templating.prompt_ids(tokenizer, p)) + gate.MAX_NEW for p in prompts]
+                  + [len(i) for i, _ in ppl_rows])
     limit = int(_config(merged_dir).get("max_position_embeddings") or 4096)
     return min(limit, max(512, longest + gate.STOP_BOUND + 8))
 
@@ -212,9 +219,7 @@ def _config(model_dir: Path) -> dict[str, Any]:
 
 
 def _architecture(merged_dir: Path) -> str | None:
-    model_type = _config(merged_dir).get("model_type")
-    # the GGUF architecture name equals the Hugging Face model_type for the llama family
-    return "llama" if model_type in ("llama", "mistral") else None
+    return gguf_meta.expected_architecture(_config(merged_dir))
 
 
 def _log_report(report: FileReport, emit: Emitter) -> None:
