@@ -369,6 +369,7 @@ class TargetResult(Record):
     seconds: float
     predictions: list[str]  # every item's answer, in the split's order
     samples: list[dict[str, Any]]  # the first items' reference and prediction
+    runtime: str | None = None  # what ran it: "transformers, float32 on cpu", "llama.cpp, NAME-F16.gguf", ...
 
     def confusion(self) -> tuple[list[str], list[str], list[list[int]]] | None:
         """True labels, predicted columns and the matrix, for a classification target."""

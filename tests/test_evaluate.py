@@ -14,7 +14,7 @@ from conftest import Quickstarted, run_cli
 
 from appliance import toolchain
 from appliance.evaluate.items import choose_examples, with_examples
-from appliance.records import EvalResult
+from appliance.records import EvalResult, ExportResult
 from appliance.run import Item, Run
 from appliance.store import Store
 
@@ -133,6 +133,34 @@ def test_eval_compares_every_target(quickstarted: Quickstarted) -> None:
 
 
 @pytest.mark.slow
+def test_the_merged_target_on_the_cpu_is_the_verified_16_bit_gguf(exported: tuple[Store, Path, ExportResult]) -> None:
+    """On a CPU the merged model is asked through the export's 16-bit GGUF, which the gate proved equal to it,
+    instead of a float32 copy of the model; the target's record says what ran it. (On a copy of the session's
+    exported run: the weights are linked, everything a job writes is copied.)"""
+    import os
+    import shutil
+
+    store, run_dir, result = exported
+    copy = store.runs_dir / "merged-target"
+
+    def link_weights(source: str, target: str) -> object:
+        return os.link(source, target) if source.endswith((".gguf", ".safetensors")) else shutil.copy2(source, target)
+
+    shutil.copytree(run_dir, copy, copy_function=link_weights)
+    try:
+        evaluated = run_cli("eval", "--run", copy.name, "--targets", "merged", "--max-items", "4", "--json",
+                            store=store.root)
+        assert evaluated.returncode == 0, evaluated.stderr
+        merged = Run.at(copy).evaluation("merged")
+        assert merged is not None and merged.n == 4
+        assert merged.runtime == f"llama.cpp, {result.files[0].file} (the export's 16-bit reference, equal to the " \
+                                 "merged model by the gate)"
+        assert result.files[0].quant == "F16"
+    finally:
+        shutil.rmtree(copy)
+
+
+@pytest.mark.slow
 def test_eval_command_scores_the_targets_it_is_given(trained: tuple[Store, Path]) -> None:
     store, run_dir = trained
     result = run_cli("eval", "--run", run_dir.name, "--targets", "tuned", "--max-items", "6", "--split", "val",
@@ -142,6 +170,8 @@ def test_eval_command_scores_the_targets_it_is_given(trained: tuple[Store, Path]
     assert summary.split == "val" and summary.n == 6 and [t.target for t in summary.targets] == ["tuned"]
     assert summary.note and Run.at(run_dir).comparison() == summary  # what it printed is what it recorded
     assert Run.at(run_dir).settings("eval")["targets"] == ["tuned"]  # recorded, as every front end records it
+    tuned = Run.at(run_dir).evaluation("tuned")
+    assert tuned is not None and tuned.runtime == "transformers, float32 on cpu"  # a small model: exact and fast
     refused = run_cli("eval", "--run", run_dir.name, "--targets", "gguf:Q2_K", store=store.root)
     assert refused.returncode == 1 and "has no verified Q2_K GGUF" in refused.stderr
 

@@ -20,7 +20,7 @@ from appliance.config import EvalConfig
 from appliance.errors import ApplianceError
 from appliance.evaluate import metrics
 from appliance.evaluate.items import choose_examples, with_examples
-from appliance.evaluate.targets import GGUFTarget, HFTarget, Target
+from appliance.evaluate.targets import GGUFTarget, HFTarget, Target, compute_device
 from appliance.events import Emitter
 from appliance.records import ComparisonRow, EvalResult, Interval, Recommendation, TargetResult, TargetRow
 from appliance.run import Item, Run, plain_name
@@ -68,6 +68,8 @@ def run(cfg: EvalConfig, run_dir: Path, emit: Emitter) -> EvalResult:
         finally:
             target.close()
         result.size_bytes = _size(name, target_run, base_dir)
+        result.runtime = target.runtime
+        emit.log(f"{name}: {target.runtime}")
         target_run.write_evaluation(result)
         emit.metric(f"eval_{name}_{result.primary}", result.score.point)
         results.append(result)
@@ -112,10 +114,16 @@ def _open(name: str, run: Run, base_dir: Path, items: list[Item], tokenizer: Any
         return HFTarget(name, base_dir)
     if name == "tuned":
         return HFTarget(name, base_dir, run.adapter_dir)
-    if name == "merged":
-        return HFTarget(name, run.merged_dir)
     longest = max(len(prompt_ids(tokenizer, i.prompt)) for i in items)
-    return GGUFTarget(name, _exported(run)[name[5:]], n_ctx=min(8192, 2 * longest + 1024))
+    n_ctx = min(8192, 2 * longest + 1024)
+    if name == "merged":
+        record, exported = run.verification(), _exported(run)
+        if compute_device().type == "cpu" and record is not None and record.reference in exported:
+            target = GGUFTarget(name, exported[record.reference], n_ctx)  # the gate proved it the merged model
+            target.runtime += " (the export's 16-bit reference, equal to the merged model by the gate)"
+            return target
+        return HFTarget(name, run.merged_dir)
+    return GGUFTarget(name, _exported(run)[name[5:]], n_ctx)
 
 
 def _size(name: str, run: Run, base_dir: Path) -> int | None:

@@ -24,6 +24,7 @@ Message = dict[str, str]
 
 class Target(Protocol):
     name: str
+    runtime: str  # what runs it, as the report says: the library, the type and the device, or the file
 
     def score(self, prompt: list[int], answers: list[list[int]]) -> list[float]: ...
 
@@ -34,7 +35,17 @@ class Target(Protocol):
     def close(self) -> None: ...
 
 
-def _device() -> Any:
+def _float32_fits(model_dir: Path) -> bool:
+    """Whether a float32 copy of the model takes at most half the memory available now (on the CPU, float32 is
+    the exact and the fast type; a model too big for it runs in bfloat16, as it is stored)."""
+    from appliance.hardware import memory
+    from appliance.safetensors_meta import count_parameters
+
+    parameters, _dtype = count_parameters(sorted(model_dir.glob("*.safetensors")))
+    return 4 * parameters <= memory().available_mb * (1 << 20) // 2
+
+
+def compute_device() -> Any:
     import torch
 
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -48,8 +59,9 @@ class HFTarget:
         from transformers import AutoModelForCausalLM
 
         self.name = name
-        self.device = _device()
-        dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        self.device = compute_device()
+        dtype = torch.float32 if self.device.type == "cpu" and _float32_fits(model_dir) else torch.bfloat16
+        self.runtime = f"transformers, {str(dtype).removeprefix('torch.')} on {self.device.type}"
         model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype).to(self.device)
         if adapter_dir is not None:
             from peft import PeftModel
@@ -103,6 +115,7 @@ class GGUFTarget:
 
         self.name = name
         self.path = path
+        self.runtime = f"llama.cpp, {path.name}"
         threads = os.cpu_count() or 1
         self.llm = Llama(str(path), n_ctx=n_ctx, n_batch=min(n_ctx, 512), verbose=False, seed=0,
                          n_threads=threads, n_threads_batch=threads)
