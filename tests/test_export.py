@@ -17,7 +17,7 @@ import pytest
 from conftest import EXPORT_PPL_TOKENS, clone_run, run_cli
 
 from appliance import events as ev
-from appliance import jobs
+from appliance import jobs, quants
 from appliance.records import ExportedFile, ExportResult
 from appliance.run import Run
 from appliance.store import Store
@@ -145,6 +145,26 @@ def test_the_merge_refuses_before_writing_when_the_disk_is_short_with_free_space
     need = ((Run.at(run_dir).base_model_dir() / "model.safetensors").stat().st_size + (64 << 20)) / 1e9
     assert f"needs {need:.2f} GB and the store's disk has 0.10 GB free" in refused.value.message
     assert not (run_dir / "merged").exists() and not list(run_dir.glob(".merged-*"))
+
+
+def test_the_gguf_files_are_refused_before_writing_when_the_disk_is_short_with_free_space_mocked(
+        exported: Exported, monkeypatch: pytest.MonkeyPatch) -> None:
+    from appliance.config import ExportConfig
+    from appliance.errors import ApplianceError
+    from appliance.export import run as export_run
+
+    store, source, _ = exported
+    run_dir = _clone_exported(store, source, "short-disk-gguf", merged=True)
+    monkeypatch.setattr(export_run, "disk_free_mb", lambda path: 100)  # the only thing mocked: the free-space call
+    cfg = ExportConfig(quants=["Q8_0"], store=str(store.root))
+    with pytest.raises(ApplianceError) as refused:
+        export_run.run(cfg, run_dir, ev.Emitter(lambda event: None))
+    merged = Run.at(run_dir).merged_dir
+    f16, q8 = (quants.predict(merged, q).bytes for q in ("F16", "Q8_0"))
+    assert (f"the GGUF files need {(f16 + q8 + (64 << 20)) / 1e9:.2f} GB (F16 {f16 / 1e9:.2f} GB, Q8_0 "
+            f"{q8 / 1e9:.2f} GB) and the store's disk has 0.10 GB free") in refused.value.message
+    assert "--quant" in refused.value.hint
+    assert not (run_dir / "gguf").exists() and not list(run_dir.glob(".gguf-staging-*"))
 
 
 @pytest.mark.parametrize(("setting", "named"), [({"use_dora": True}, "DoRA"),

@@ -25,6 +25,7 @@ from appliance.export import cluster, gate
 from appliance.export import modelfile as runtime_files
 from appliance.export.merge import ExportError, disk_error, is_full_model, merge
 from appliance.fsutil import atomic_write_text, replace_dir, sha256_file
+from appliance.hardware import disk_free_mb
 from appliance.records import ExportedFile, ExportResult, FileReport, MergeResult, Verification
 from appliance.run import Run, plain_name
 from appliance.store import Store, now_iso
@@ -44,9 +45,10 @@ def run(cfg: ExportConfig, run_dir: Path, emit: Emitter) -> ExportResult:
     reference_quant = cfg.outtype.upper()
     merged = merge(target, base_dir, emit, cfg.device)
     merged_dir = Path(merged.merged)
+    predicted: dict[str, int] = {}
     for quant in [reference_quant, *wanted]:
-        predicted = quants.predict(merged_dir, quant)
-        emit.log(f"{quant}: {quants.QUANTS[quant].description}; predicted {predicted.bytes / 2**20:.0f} MiB")
+        predicted[quant] = quants.predict(merged_dir, quant).bytes
+        emit.log(f"{quant}: {quants.QUANTS[quant].description}; predicted {predicted[quant] / 2**20:.0f} MiB")
     emit.check_cancelled()
 
     tokenizer = templating.load_tokenizer(merged_dir)
@@ -54,6 +56,9 @@ def run(cfg: ExportConfig, run_dir: Path, emit: Emitter) -> ExportResult:
     staging = run_dir / f".gguf-staging-{os.getpid()}-{uuid.uuid4().hex[:6]}"
     previous = _previous(target, merged, cfg)
     wanted += [q for q in previous if q != reference_quant and q not in wanted]  # earlier quants stay
+    if cfg.lora_gguf:  # the base as a GGUF beside the adapter (the adapter itself is small)
+        predicted["BASE"] = quants.predict(base_dir, reference_quant).bytes
+    _check_disk(run_dir, {q: size for q, size in predicted.items() if q not in previous})
     staging.mkdir()
     try:
         produced = _produce(cfg, target, staging, merged, base_dir, name, reference_quant, wanted, previous, emit)
@@ -74,6 +79,17 @@ def run(cfg: ExportConfig, run_dir: Path, emit: Emitter) -> ExportResult:
     emit.artifact(manifest_path, kind="manifest")
     return result.model_copy(update={"manifest": str(manifest_path), "verify_seconds": verify_seconds,
                                      "seconds": round(time.monotonic() - started, 1)})
+
+
+def _check_disk(run_dir: Path, sizes: dict[str, int]) -> None:
+    """Refuse before the first GGUF is written when the predicted files do not fit on the store's disk."""
+    need = sum(sizes.values()) + (64 << 20)
+    free = disk_free_mb(run_dir) * (1 << 20)
+    if free < need:
+        files = ", ".join(f"{q} {size / 1e9:.2f} GB" for q, size in sizes.items())
+        raise ExportError(f"the GGUF files need {need / 1e9:.2f} GB ({files}) and the store's disk has "
+                          f"{free / 1e9:.2f} GB free", "Free space on the store's disk (df -h shows it), or export "
+                          "fewer quantizations (--quant), and export again; no GGUF was written.")
 
 
 def _contract(tokenizer: Any, run: Run) -> ChatContract:
