@@ -61,6 +61,21 @@ def prepared(tmp_path_factory: pytest.TempPathFactory, default_store: Store) -> 
     return store, store.runs_dir / json.loads(result.stdout)["run"]
 
 
+TINY_MODEL = "tiny-llama"
+
+
+@pytest.fixture(scope="session")
+def tiny_prepared(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path,
+                  prepared: tuple[Store, Path]) -> tuple[Store, Path]:
+    """A scratch store with the tiny random-weight Llama imported (through the CLI, as a folder is imported), and
+    the prepared sample's run to clone data from: for the tests of the job machinery (faults, several processes),
+    where the model's size costs only time. Their settings name the model: `base_model=TINY_MODEL`."""
+    store = Store.open(tmp_path_factory.mktemp("tiny-store"))
+    result = run_cli("models", "import", str(tiny_model_dir), "--name", TINY_MODEL, "--json", store=store.root)
+    assert result.returncode == 0, result.stderr
+    return store, prepared[1]
+
+
 TRAIN_SETTINGS = {"max_steps": 8, "batch_size": 4, "max_seq_len": 192, "learning_rate": 5e-4, "eval_every": 4,
                   "save_every": 2, "keep_checkpoints": 2, "rank": 8, "alpha": 16, "backend": "hf"}
 
@@ -129,6 +144,16 @@ def losses(run_dir: Path, offset: int = 0) -> dict[int, float]:
 
     return {e.step: e.loss for e in ev.read_all(run_dir / ev.EVENTS_FILE, offset)
             if isinstance(e, ev.Progress) and e.phase == "training" and e.loss is not None}
+
+
+def step_losses(run_dir: Path) -> dict[int, float]:
+    """The training loss of every step so far, from the trainer state of the run's latest checkpoint (the
+    events carry only some steps when steps are fast: progress is throttled to a few a second)."""
+    from appliance.train import checkpoint
+
+    latest = checkpoint.latest(run_dir)
+    assert latest is not None, f"{run_dir} has no checkpoint"
+    return dict(checkpoint.load_state(latest).losses)
 
 
 def clone_run(store: Store, source: Path, name: str) -> Path:

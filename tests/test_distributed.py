@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import clone_run, losses
+from conftest import TINY_MODEL, clone_run, losses, step_losses
 
 from appliance import events as ev
 from appliance import jobs, offline
@@ -23,9 +23,11 @@ from appliance.store import Store
 from appliance.train import checkpoint, distributed
 from appliance.train.distributed import Group
 
-# fp32 and no dropout: the only difference between the layouts is the order of floating-point sums
-SMALL = {"max_steps": 4, "batch_size": 2, "max_seq_len": 128, "learning_rate": 5e-4, "rank": 8, "alpha": 16,
-         "dtype": "float32", "eval_every": 1000, "save_every": 2, "task_eval_items": 0, "backend": "hf"}
+# fp32 and no dropout: the only difference between the layouts is the order of floating-point sums. The tiny
+# random-weight Llama: what is under test is the processes, not the model (a bigger one only costs time).
+SMALL = {"max_steps": 4, "batch_size": 2, "max_seq_len": 128, "learning_rate": 5e-3, "rank": 8, "alpha": 16,
+         "dtype": "float32", "eval_every": 1000, "save_every": 2, "task_eval_items": 0, "backend": "hf",
+         "base_model": TINY_MODEL}
 
 
 def test_cluster_settings_are_checked_before_anything_starts() -> None:
@@ -152,8 +154,8 @@ def test_a_named_cluster_peer_is_the_only_address_let_through(tmp_path: Path) ->
     assert entry and "10.1.2.3" in entry[0]
 
 
-def test_sharding_one_cpu_process_is_refused_with_the_way_that_works(prepared: tuple[Store, Path]) -> None:
-    store, source = prepared
+def test_sharding_one_cpu_process_is_refused_with_the_way_that_works(tiny_prepared: tuple[Store, Path]) -> None:
+    store, source = tiny_prepared
     run_dir = clone_run(store, source, "fsdp-on-one-cpu")
     with pytest.raises(JobFailed) as excinfo:
         jobs.run("train", run_dir, TrainConfig(store=str(store.root), sharding="fsdp", **SMALL))
@@ -183,11 +185,11 @@ def _two_nodes(store: Store, source: Path) -> list[tuple[Path, dict[str, Any]]]:
 
 
 @pytest.fixture(scope="module")
-def references(prepared: tuple[Store, Path]) -> dict[str, tuple[Path, dict[str, Any]]]:
+def references(tiny_prepared: tuple[Store, Path]) -> dict[str, tuple[Path, dict[str, Any]]]:
     """The same training, uninterrupted, with global batch 4 both ways: one process accumulating 2 micro-batches
     of 2 rows, and two processes of 2 rows each, on two nodes (the leading node's run is "two"; two processes on
     one node are the sharded and the stopped runs below)."""
-    store, source = prepared
+    store, source = tiny_prepared
     nodes = _two_nodes(store, source)
     return {"one": _train(store, source, "one-process", grad_accum=2), "two": nodes[0], "node-1": nodes[1]}
 
@@ -196,7 +198,7 @@ def references(prepared: tuple[Store, Path]) -> dict[str, tuple[Path, dict[str, 
 def test_two_processes_follow_the_loss_trajectory_of_one(
         references: dict[str, tuple[Path, dict[str, Any]]]) -> None:
     (one_dir, one), (two_dir, two) = references["one"], references["two"]
-    one_losses, two_losses = losses(one_dir), losses(two_dir)
+    one_losses, two_losses = step_losses(one_dir), step_losses(two_dir)
     assert sorted(one_losses) == sorted(two_losses) == [1, 2, 3, 4]
     for step, loss in one_losses.items():
         assert two_losses[step] == pytest.approx(loss, rel=2e-3), (step, one_losses, two_losses)
@@ -207,7 +209,8 @@ def test_two_processes_follow_the_loss_trajectory_of_one(
     assert any("training on 2 processes" in m and "gloo" in m for m in logs)
     assert (two_dir / "accelerate.yaml").is_file() and (two_dir / "adapter" / "adapter_model.safetensors").is_file()
     progress = [e for e in ev.read_all(two_dir / ev.EVENTS_FILE) if isinstance(e, ev.Progress)]
-    assert [e.step for e in progress if e.phase == "training"] == [1, 2, 3, 4]  # one stream, not one per rank
+    steps = [e.step for e in progress if e.phase == "training"]
+    assert steps == sorted(set(steps)) and steps[-1] == 4  # one stream, not one per rank (throttled, in order)
 
 
 def _processes_of(run_dir: Path) -> list[int]:
@@ -233,7 +236,7 @@ def test_two_nodes_meet_at_the_main_address(references: dict[str, tuple[Path, di
     assert [r["steps"] for r in results] == [4, 4]
     assert results[0]["sha256"] == results[1]["sha256"]  # the same adapter on both nodes
     assert (nodes[1] / "ranks" / "rank-1.jsonl").is_file() and not (nodes[1] / "ranks" / "rank-0.jsonl").exists()
-    two = losses(nodes[0])
+    two = step_losses(nodes[0])
     for step, loss in losses(nodes[1]).items():  # each node's own stream shows its leading process's steps
         assert loss == pytest.approx(two[step], rel=2e-3)
     config = yaml.safe_load((nodes[1] / "accelerate.yaml").read_text())
@@ -242,13 +245,13 @@ def test_two_nodes_meet_at_the_main_address(references: dict[str, tuple[Path, di
 
 @pytest.mark.slow
 def test_a_killed_sharded_run_leaves_nothing_running_and_resumes_anywhere(
-        prepared: tuple[Store, Path], references: dict[str, tuple[Path, dict[str, Any]]]) -> None:
+        tiny_prepared: tuple[Store, Path], references: dict[str, tuple[Path, dict[str, Any]]]) -> None:
     """FSDP2 over two CPU processes (the calls accelerate makes on GPUs), killed like the OOM killer kills: no
     process of the run survives its job, and its checkpoint (weights gathered, optimizer state gathered and keyed
     by position) resumes as one plain process. Every step of both follows the loss trajectory of the
     uninterrupted runs. (The other direction, a plain checkpoint loaded sharded, is the test below.)"""
-    store, source = prepared
-    expected = losses(references["two"][0])
+    store, source = tiny_prepared
+    expected = step_losses(references["two"][0])
     run_dir = clone_run(store, source, "killed-fsdp")
     cfg = TrainConfig(store=str(store.root), processes=2, sharding="fsdp", **SMALL)
     job = jobs.start("train", run_dir, cfg)
@@ -272,7 +275,7 @@ def test_a_killed_sharded_run_leaves_nothing_running_and_resumes_anywhere(
     from safetensors import safe_open
 
     with safe_open(str(checkpoint.latest(run_dir) / "model" / "adapter_model.safetensors"), framework="pt") as f:
-        assert len(list(f.keys())) == 30 * 7 * 2  # every LoRA matrix of the model, whole: none is a shard
+        assert len(list(f.keys())) == 2 * 7 * 2  # every LoRA matrix of the model, whole: none is a shard
     offset = (run_dir / ev.EVENTS_FILE).stat().st_size
     resumed = jobs.run("train", run_dir, cfg.model_copy(update={"processes": 1, "sharding": "ddp", "grad_accum": 2,
                                                                 "resume": True}))
@@ -280,8 +283,8 @@ def test_a_killed_sharded_run_leaves_nothing_running_and_resumes_anywhere(
     logs = [e.message for e in ev.read_all(run_dir / ev.EVENTS_FILE, offset) if isinstance(e, ev.Log)]
     assert any("resumed from checkpoint step 2 (it was trained on 2 process(es), this run uses 1)" in m
                for m in logs), logs
-    after = losses(run_dir, offset)
-    assert sorted(after) == [3, 4]
+    after = step_losses(run_dir)
+    assert sorted(after) == [1, 2, 3, 4] and losses(run_dir, offset)  # steps 3 and 4 ran again, after the kill
     for step, loss in after.items():  # the optimizer state, schedule and data position all came back
         assert loss == pytest.approx(expected[step], rel=2e-3), (step, after, expected)
     assert resumed.result["eval_loss"] == pytest.approx(references["two"][1]["eval_loss"], rel=2e-3)
@@ -299,10 +302,10 @@ def test_auto_takes_the_hf_backend_for_several_processes_and_says_why() -> None:
 
 @pytest.mark.slow
 def test_stopping_a_distributed_job_stops_every_rank_at_one_step_after_a_checkpoint(
-        prepared: tuple[Store, Path]) -> None:
+        tiny_prepared: tuple[Store, Path]) -> None:
     """The TUI's Stop and a Ctrl-C send the job SIGTERM: every rank stops at the same step boundary, one
     checkpoint is saved, and the job ends as cancelled, with how to continue."""
-    store, source = prepared
+    store, source = tiny_prepared
     run_dir = clone_run(store, source, "stopped-two")
     job = jobs.start("train", run_dir, TrainConfig(store=str(store.root), processes=2,
                                                     **{**SMALL, "max_steps": 40, "save_every": 100}))
