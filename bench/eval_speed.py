@@ -7,7 +7,8 @@ the shipped helpdesk sample as classification; the first N items of its test spl
 the prompts and candidate answers that `appliance eval` builds. The base model, no fine-tuning, and
 GGUF files converted from it here (F16, then the quantizations). Two ways evaluation asks a model:
 - score: one call per item with one candidate per label. Ours (`HFTarget.score`): the prompt runs
-  once (`logits_to_keep=1`), each label continues from its KV cache. Peer: one full forward per
+  once (`logits_to_keep=1`) from the cache of what the prompts share, and every label in one batch
+  over its repeated KV cache. Peer: one full forward per
   prompt + label with the logits of every position, then log-softmax (what many eval scripts do).
 - generate: greedy, up to --max-new tokens. Ours: `HFTarget.generate` (batched); peer: transformers
   `model.generate` one prompt at a time. GGUF: `GGUFTarget.generate`; peer: llama-cpp-python
@@ -123,7 +124,7 @@ def measure(args: argparse.Namespace, quants: list[str]) -> dict[str, Any]:
         built, answers = timed(lambda i: [encoding.answer_ids(tokenizer, i.prompt, label) for label in labels], items)
         pairs = list(zip(prompts, answers, strict=True))
         n = len(items)
-        row("prepare", "tokenizer", "candidate answers: encoding.answer_ids per label, as run._evaluate", built, n)
+        row("prepare", "tokenizer", "candidate answers: answer_ids per label, as run._evaluate", built, n)
 
         def argmax(scores: list[float]) -> str:
             return labels[max(range(len(labels)), key=scores.__getitem__)]
@@ -134,7 +135,7 @@ def measure(args: argparse.Namespace, quants: list[str]) -> dict[str, Any]:
         s_peer, naive = timed(lambda p: naive_score(hf.model, *p), pairs)
         hf_labels = [argmax(s) for s in cached]
         gap = max(abs(a - b) for c, v in zip(cached, naive, strict=True) for a, b in zip(c, v, strict=True))
-        row("score", "HF", "ours: HFTarget.score (prompt once, labels from KV cache)", s_ours, n, "naive",
+        row("score", "HF", "ours: HFTarget.score (shared prefix, labels batched)", s_ours, n, "naive",
             check=f"argmax = naive {same(hf_labels, [argmax(s) for s in naive])}, max |Δlogp| {gap:.1e}")
         row("score", "HF", "naive: full forward per prompt+label, all logits", s_peer, n)
         g_ours, batched = timed(lambda ps: hf.generate(ps, args.max_new, stop_ids), [prompts], warm=prompts[:1])
