@@ -34,6 +34,16 @@ def answer_nll(model: Any, batch: dict[str, Any]) -> Any:
     return torch.zeros(targets.shape[0], dtype=losses.dtype, device=losses.device).index_add_(0, rows, losses)
 
 
+def shared_length(held: list[int], wanted: list[int]) -> int:
+    """How many tokens two sequences share from their start (what a cache of `held` can serve `wanted`)."""
+    common = 0
+    for a, b in zip(held, wanted, strict=False):
+        if a != b:
+            break
+        common += 1
+    return common
+
+
 class AnswerScorer:
     """The log-likelihood of candidate answers after prompts, with a model whose weights do not change
     while it scores.
@@ -58,11 +68,7 @@ class AnswerScorer:
         import torch
 
         if self.cache is not None:
-            common = 0
-            for held, wanted in zip(self.shared, prompt[:-1], strict=False):
-                if held != wanted:
-                    break
-                common += 1
+            common = shared_length(self.shared, prompt[:-1])
             if common == 0:
                 self.cache = None
             elif common < len(self.shared):

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any, Protocol
 
-from appliance.modeling import AnswerScorer
+from appliance.modeling import AnswerScorer, shared_length
 
 Message = dict[str, str]
 
@@ -123,11 +123,7 @@ class GGUFTarget:
     def _feed(self, tokens: list[int]) -> None:
         """Make the cache hold exactly `tokens`, evaluating only what differs from what it holds."""
         llm = self.llm
-        common = 0
-        for held, wanted in zip(llm.input_ids[: llm.n_tokens].tolist(), tokens, strict=False):
-            if held != wanted:
-                break
-            common += 1
+        common = shared_length(llm.input_ids[: llm.n_tokens].tolist(), tokens)
         llm.n_tokens = min(common, len(tokens) - 1)  # the last token is evaluated again for its logits
         llm.eval(tokens[llm.n_tokens:])
 
