@@ -226,24 +226,14 @@ def _import_gguf(path: Path, staging: Path, dtype: str, emit: Emitter) -> None:
 
 
 def gguf_metadata(path: Path) -> dict[str, Any]:
-    """Scalar metadata of a GGUF file (token lists left out)."""
-    import gguf
+    """Metadata of a GGUF file: its scalars and arrays, the per-token lists left out."""
+    from appliance import gguf_meta
 
     try:
-        reader = gguf.GGUFReader(str(path))
-    except Exception as exc:  # the reader raises assorted errors on damaged files
-        raise StoreError(f"{path} is not a readable GGUF file: {exc}",
-                         "Copy the file again; it may be truncated.") from exc
-    meta: dict[str, Any] = {}
-    for key, field in reader.fields.items():
-        if key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.scores",
-                   "tokenizer.ggml.token_type"):
-            continue
-        try:
-            meta[key] = field.contents()
-        except (ValueError, IndexError):
-            continue
-    return meta
+        info = gguf_meta.read(path)
+    except gguf_meta.GGUFError as exc:
+        raise StoreError(exc.message, "Copy the file again; it may be truncated.") from exc
+    return {**info.fields, **info.arrays}
 
 
 def repair_tokenizer(folder: Path, meta: dict[str, Any]) -> None:
