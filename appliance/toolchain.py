@@ -97,9 +97,14 @@ def check_versions() -> tuple[ConverterInfo, RuntimeInfo]:
     return converter, runtime
 
 
+def _python() -> list[str]:
+    """The interpreter a converter script runs in: this one, without the libraries it never uses (unused.py)."""
+    return [sys.executable, "-m", "appliance.unused"]
+
+
 def convert_command(model_dir: Path, outfile: Path, outtype: str = "f16") -> list[str]:
     folder = toolchain_dir()
-    return [sys.executable, str(folder / "convert_hf_to_gguf.py"), str(model_dir),
+    return [*_python(), str(folder / "convert_hf_to_gguf.py"), str(model_dir),
             "--outfile", str(outfile), "--outtype", outtype]
 
 
@@ -122,7 +127,7 @@ def convert_lora(adapter_dir: Path, base_dir: Path, outfile: Path, outtype: str 
                  log: Path | None = None) -> None:
     """Convert a PEFT LoRA adapter to a GGUF adapter for llama.cpp (written atomically)."""
     def command(tmp: Path) -> list[str]:
-        return [sys.executable, str(toolchain_dir() / "convert_lora_to_gguf.py"), "--base", str(base_dir),
+        return [*_python(), str(toolchain_dir() / "convert_lora_to_gguf.py"), "--base", str(base_dir),
                 "--outfile", str(tmp), "--outtype", outtype, str(adapter_dir)]
 
     _run_converter(command, outfile, f"converting the adapter {adapter_dir}", log,

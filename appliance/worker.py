@@ -14,7 +14,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from appliance import offline
+from appliance import offline, unused
 from appliance.run import job_record  # light (no ML library): the guard goes on before any of those loads
 
 
@@ -34,6 +34,7 @@ def main(argv: list[str]) -> int:
         return 2
     store_root = record.config.get("store")
     offline.activate(Path(store_root) / "audit" / "egress.jsonl" if store_root else None)
+    unused.keep_out(unused.unused(record.stage, record.config))
 
     # Imported after the guard is on, so nothing below can reach the network.
     from appliance import events as ev

@@ -16,7 +16,7 @@ import sys
 import traceback
 from pathlib import Path
 
-from appliance import offline
+from appliance import offline, unused
 
 
 def main(argv: list[str]) -> int:
@@ -32,6 +32,7 @@ def main(argv: list[str]) -> int:
     offline.activate(Path(spec["store"]) / "audit" / "egress.jsonl")
     if os.environ.get(PEER_ENV):
         offline.allow_peer(os.environ[PEER_ENV])
+    unused.keep_out(unused.unused("train", spec))  # a distributed training is hf's
 
     from appliance import events as ev
     from appliance.config import TrainConfig
