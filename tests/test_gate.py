@@ -103,6 +103,39 @@ def test_rewrite_refuses_a_field_the_file_lacks(reference_gguf: Path, tmp_path: 
     assert list(tmp_path.iterdir()) == []  # nothing half-written left behind
 
 
+def test_the_header_reads_as_ggufs_own_reader_reads_it(reference_gguf: Path, tmp_path: Path) -> None:
+    """Our header reader (fast: no numpy view per vocabulary entry) gives what the gguf package's reader gives,
+    for a model and for a file with arrays of every kind it writes."""
+    import gguf
+    import numpy as np
+
+    planted = tmp_path / "arrays.gguf"
+    writer = gguf.GGUFWriter(str(planted), arch="llama")
+    writer.add_array("test.ints", [1, -2, 3])
+    writer.add_array("test.floats", [0.5, 1.25])
+    writer.add_array("test.strings", ["a", "\u00e9t\u00e9", ""])
+    writer.add_array("test.nested", [[1, 2], [3]])
+    writer.add_float64("test.double", 2.5)
+    writer.add_bool("test.flag", True)
+    writer.add_tensor("w", np.ones((2, 32), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    for path in (reference_gguf, planted):
+        ours, theirs = gguf_meta.read(path), gguf.GGUFReader(str(path))
+        plain = {name: f.contents() for name, f in theirs.fields.items() if not name.startswith("GGUF.")}
+        assert ours.fields == {k: v for k, v in plain.items() if not isinstance(v, list)}
+        arrays = {k: v for k, v in plain.items() if isinstance(v, list) and k not in gguf_meta.PER_TOKEN}
+        nested = ("test.nested",)  # compared below: gguf's reader flattens an array of arrays
+        assert {k: v for k, v in ours.arrays.items() if k not in nested} == \
+            {k: v for k, v in arrays.items() if k not in nested}
+        assert ours.tokens == plain.get("tokenizer.ggml.tokens", [])
+        assert ours.tensor_types == [t.tensor_type.name for t in theirs.tensors]
+        assert ours.tensor_count == len(theirs.tensors)
+    assert gguf_meta.read(planted).arrays["test.nested"] == [[1, 2], [3]]
+
+
 def test_a_truncated_file_is_reported_as_unreadable(reference_gguf: Path, tmp_path: Path) -> None:
     cut = tmp_path / "cut.gguf"
     cut.write_bytes(reference_gguf.read_bytes()[:4096])

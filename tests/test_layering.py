@@ -69,3 +69,26 @@ def test_a_planted_sideways_or_upward_import_is_caught(tmp_path: Path) -> None:
                for v in found), found
     assert any("appliance.run imports appliance.jobs (core importing orchestration)" in v for v in found), found
     assert len({v.split(":")[0] for v in found}) == 2  # nothing else
+
+
+def test_jobs_and_converters_start_without_the_libraries_they_never_use(tmp_path: Path) -> None:
+    """scikit-learn and SciPy never load in a job; bitsandbytes and torchao only where 4-bit or Unsloth can run
+    (this machine has no NVIDIA driver). A converter script run through `python -m appliance.unused` sees its own
+    folder first on the path and its own arguments, and finds the never-used libraries not installed."""
+    from appliance import unused
+
+    if shutil.which("nvidia-smi") is None:
+        assert set(unused.unused("export", {})) == {"sklearn", "scipy", "bitsandbytes", "torchao"}
+        assert set(unused.unused("train", {"backend": "unsloth"})) == {"sklearn", "scipy"}
+    (tmp_path / "sibling.py").write_text("NAME = 'sibling'\n")
+    (tmp_path / "script.py").write_text(
+        "import importlib.util, json, sys\nimport sibling\n"
+        "print(json.dumps([sys.argv, sibling.NAME, importlib.util.find_spec('sklearn') is None, __name__]))\n")
+    out = subprocess.run([sys.executable, "-m", "appliance.unused", str(tmp_path / "script.py"), "--x", "1"],
+                         capture_output=True, text=True, check=True, cwd=REPO).stdout
+    assert json.loads(out) == [[str(tmp_path / "script.py"), "--x", "1"], "sibling", True, "__main__"]
+    worker = subprocess.run([sys.executable, "-c", "import sys\nfrom appliance import unused\n"
+                             "unused.keep_out(unused.NEVER_USED)\nimport transformers.generation.candidate_generator\n"
+                             "print('sklearn' in sys.modules and sys.modules['sklearn'] is not None)"],
+                            capture_output=True, text=True, check=True).stdout
+    assert worker.strip() == "False"  # transformers takes its path without it
