@@ -106,29 +106,29 @@ def test_data_preparation_killed_then_prepared_again(scratch_store: Store) -> No
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tiny_prepared: tuple[Store, Path]) -> dict[int, float]:
-    """The loss at each step of the training the tests below interrupt, run without a fault. (Plain float32 on
-    the hf backend: bf16 kernels on the CPU are not bit-reproducible from run to run, and what is under test is
-    that a resumed run continues the same trajectory, not the kernels.)"""
+def uninterrupted(tiny_prepared: tuple[Store, Path]) -> Path:
+    """The run of the training the tests below interrupt, run without a fault (its adapter is what the export is
+    interrupted on). Plain float32 on the hf backend: bf16 kernels on the CPU are not bit-reproducible from run to
+    run, and what is under test is that a resumed run continues the same trajectory, not the kernels."""
     store, source = tiny_prepared
     run_dir = clone_run(store, source, "uninterrupted")
     jobs.run("train", run_dir, TrainConfig(store=str(store.root), **TRAIN))
-    return step_losses(run_dir)
+    return run_dir
 
 
-def continues(run_dir: Path, result: TrainResult, uninterrupted: dict[int, float]) -> None:
+def continues(run_dir: Path, result: TrainResult, uninterrupted: Path) -> None:
     """The resumed job ran the steps after its checkpoint, and every step has the uninterrupted run's loss: the
     weights, optimizer state, schedule and data position all came back."""
-    trajectory = step_losses(run_dir)
+    trajectory, expected = step_losses(run_dir), step_losses(uninterrupted)
     assert sorted(trajectory) == list(range(1, TRAIN["max_steps"] + 1)), trajectory
     for step, loss in trajectory.items():
-        assert loss == pytest.approx(uninterrupted[step], rel=1e-3), (step, trajectory, uninterrupted)
+        assert loss == pytest.approx(expected[step], rel=1e-3), (step, trajectory, expected)
     assert result.steps == TRAIN["max_steps"]
 
 
 @pytest.mark.slow
 def test_training_killed_or_out_of_disk_then_resumed(tiny_prepared: tuple[Store, Path],
-                                                     uninterrupted: dict[int, float]) -> None:
+                                                     uninterrupted: Path) -> None:
     """Killed at two drawn points, then out of disk while writing a checkpoint and the adapter: after each the
     run is consistent and a full disk is explained; the training then resumes and completes."""
     store, source = tiny_prepared
@@ -146,13 +146,15 @@ def test_training_killed_or_out_of_disk_then_resumed(tiny_prepared: tuple[Store,
 
 
 @pytest.mark.slow
-def test_export_killed_or_out_of_disk_then_exported_again(trained: tuple[Store, Path]) -> None:
+def test_export_killed_or_out_of_disk_then_exported_again(tiny_prepared: tuple[Store, Path],
+                                                         uninterrupted: Path) -> None:
     """Killed at two drawn points, then out of disk at the quantization and at the manifest (a full disk at the
     merge and the conversion: test_export's test_a_full_disk_leaves_nothing_registered): the run stays
     consistent, and the export then completes with a manifest that verifies."""
-    store, source = trained
-    run_dir = clone_run(store, source, "chaos-export")
-    shutil.copytree(source / "adapter", run_dir / "adapter")
+    store, _ = tiny_prepared
+    run_dir = clone_run(store, uninterrupted, "chaos-export")
+    shutil.copytree(uninterrupted / "adapter", run_dir / "adapter")
+    shutil.copy(uninterrupted / "run.yaml", run_dir / "run.yaml")  # the training's settings: its base model
     cfg = ExportConfig(quants=["Q8_0"], ppl_tokens=128, store=str(store.root))
     for point in sorted(draw("export", 2), key=POINTS["export"].index):
         killed_at("export", run_dir, cfg, point)
@@ -175,7 +177,7 @@ def test_a_full_disk_while_preparing_data_is_explained(scratch_store: Store) -> 
 
 @pytest.mark.slow
 def test_a_second_job_on_a_busy_run_is_refused_then_the_killed_job_resumes_exactly(
-        tiny_prepared: tuple[Store, Path], uninterrupted: dict[int, float]) -> None:
+        tiny_prepared: tuple[Store, Path], uninterrupted: Path) -> None:
     """A second job on a run that a job holds is refused and changes nothing; the holder, killed with SIGKILL
     in the middle of writing a checkpoint, resumes from the one before and follows the uninterrupted run."""
     store, source = tiny_prepared
