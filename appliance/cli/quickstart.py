@@ -37,12 +37,16 @@ def quickstart(
     ppl_tokens: Annotated[int, typer.Option(min=64, help="Validation tokens the export gate scores per file")]
     = 2048,
     max_items: Annotated[int | None, typer.Option(min=1, help="Evaluate only the first N test rows")] = None,
+    recipe: Annotated[Path | None, typer.Option(exists=True, dir_okay=False, help="Training recipe (YAML) instead "
+                                                "of the shipped smollm2-cpu; its base model, if it names none, is the "
+                                                "default")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Prepare the sample, fine-tune the default model, export and verify two quantizations, and compare
     them with the base model, in a new run; then print what to do next."""
     from appliance.config import DataConfig, EvalConfig, ExportConfig, ImportConfig, TrainConfig, load_settings
     from appliance.data.sample import shipped_path
+    from appliance.fields import validated
 
     st = store()
     started = time.monotonic()
@@ -58,10 +62,16 @@ def quickstart(
         return done
 
     default = st.catalog_entry("default")
-    if default is not None and not st.has_model(default.name):
+    recipe_file = recipe or RECIPE
+    settings = load_settings(recipe_file)  # read and checked before anything runs
+    settings.update(max_minutes=minutes, store=str(st.root), **({"max_steps": max_steps} if max_steps else {}))
+    if recipe is None or not settings.get("base_model"):
+        settings["base_model"] = default.name if default is not None else None
+    train_cfg = validated(TrainConfig, settings, settings.origins)
+    base = train_cfg.base_model
+    if default is not None and base == default.name and not st.has_model(base):
         stage("import", f"Importing the default model {default.name}", st.new_job_dir("import"),
               ImportConfig(source="default", store=str(st.root)), ImportResult)
-    base = default.name if default is not None else None
 
     run = st.new_run()
     data_cfg = DataConfig(inputs=[str(shipped_path())], task="classification", text_field="text",
@@ -72,11 +82,8 @@ def quickstart(
     if not as_json:
         print_data_summary(run.id, report, run.data_dir)
 
-    recipe = load_settings(RECIPE)
-    recipe.update(base_model=base, max_minutes=minutes, store=str(st.root),
-                  **({"max_steps": max_steps} if max_steps else {}))
-    train = stage("train", f"2/4 Fine-tuning {base} (recipe {RECIPE.stem}, at most {minutes:g} min)", run.path,
-                  TrainConfig.model_validate(recipe), TrainResult)
+    train = stage("train", f"2/4 Fine-tuning {base} (recipe {recipe_file.stem}, at most {minutes:g} min)", run.path,
+                  train_cfg, TrainResult)
     if not as_json:
         eval_text = f", validation loss {train.eval_loss:.4f}" if train.eval_loss is not None else ""
         console.print(f"Trained {train.steps} steps ({train.backend}, {train.method}) in "
