@@ -81,15 +81,22 @@ TRAIN_SETTINGS = {"max_steps": 8, "batch_size": 4, "max_seq_len": 192, "learning
 
 
 @pytest.fixture(scope="session")
-def trained(prepared: tuple[Store, Path]) -> tuple[Store, Path]:
-    """A run of the prepared sample, fine-tuned for 8 steps (it learns to answer with a label)."""
-    store, source = prepared
-    run_dir = clone_run(store, source, "trained")
-    recipe = store.root / "trained-recipe.yaml"
-    recipe.write_text("".join(f"{k}: {v}\n" for k, v in TRAIN_SETTINGS.items()), encoding="utf-8")
-    result = run_cli("train", "--run", run_dir.name, "--recipe", str(recipe), "--json", store=store.root)
-    assert result.returncode == 0, result.stderr
-    return store, run_dir
+def trained(quickstarted: Quickstarted) -> tuple[Store, Path]:
+    """The quickstart's run: the sample fine-tuned 8 steps with TRAIN_SETTINGS (it learns to answer with a label),
+    evaluated at steps 4 and 8. Tests that write into a run use `linked_copy` of it."""
+    return quickstarted.store, quickstarted.run_dir
+
+
+def linked_copy(run_dir: Path, name: str) -> Path:
+    """A copy of a run beside it, for a test that runs a stage on it: the weights are hard links (read only,
+    never written in place), everything a job may rewrite is copied."""
+    copy = run_dir.parent / name
+
+    def link_weights(source: str, target: str) -> object:
+        return os.link(source, target) if source.endswith((".gguf", ".safetensors")) else shutil.copy2(source, target)
+
+    shutil.copytree(run_dir, copy, copy_function=link_weights)
+    return copy
 
 
 @pytest.fixture(scope="session")
@@ -119,9 +126,9 @@ class Quickstarted:
 
 @pytest.fixture(scope="session")
 def quickstarted(tmp_path_factory: pytest.TempPathFactory, default_store: Store) -> Quickstarted:
-    """The whole product once, end to end, with a small step budget: the quickstart test checks it; its run is
-    the session's exported model, and the evaluation, PII and data tests check what its stages wrote instead
-    of running them again."""
+    """The whole product once, end to end, with a small step budget (the tests' recipe: TRAIN_SETTINGS): the
+    quickstart test checks it; its run is the session's trained and exported model, and the evaluation, PII and
+    data tests check what its stages wrote instead of running them again."""
     from appliance.embedder import ensure_onnx
 
     store = Store.open(tmp_path_factory.mktemp("quickstart-store"))
@@ -129,9 +136,11 @@ def quickstarted(tmp_path_factory: pytest.TempPathFactory, default_store: Store)
     encoders = ensure_onnx(default_store.root).parent  # exported once for the session, not once per store
     os.symlink(encoders, store.root / encoders.name)
     witness = store.root / "witness.jsonl"
-    result = run_cli("quickstart", "--max-steps", "8", "--ppl-tokens", str(EXPORT_PPL_TOKENS), "--max-items", "16",
-                     "--json", store=store.root, env={"APPLIANCE_WITNESS": str(witness),
-                                                      "PYTHONPATH": str(REPO / "tests" / "witness")})
+    recipe = store.root / "recipe.yaml"
+    recipe.write_text("".join(f"{k}: {v}\n" for k, v in TRAIN_SETTINGS.items()), encoding="utf-8")
+    result = run_cli("quickstart", "--recipe", str(recipe), "--ppl-tokens", str(EXPORT_PPL_TOKENS), "--max-items",
+                     "16", "--json", store=store.root, env={"APPLIANCE_WITNESS": str(witness),
+                                                            "PYTHONPATH": str(REPO / "tests" / "witness")})
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)
     return Quickstarted(store, store.runs_dir / summary["run"], summary, result.stdout, result.stderr, witness,

@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Quickstarted, run_cli
+from conftest import Quickstarted, linked_copy, run_cli
 
 from appliance import toolchain
 from appliance.evaluate.items import choose_examples, with_examples
@@ -137,16 +138,8 @@ def test_the_merged_target_on_the_cpu_is_the_verified_16_bit_gguf(exported: tupl
     """On a CPU the merged model is asked through the export's 16-bit GGUF, which the gate proved equal to it,
     instead of a float32 copy of the model; the target's record says what ran it. (On a copy of the session's
     exported run: the weights are linked, everything a job writes is copied.)"""
-    import os
-    import shutil
-
     store, run_dir, result = exported
-    copy = store.runs_dir / "merged-target"
-
-    def link_weights(source: str, target: str) -> object:
-        return os.link(source, target) if source.endswith((".gguf", ".safetensors")) else shutil.copy2(source, target)
-
-    shutil.copytree(run_dir, copy, copy_function=link_weights)
+    copy = linked_copy(run_dir, "merged-target")
     try:
         evaluated = run_cli("eval", "--run", copy.name, "--targets", "merged", "--max-items", "4", "--json",
                             store=store.root)
@@ -162,18 +155,22 @@ def test_the_merged_target_on_the_cpu_is_the_verified_16_bit_gguf(exported: tupl
 
 @pytest.mark.slow
 def test_eval_command_scores_the_targets_it_is_given(trained: tuple[Store, Path]) -> None:
-    store, run_dir = trained
-    result = run_cli("eval", "--run", run_dir.name, "--targets", "tuned", "--max-items", "6", "--split", "val",
-                     "--json", store=store.root)
-    assert result.returncode == 0, result.stderr
-    summary = EvalResult.model_validate_json(result.stdout)
-    assert summary.split == "val" and summary.n == 6 and [t.target for t in summary.targets] == ["tuned"]
-    assert summary.note and Run.at(run_dir).comparison() == summary  # what it printed is what it recorded
-    assert Run.at(run_dir).settings("eval")["targets"] == ["tuned"]  # recorded, as every front end records it
-    tuned = Run.at(run_dir).evaluation("tuned")
-    assert tuned is not None and tuned.runtime == "transformers, float32 on cpu"  # a small model: exact and fast
-    refused = run_cli("eval", "--run", run_dir.name, "--targets", "gguf:Q2_K", store=store.root)
-    assert refused.returncode == 1 and "has no verified Q2_K GGUF" in refused.stderr
+    store, source = trained
+    run_dir = linked_copy(source, "eval-command")  # the quickstart's own evaluation stays as it was
+    try:
+        result = run_cli("eval", "--run", run_dir.name, "--targets", "tuned", "--max-items", "6", "--split", "val",
+                         "--json", store=store.root)
+        assert result.returncode == 0, result.stderr
+        summary = EvalResult.model_validate_json(result.stdout)
+        assert summary.split == "val" and summary.n == 6 and [t.target for t in summary.targets] == ["tuned"]
+        assert summary.note and Run.at(run_dir).comparison() == summary  # what it printed is what it recorded
+        assert Run.at(run_dir).settings("eval")["targets"] == ["tuned"]  # recorded, as every front end records it
+        tuned = Run.at(run_dir).evaluation("tuned")
+        assert tuned is not None and tuned.runtime == "transformers, float32 on cpu"  # a small model: exact and fast
+        refused = run_cli("eval", "--run", run_dir.name, "--targets", "gguf:Q2_K", store=store.root)
+        assert refused.returncode == 1 and "has no verified Q2_K GGUF" in refused.stderr
+    finally:
+        shutil.rmtree(run_dir)
 
 
 @pytest.mark.slow

@@ -15,6 +15,7 @@ from conftest import DEFAULT_MODEL, TRAIN_SETTINGS, clone_run, losses, run_cli
 from appliance import events as ev
 from appliance import jobs
 from appliance.config import TrainConfig
+from appliance.run import Run
 from appliance.store import Store
 
 SETTINGS: dict[str, Any] = {k: v for k, v in TRAIN_SETTINGS.items() if k != "backend"}
@@ -23,9 +24,11 @@ SETTINGS: dict[str, Any] = {k: v for k, v in TRAIN_SETTINGS.items() if k != "bac
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", ["hf", "unsloth"])
 def test_lora_training_end_to_end(backend: str, request: pytest.FixtureRequest) -> None:
-    if backend == "hf":  # the session's trained run (conftest) is this very training, through the CLI
+    if backend == "hf":  # the session's trained run (conftest: the quickstart's) is this very training
         store, run_dir = request.getfixturevalue("trained")
-        done = next(e.result for e in ev.read_all(run_dir / ev.EVENTS_FILE) if isinstance(e, ev.Done))
+        trained = Run.at(run_dir).result("train")
+        assert trained is not None
+        done = trained.model_dump(mode="json")
     else:
         store, source = request.getfixturevalue("prepared")
         run_dir = clone_run(store, source, f"e2e-{backend}")

@@ -19,10 +19,9 @@ QUICK = {"max_steps": 3, "batch_size": 4, "max_seq_len": 192, "eval_every": 3, "
 
 
 @pytest.mark.slow
-def test_sequential_and_multitask(prepared: tuple[Store, Path], trained: tuple[Store, Path]) -> None:
-    store, source = prepared
-    first = trained[1]  # the session's trained run, in the same store: 8 steps at rank 8
-    second = clone_run(store, source, "seq-second")
+def test_sequential_and_multitask(trained: tuple[Store, Path]) -> None:
+    store, first = trained  # the session's trained run: 8 steps at rank 8
+    second = clone_run(store, first, "seq-second")
     cfg = TrainConfig(store=str(store.root), learning_rate=1e-3, init_from=first.name, mix={first.name: 0.5},
                       **QUICK)
     job = jobs.start("train", second, cfg)
@@ -37,7 +36,7 @@ def test_sequential_and_multitask(prepared: tuple[Store, Path], trained: tuple[S
     assert TrainResult.model_validate(done.result).steps == 3
     wrong = TrainConfig(store=str(store.root), init_from=first.name, **{**QUICK, "rank": 4})
     with pytest.raises(jobs.JobFailed, match="trained rank 8 adapters"):
-        jobs.start("train", clone_run(store, source, "seq-wrong"), wrong).wait()
+        jobs.start("train", clone_run(store, first, "seq-wrong"), wrong).wait()
 
 
 def test_a_sweep_value_no_trial_could_take_is_refused_before_anything_runs(prepared: tuple[Store, Path]) -> None:
