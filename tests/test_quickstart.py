@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Quickstarted
+from conftest import Quickstarted, run_cli
 
 from appliance.run import Run
 
@@ -81,3 +81,13 @@ def _loopback(host: str) -> bool:
 def _processes(witness: Path) -> list[dict[str, Any]]:
     """One entry per watched process (each writes a `start` line)."""
     return [e for e in (json.loads(line) for line in witness.read_text().splitlines()) if e["event"] == "start"]
+
+
+def test_a_bad_recipe_is_refused_before_anything_runs(tmp_path: Path) -> None:
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("batch_size: 2\nrank: 0\n", encoding="utf-8")
+    store = tmp_path / "store"
+    result = run_cli("quickstart", "--recipe", str(recipe), store=store)
+    assert result.returncode == 1 and f"{recipe}:2: rank: Input should be greater than or equal to 1" in result.stderr
+    assert not (store / "runs").exists() or not any((store / "runs").iterdir())  # no run, no import
+    assert not (store / "jobs").exists() or not any((store / "jobs").iterdir())
