@@ -2,8 +2,9 @@
 
 Checksums cut false alarms: card numbers must pass Luhn and start like a card, IBANs must pass
 mod-97 (python-stdnum), phone numbers must be valid numbers for their region (phonenumbers, the
-port of Google's libphonenumber). Raw values never leave this module except inside the text
-being processed: summaries hold masked samples only.
+port of Google's libphonenumber), national and health identifiers must pass their issuer's check
+(national_ids.py). Raw values never leave this module except inside the text being processed:
+summaries hold masked samples only.
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-PII_TYPES = ("PRIVATE_KEY", "URL_CREDENTIALS", "API_KEY", "EMAIL", "IBAN", "CREDIT_CARD", "SSN",
+from appliance.national_ids import ID_TYPES, find_ids
+
+PII_TYPES = ("PRIVATE_KEY", "URL_CREDENTIALS", "API_KEY", "EMAIL", "IBAN", "CREDIT_CARD", "SSN", *ID_TYPES,
              "PHONE", "IP_ADDRESS")
 
 
@@ -148,11 +151,20 @@ def _phones(region: str) -> Callable[[str], Iterator[Finding]]:
     return find
 
 
+def _national(region: str) -> Callable[[str], Iterator[Finding]]:
+    def find(text: str) -> Iterator[Finding]:
+        for kind, start, end, value in find_ids(text, region):
+            yield Finding(kind, start, end, value)
+
+    return find
+
+
 def find_pii(text: str, region: str = "US") -> list[Finding]:
-    """All PII in `text`, without overlaps (earlier detectors win: a card number is not a phone)."""
+    """All PII in `text`, without overlaps (earlier detectors win: a card number is not a phone, an NHS number
+    is not a phone, and a French NIR, whose mod-97 key is the stronger check, is not a card)."""
     found: list[Finding] = []
     taken: list[tuple[int, int]] = []
-    for detector in (_secrets, _emails, _ibans, _cards, _ssns, _ips, _phones(region)):
+    for detector in (_secrets, _emails, _ibans, _national(region), _cards, _ssns, _ips, _phones(region)):
         for finding in detector(text):
             if any(finding.start < end and start < finding.end for start, end in taken):
                 continue
@@ -170,7 +182,7 @@ def mask(value: str) -> str:
 
 
 def _canonical(finding: Finding) -> str:
-    if finding.type in ("PHONE", "CREDIT_CARD", "IBAN", "SSN"):
+    if finding.type in ("PHONE", "CREDIT_CARD", "IBAN", "SSN", *ID_TYPES):
         return re.sub(r"[^0-9A-Za-z]", "", finding.value).upper()
     return finding.value.lower() if finding.type == "EMAIL" else finding.value
 

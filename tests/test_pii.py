@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 import string
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -79,6 +80,86 @@ def _positives(rng: random.Random) -> dict[str, list[str]]:
     }
 
 
+def _digits(rng: random.Random, n: int) -> str:
+    return "".join(rng.choice(string.digits) for _ in range(n))
+
+
+def _valid(rng: random.Random, make: Callable[[random.Random], str], valid: Callable[[str], bool]) -> str:
+    while True:
+        value = make(rng)
+        if valid(value):
+            return value
+
+
+def _national_ids(rng: random.Random) -> dict[str, list[str]]:
+    """Valid identifiers of each kind, written the ways people write them."""
+    from stdnum.de import idnr
+    from stdnum.es import dni, nie
+    from stdnum.fr import nir
+    from stdnum.gb import nhs
+    from stdnum.iso7064 import mod_11_10
+    from stdnum.it import codicefiscale
+    from stdnum.nl import bsn
+    from stdnum.us import itin
+
+    def nir_value(r: random.Random) -> str:
+        body = f"{r.choice('12')}{r.randint(40, 99)}{r.randint(1, 12):02d}{r.randint(1, 95):02d}{_digits(r, 6)}"
+        key = nir.calc_check_digits(body)
+        return f"{body[0]} {body[1:3]} {body[3:5]} {body[5:7]} {body[7:10]} {body[10:13]} {key}" \
+            if r.random() < 0.5 else body + key
+
+    def cf_value(r: random.Random) -> str:
+        body = ("".join(r.choice(string.ascii_uppercase) for _ in range(6)) + f"{r.randint(40, 99)}"
+                + r.choice("ABCDEHLMPRST") + f"{r.randint(1, 71):02d}" + r.choice("ABCDEFGHILM") + _digits(r, 3))
+        return body + codicefiscale.calc_check_digit(body)
+
+    def nhs_value(r: random.Random) -> str:
+        digits = _digits(r, 9)
+        value = digits + str((11 - sum(int(d) * (10 - i) for i, d in enumerate(digits)) % 11) % 11)
+        return f"{value[:3]} {value[3:6]} {value[6:]}" if r.random() < 0.5 else value
+
+    def nino_value(r: random.Random) -> str:
+        first, second = r.choice("ABCEGHJKLMNOPRSTWXYZ"), r.choice("ABCEGHJKLMNPRSTWXYZ")
+        number = _digits(r, 6)
+        return f"{first}{second} {number[:2]} {number[2:4]} {number[4:]} {r.choice('ABCD')}" if r.random() < 0.5 \
+            else f"{first}{second}{number}{r.choice('ABCD')}"
+
+    def idnr_value(r: random.Random) -> str:
+        body = str(r.randint(1, 9)) + _digits(r, 9)
+        return body + mod_11_10.calc_check_digit(body)
+
+    def bsn_value(r: random.Random) -> str:
+        body = _digits(r, 8)
+        check = sum(int(d) * (9 - i) for i, d in enumerate(body)) % 11
+        return body + str(check) if check < 10 else body + "x"
+
+    def itin_value(r: random.Random) -> str:
+        return f"9{_digits(r, 2)}-{r.choice([70, 75, 80, 88, 90, 94, 99, 50, 65])}-{_digits(r, 4)}"
+
+    return {
+        "FR_NIR": [_valid(rng, nir_value, nir.is_valid) for _ in range(8)],
+        "IT_FISCAL_CODE": [_valid(rng, cf_value, codicefiscale.is_valid) for _ in range(8)],
+        "ES_DNI": [(lambda d: d + dni.calc_check_digit(d))(_digits(rng, 8)) for _ in range(8)],
+        "ES_NIE": [(lambda d: d + nie.calc_check_digit(d))(rng.choice("XYZ") + _digits(rng, 7)) for _ in range(8)],
+        "UK_NINO": [nino_value(rng) for _ in range(8)],
+        "UK_NHS": [_valid(rng, nhs_value, nhs.is_valid) for _ in range(8)],
+        "DE_TAX_ID": [_valid(rng, idnr_value, idnr.is_valid) for _ in range(8)],
+        "NL_BSN": [_valid(rng, bsn_value, bsn.is_valid) for _ in range(8)],
+        "US_ITIN": [_valid(rng, itin_value, itin.is_valid) for _ in range(8)],
+        "MEDICAL_RECORD": [rng.choice(["", "MR", "H-"]) + _digits(rng, rng.randint(6, 10)) for _ in range(8)],
+    }
+
+
+# How the identifiers that are plain digits get named in text (without such words they are not reported).
+NAMED = {
+    "UK_NHS": ["NHS number {}", "the patient's NHS no. is {}"],
+    "DE_TAX_ID": ["Steuer-ID: {}", "steuerliche Identifikationsnummer {}", "tax ID {}"],
+    "NL_BSN": ["BSN {}", "burgerservicenummer: {}"],
+    "US_ITIN": ["ITIN {}", "individual taxpayer identification number {}"],
+    "MEDICAL_RECORD": ["MRN {}", "medical record number: {}", "patient ID {}"],
+}
+
+
 # Look-alikes that must not be reported: numbers with a purpose, and near misses.
 NEGATIVES = [
     "Order 1234567890123 shipped", "invoice 2024-11-28", "build v1.2.3.4.5", "at 10:30:45 UTC",
@@ -88,6 +169,10 @@ NEGATIVES = [
     "IBAN DE00 3704 0044 0532 0130 00", "SSN 000-12-3456", "SSN 666-45-6789", "IP 999.10.10.10",
     "module sk-learn is installed", "ratio 3:4:5", "call extension 4412", "room 4.12.1",
     "version 2.0.1 of the tool", "see RFC 1918", "the year 1984", "account no. 00123",
+    # identifiers with a wrong check, a prefix never issued, or digits that nothing names as an identifier
+    "NHS number 110 293 8476", "BSN 111222334", "Steuer-ID 36574261890", "NIR 2 95 10 99 126 111 94",
+    "codice fiscale RCCMNL83S18D969A", "DNI 54362315A", "NIE X2482300A", "NI number BG 12 34 56 A",
+    "ITIN 912-45-1234", "order 1102938475", "reference 111222333", "batch 36574261809", "serial 00123456",
 ]
 
 
@@ -95,9 +180,10 @@ def _labelled_sample() -> tuple[list[str], list[tuple[int, str, str]]]:
     rng = random.Random(42)
     texts: list[str] = []
     truth: list[tuple[int, str, str]] = []
-    for kind, values in _positives(rng).items():
+    for kind, values in {**_positives(rng), **_national_ids(rng)}.items():
         for value in values:
-            texts.append(rng.choice(CONTEXTS).format(value) + " " + rng.choice(NEGATIVES))
+            text = rng.choice(NAMED[kind]).format(value) if kind in NAMED else value
+            texts.append(rng.choice(CONTEXTS).format(text) + " " + rng.choice(NEGATIVES))
             truth.append((len(texts) - 1, kind, value))
     texts.extend(NEGATIVES)
     return texts, truth
@@ -128,6 +214,26 @@ def test_precision_and_recall_per_type() -> None:
         assert precision >= 0.95, lines[-1]
         assert recall >= 0.95, lines[-1]
     print("\n" + "\n".join(lines))
+
+
+def test_plain_digit_identifiers_need_their_name_or_their_region() -> None:
+    """A valid NHS number, German tax ID or BSN is reported after the words that name it, or anywhere in data of
+    its own country (--pii-region); elsewhere it is just a number. Distinctive ones are found anywhere."""
+    def kinds(text: str, region: str = "US") -> list[str]:
+        return [f.type for f in find_pii(text, region)]
+
+    assert kinds("order 1102938475") == []
+    assert kinds("NHS no. 110 293 8475") == ["UK_NHS"]
+    assert kinds("order 1102938475", region="GB") == ["UK_NHS"]
+    assert kinds("NHS no. 110 293 8476", region="GB") == []  # the check fails: not an NHS number
+    assert kinds("batch 36574261809") == [] and kinds("batch 36574261809", region="DE") == ["DE_TAX_ID"]
+    assert kinds("Steuer-ID 36574261809, Auftrag 36574261809") == ["DE_TAX_ID"]  # a number between: not named
+    assert kinds("ref 111222333") == [] and kinds("ref 111222333", region="NL") == ["NL_BSN"]
+    assert kinds("ITIN 912-70-1234") == ["US_ITIN"] and kinds("912-70-1234") == []
+    assert kinds("codice fiscale RCCMNL83S18D969H") == kinds("RCCMNL83S18D969H") == ["IT_FISCAL_CODE"]
+    redactor = Redactor()
+    text = "NHS number 110 293 8475, again: NHS 1102938475"
+    assert redactor.redact(text, find_pii(text)) == "NHS number <UK_NHS_1>, again: NHS <UK_NHS_1>"
 
 
 def test_redaction_is_consistent_within_a_conversation() -> None:
