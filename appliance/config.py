@@ -224,6 +224,8 @@ class DataConfig(StageConfig):
     pii_region: str = Field(default="US", min_length=2, max_length=2,
                             description="Region for phone numbers written without a country code, and whose "
                             "plain-digit national IDs (NHS, German tax ID, BSN) are found without their name")
+    pii_recognizers: str | None = Field(default=None, description="YAML file of your organisation's own "
+                                        "identifiers (pattern or words, context, examples), redacted as PII")
     dedup: bool = Field(default=True, description="Remove exact duplicates")
     near_dup: bool = Field(default=True, description="Remove near-duplicates (sentence embeddings)")
     near_dup_threshold: float = Field(default=0.95, ge=0.5, le=1.0, description="Cosine similarity above "

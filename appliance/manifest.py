@@ -32,7 +32,8 @@ KEY_FILE = "signing.key"
 PUBLIC_FILE = "signing.pub"
 FORMAT = 1
 # what a run's manifest covers, relative to the run folder (patterns for Path.glob)
-RUN_FILES = ("run.yaml", "accelerate.yaml", "data/*.jsonl", "data/data_report.json", "data/schema.json", "adapter/*",
+RUN_FILES = ("run.yaml", "accelerate.yaml", "data/*.jsonl", "data/data_report.json", "data/schema.json",
+             "data/pii_recognizers.yaml", "adapter/*",
              "merged/*", "gguf/*", "eval/*.json")
 LIBRARIES = ("torch", "transformers", "peft", "trl", "accelerate", "safetensors", "tokenizers", "llama_cpp_python",
              "gguf", "unsloth", "bitsandbytes")

@@ -84,7 +84,7 @@ ID_TYPES = tuple(kind.type for kind in KINDS)
 _SEPARATORS = re.compile(r"[\s.-]")
 
 
-def _named_before(text: str, start: int, words: tuple[str, ...]) -> bool:
+def named_before(text: str, start: int, words: tuple[str, ...]) -> bool:
     """A naming word stands within CONTEXT_CHARS before `start`, with no other number between it and `start`
     ("tax ID 123..., batch 456...": the tax ID is the first number, not the second)."""
     before = text[max(0, start - CONTEXT_CHARS):start].lower()
@@ -105,7 +105,7 @@ def find_ids(text: str, region: str = "US") -> Iterator[tuple[str, int, int, str
             value = m.group()
             if not kind.valid(_SEPARATORS.sub("", value)):
                 continue
-            if kind.context and not _named_before(text, m.start(), kind.context) \
+            if kind.context and not named_before(text, m.start(), kind.context) \
                     and not (kind.region_is_enough and region == kind.region):
                 continue
             yield kind.type, m.start(), m.end(), value

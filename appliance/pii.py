@@ -12,10 +12,14 @@ from __future__ import annotations
 import ipaddress
 import re
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from appliance.national_ids import ID_TYPES, find_ids
+
+if TYPE_CHECKING:
+    from appliance.recognizers import Recognizer
 
 PII_TYPES = ("PRIVATE_KEY", "URL_CREDENTIALS", "API_KEY", "EMAIL", "IBAN", "CREDIT_CARD", "SSN", *ID_TYPES,
              "PHONE", "IP_ADDRESS")
@@ -159,12 +163,23 @@ def _national(region: str) -> Callable[[str], Iterator[Finding]]:
     return find
 
 
-def find_pii(text: str, region: str = "US") -> list[Finding]:
+def _own(recognizers: Sequence[Recognizer]) -> Callable[[str], Iterator[Finding]]:
+    def find(text: str) -> Iterator[Finding]:
+        for recognizer in recognizers:
+            for start, end, value in recognizer.find(text):
+                yield Finding(recognizer.type, start, end, value)
+
+    return find
+
+
+def find_pii(text: str, region: str = "US", own: Sequence[Recognizer] = ()) -> list[Finding]:
     """All PII in `text`, without overlaps (earlier detectors win: a card number is not a phone, an NHS number
-    is not a phone, and a French NIR, whose mod-97 key is the stronger check, is not a card)."""
+    is not a phone, and a French NIR, whose mod-97 key is the stronger check, is not a card). `own`: the
+    organisation's recognizers (recognizers.py), which come right after secrets and e-mail addresses."""
     found: list[Finding] = []
     taken: list[tuple[int, int]] = []
-    for detector in (_secrets, _emails, _ibans, _national(region), _cards, _ssns, _ips, _phones(region)):
+    for detector in (_secrets, _emails, _own(own), _ibans, _national(region), _cards, _ssns, _ips,
+                     _phones(region)):
         for finding in detector(text):
             if any(finding.start < end and start < finding.end for start, end in taken):
                 continue

@@ -6,7 +6,8 @@ reads through one, so the layout of a run is spelled out here and nowhere else:
     runs/<run>/
       run.yaml                 the validated settings of every stage that ran (recorded by jobs.start)
       events.jsonl, job.json   the jobs' events and the job record (every job, oldest first)
-      data/                    train/val/test splits, problems.jsonl, data_report.json, schema.json
+      data/                    train/val/test splits, problems.jsonl, data_report.json, schema.json,
+                               pii_recognizers.yaml (the rules its PII was found with, when given)
       checkpoints/step-N/      resumable training state
       adapter/                 the trained adapter (or whole model)
       merged/                  the 16-bit merged model and merge.json

@@ -276,6 +276,65 @@ def test_drop_and_report_modes(tmp_path: Path, default_store: Store) -> None:
     assert "123-45-6789" not in Run.at(tmp_path / "rep").data_report_path.read_text()
 
 
+RULES = """\
+EMPLOYEE_ID:
+  pattern: 'EMP-\\d{6}\\b'
+  context: [employee, staff]
+  match: ["employee EMP-004211", "staff no. EMP-000017"]
+  no_match: ["EMP-004211 alone", "employee EMP-12"]
+CODENAME:
+  words: [Bluebird, Nightjar]
+  match: ["the BLUEBIRD rollout"]
+  no_match: ["a blue bird", "Bluebirds"]
+"""
+
+
+def test_own_recognizers_redact_an_organisations_identifiers(tmp_path: Path, default_store: Store) -> None:
+    """A rules file's identifiers are found, redacted with their own placeholders, counted, and the rules the run
+    used are kept in its data folder (covered by the signed manifest)."""
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(RULES, encoding="utf-8")
+    rows = [{"prompt": "Employee EMP-004211 asked about Nightjar; employee EMP-004211 again", "completion": "Ok."},
+            {"prompt": "Ticket EMP-004211 without its word", "completion": "Ok."}]
+    path = write_jsonl(tmp_path / "p.jsonl", rows)
+    report, _ = run_prepare(tmp_path / "run", default_store.root, [path], split=(1.0, 0.0, 0.0),
+                            pii_recognizers=str(rules))
+    prompts = sorted(row["messages"][0]["content"] for row in split_rows(tmp_path / "run")["train"])
+    assert prompts == ["Employee <EMPLOYEE_ID_1> asked about <CODENAME_1>; employee <EMPLOYEE_ID_1> again",
+                       "Ticket EMP-004211 without its word"]  # no naming word before it: not this identifier
+    assert report["pii"]["counts"] == {"CODENAME": 1, "EMPLOYEE_ID": 2}
+    assert (tmp_path / "run" / "data" / "pii_recognizers.yaml").read_text(encoding="utf-8") == RULES
+
+
+@pytest.mark.parametrize(("change", "says"), [
+    (("\\d{6}\\b", "(\\d{6}"), "rules.yaml:1: EMPLOYEE_ID: the pattern is not a valid regular expression"),
+    (("  context: [employee, staff]\n", ""), "rules.yaml:1: EMPLOYEE_ID: finds 'EMP-004211' in its "
+                                           "counter-example 'EMP-004211 alone'"),
+    (("context: [employee, staff]", "context: [employee]"), "EMPLOYEE_ID: does not find its own example "
+                                                            "'staff no. EMP-000017'"),
+    (("CODENAME:", "EMAIL:"), "rules.yaml:6: EMAIL: is a built-in type"),
+    (("  words: [Bluebird, Nightjar]", "  words: [Bluebird]\n  pattern: x"), "CODENAME: give either pattern or words"),
+    (("  no_match: [\"a blue bird\", \"Bluebirds\"]", "  colour: blue"), "CODENAME: unknown key 'colour'"),
+    (("CODENAME:", "codename:"), "rules.yaml:6: codename: a type is 2 to 32 capitals"),
+])
+def test_a_rule_that_fails_its_own_examples_is_refused_by_name(tmp_path: Path, default_store: Store,
+                                                               change: tuple[str, str], says: str) -> None:
+    from appliance.errors import ConfigError
+    from appliance.pii import PII_TYPES
+    from appliance.recognizers import load
+
+    rules = tmp_path / "rules.yaml"
+    assert change[0] in RULES
+    rules.write_text(RULES.replace(change[0], change[1]), encoding="utf-8")
+    with pytest.raises(ConfigError) as refused:
+        load(rules, PII_TYPES)
+    assert says in refused.value.message, refused.value.message
+    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Hello", "completion": "Hi."}])
+    with pytest.raises(ConfigError):  # the data stage refuses it before reading any data
+        run_prepare(tmp_path / "run", default_store.root, [path], pii_recognizers=str(rules))
+    assert not (tmp_path / "run" / "data").exists()
+
+
 @pytest.mark.slow
 def test_no_raw_pii_in_reports_events_or_logs(quickstarted: Quickstarted) -> None:
     """The whole product on the shipped sample (the quickstart: data, training, export, evaluation): planted

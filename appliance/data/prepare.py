@@ -31,7 +31,9 @@ from appliance.data.tasks import TaskSpec, check_messages, load_schema, load_tem
 from appliance.errors import ApplianceError, ConfigError, StoreError
 from appliance.events import Emitter
 from appliance.fsutil import replace_dir, sha256_file
-from appliance.pii import Finding, PiiSummary, Redactor, find_pii, mask
+from appliance.pii import PII_TYPES, Finding, PiiSummary, Redactor, find_pii, mask
+from appliance.recognizers import RECOGNIZERS, Recognizer
+from appliance.recognizers import load as load_recognizers
 from appliance.records import (
     Contaminated,
     Contamination,
@@ -66,6 +68,7 @@ def run(cfg: DataConfig, run_dir: Path, emit: Emitter) -> DataResult:
     target = Run(store, run_dir)
     inputs = _inputs(cfg)
     spec = _task_spec(cfg, inputs)
+    own = load_recognizers(Path(cfg.pii_recognizers), PII_TYPES) if cfg.pii_recognizers else []
     tokenizer, model_name = _tokenizer(cfg, store)
     embedder = None
     if cfg.near_dup:
@@ -76,7 +79,7 @@ def run(cfg: DataConfig, run_dir: Path, emit: Emitter) -> DataResult:
     staging = run_dir / f".data-staging-{os.getpid()}-{uuid.uuid4().hex[:6]}"
     staging.mkdir(parents=True)
     try:
-        scan = _Scan(cfg, spec, tokenizer, embedder, emit)
+        scan = _Scan(cfg, spec, tokenizer, embedder, emit, own)
         with (open(staging / "pool.jsonl", "w", encoding="utf-8") as pool,
               open(staging / PROBLEMS, "w", encoding="utf-8") as problems):
             scan.problem_spool = problems
@@ -97,6 +100,8 @@ def run(cfg: DataConfig, run_dir: Path, emit: Emitter) -> DataResult:
         target.write_data_report(report, staging)
         if spec.schema is not None:  # the run keeps the schema its answers were checked against (evaluation uses it)
             target.write_schema(spec.schema, staging)
+        if cfg.pii_recognizers:  # and the rules its PII was found with (the signed manifest covers them)
+            shutil.copyfile(cfg.pii_recognizers, staging / RECOGNIZERS)
         faults.point("data.register")
         replace_dir(staging, target.data_dir)
     finally:
@@ -217,8 +222,10 @@ class _Rows:
 class _Scan:
     """The streaming first pass and everything it learns."""
 
-    def __init__(self, cfg: DataConfig, spec: TaskSpec, tokenizer: Any, embedder: Any, emit: Emitter) -> None:
+    def __init__(self, cfg: DataConfig, spec: TaskSpec, tokenizer: Any, embedder: Any, emit: Emitter,
+                 own: list[Recognizer]) -> None:
         self.cfg, self.spec, self.tokenizer, self.embedder, self.emit = cfg, spec, tokenizer, embedder, emit
+        self.own = own  # the organisation's recognizers
         self.rows_read = 0
         self.problems: list[Problem] = []
         self.problem_count = 0
@@ -281,7 +288,7 @@ class _Scan:
         except RowError as exc:
             self._problem(Problem(record.file, record.line, exc.field, exc.reason))
             return
-        findings = [find_pii(m["content"], self.cfg.pii_region) for m in example.messages]
+        findings = [find_pii(m["content"], self.cfg.pii_region, self.own) for m in example.messages]
         flat = [f for per_message in findings for f in per_message]
         self.pii.add(flat)
         if flat and len(self.pii_previews) < PII_PREVIEWS:
