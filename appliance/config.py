@@ -224,6 +224,9 @@ class DataConfig(StageConfig):
     pii_region: str = Field(default="US", min_length=2, max_length=2,
                             description="Region for phone numbers written without a country code, and whose "
                             "plain-digit national IDs (NHS, German tax ID, BSN) are found without their name")
+    pii_scope: Literal["conversation", "dataset"] = Field(
+        default="conversation", description="Where one placeholder stands for one value: within a conversation, "
+        "or across the whole dataset (<EMAIL_3> is the same address in every row)")
     pii_recognizers: str | None = Field(default=None, description="YAML file of your organisation's own "
                                         "identifiers (pattern or words, context, examples), redacted as PII")
     dedup: bool = Field(default=True, description="Remove exact duplicates")

@@ -262,6 +262,18 @@ def test_redact_mode_keeps_placeholders_per_conversation(tmp_path: Path, default
                         "before": "I am a**@****.**, call +* *** *** ****", "after": "I am <EMAIL_1>, call <PHONE_1>"}]
 
 
+def test_placeholders_can_be_numbered_across_the_whole_dataset(tmp_path: Path, default_store: Store) -> None:
+    rows = [{"prompt": "I am ana@bank.de", "completion": "Ok."}, {"prompt": "bo@bank.de here", "completion": "Ok."},
+            {"prompt": "ana@bank.de again, with bo@bank.de", "completion": "Ok."}]
+    path = write_jsonl(tmp_path / "p.jsonl", rows)
+    prompts = {}
+    for scope in ("conversation", "dataset"):
+        run_prepare(tmp_path / scope, default_store.root, [path], split=(1.0, 0.0, 0.0), pii_scope=scope)
+        prompts[scope] = sorted(r["messages"][0]["content"] for r in split_rows(tmp_path / scope)["train"])
+    assert prompts["conversation"] == ["<EMAIL_1> again, with <EMAIL_2>", "<EMAIL_1> here", "I am <EMAIL_1>"]
+    assert prompts["dataset"] == ["<EMAIL_1> again, with <EMAIL_2>", "<EMAIL_2> here", "I am <EMAIL_1>"]
+
+
 def test_drop_and_report_modes(tmp_path: Path, default_store: Store) -> None:
     rows = [{"prompt": "My SSN is 123-45-6789", "completion": "Noted."}, {"prompt": "Hello", "completion": "Hi."}]
     path = write_jsonl(tmp_path / "p.jsonl", rows)

@@ -226,6 +226,7 @@ class _Scan:
                  own: list[Recognizer]) -> None:
         self.cfg, self.spec, self.tokenizer, self.embedder, self.emit = cfg, spec, tokenizer, embedder, emit
         self.own = own  # the organisation's recognizers
+        self.redactor = Redactor() if cfg.pii_scope == "dataset" else None  # one numbering for every row
         self.rows_read = 0
         self.problems: list[Problem] = []
         self.problem_count = 0
@@ -307,7 +308,7 @@ class _Scan:
             return
         self.seen[key] = self.rows.packed_source(example.file, example.line)
         if flat and self.cfg.pii == "redact":
-            redactor = Redactor()
+            redactor = self.redactor or Redactor()
             example.messages = [{"role": m["role"], "content": redactor.redact(m["content"], f)}
                                 for m, f in zip(example.messages, findings, strict=True)]
             ids_len, trained = self._measure(example)  # placeholders change the length
@@ -320,7 +321,7 @@ class _Scan:
         for finding in found:
             before += [text[last:finding.start], mask(finding.value)]
             last = finding.end
-        after = {"redact": Redactor().redact(text, found), "report": "".join(before) + text[last:],
+        after = {"redact": (self.redactor or Redactor()).redact(text, found), "report": "".join(before) + text[last:],
                  "drop": "(the row is dropped)"}[self.cfg.pii]
         self.pii_previews.append(PiiPreview(source=example.source, role=message["role"],
                                             types=sorted({f.type for f in found}),
