@@ -26,6 +26,7 @@ CONTEXT_CHARS = 48  # how far before a number its naming words may stand
 class IdKind:
     type: str  # the placeholder's name: <UK_NHS_1>
     region: str  # ISO country of the issuer ("" for none)
+    rule: str  # what makes a match this identifier, in words (the PII report shows it)
     pattern: re.Pattern[str]
     valid: Callable[[str], bool]
     context: tuple[str, ...] = ()  # empty: distinctive, found anywhere
@@ -58,24 +59,30 @@ _D = r"(?<![\w-])"  # not inside a longer word or number
 _E = r"(?![\w-])"
 
 KINDS: tuple[IdKind, ...] = (
-    IdKind("FR_NIR", "FR", re.compile(_D + r"[12] ?\d{2} ?(?:0[1-9]|1[0-2]|[2-9]\d) ?(?:\d{2}|2[AB]) ?\d{3} ?\d{3}"
-                                           r" ?\d{2}" + _E), _stdnum("fr.nir")),
-    IdKind("IT_FISCAL_CODE", "IT", re.compile(_D + r"[A-Z]{6}\d{2}[A-EHLMPRST]\d{2}[A-Z]\d{3}[A-Z]" + _E),
-           _stdnum("it.codicefiscale")),
-    IdKind("ES_DNI", "ES", re.compile(_D + r"\d{8}-?[A-Z]" + _E), _stdnum("es.dni")),
-    IdKind("ES_NIE", "ES", re.compile(_D + r"[XYZ]-?\d{7}-?[A-Z]" + _E), _stdnum("es.nie")),
-    IdKind("UK_NINO", "GB", re.compile(_D + r"[A-CEGHJ-PR-TW-Z][A-CEGHJ-NPR-TW-Z] ?\d{2} ?\d{2} ?\d{2} ?[A-D]" + _E),
-           _nino),
-    IdKind("UK_NHS", "GB", re.compile(_D + r"\d{3}[ -]?\d{3}[ -]?\d{4}" + _E), _stdnum("gb.nhs"),
-           ("nhs", "health service", "patient"), region_is_enough=True),
-    IdKind("DE_TAX_ID", "DE", re.compile(_D + r"\d{2} ?\d{3} ?\d{3} ?\d{3}" + _E), _stdnum("de.idnr"),
+    IdKind("FR_NIR", "FR", "15 digits: sex, birth year and month, place, order, mod-97 key",
+           re.compile(_D + r"[12] ?\d{2} ?(?:0[1-9]|1[0-2]|[2-9]\d) ?(?:\d{2}|2[AB]) ?\d{3} ?\d{3} ?\d{2}" + _E),
+           _stdnum("fr.nir")),
+    IdKind("IT_FISCAL_CODE", "IT", "16 letters and digits in the issuer's layout, check letter",
+           re.compile(_D + r"[A-Z]{6}\d{2}[A-EHLMPRST]\d{2}[A-Z]\d{3}[A-Z]" + _E), _stdnum("it.codicefiscale")),
+    IdKind("ES_DNI", "ES", "8 digits and the mod-23 check letter", re.compile(_D + r"\d{8}-?[A-Z]" + _E),
+           _stdnum("es.dni")),
+    IdKind("ES_NIE", "ES", "X, Y or Z, 7 digits and the mod-23 check letter",
+           re.compile(_D + r"[XYZ]-?\d{7}-?[A-Z]" + _E), _stdnum("es.nie")),
+    IdKind("UK_NINO", "GB", "2 letters HMRC issues, 6 digits, A to D",
+           re.compile(_D + r"[A-CEGHJ-PR-TW-Z][A-CEGHJ-NPR-TW-Z] ?\d{2} ?\d{2} ?\d{2} ?[A-D]" + _E), _nino),
+    IdKind("UK_NHS", "GB", "10 digits with the mod-11 check", re.compile(_D + r"\d{3}[ -]?\d{3}[ -]?\d{4}" + _E),
+           _stdnum("gb.nhs"), ("nhs", "health service", "patient"), region_is_enough=True),
+    IdKind("DE_TAX_ID", "DE", "11 digits, one repeated, ISO 7064 mod 11,10 check",
+           re.compile(_D + r"\d{2} ?\d{3} ?\d{3} ?\d{3}" + _E), _stdnum("de.idnr"),
            ("steuer", "idnr", "identifikationsnummer", "tax id", "tax identification", "tin"), region_is_enough=True),
-    IdKind("NL_BSN", "NL", re.compile(_D + r"(?:\d{4}\.?\d{2}\.?\d{3}|\d{3}[ .]?\d{3}[ .]?\d{3})" + _E),
-           _stdnum("nl.bsn"), ("bsn", "burgerservicenummer", "sofinummer", "citizen service number"),
-           region_is_enough=True),
-    IdKind("US_ITIN", "US", re.compile(_D + r"9\d{2}[- ]?\d{2}[- ]?\d{4}" + _E), _stdnum("us.itin"),
+    IdKind("NL_BSN", "NL", "9 digits passing the 11-test",
+           re.compile(_D + r"(?:\d{4}\.?\d{2}\.?\d{3}|\d{3}[ .]?\d{3}[ .]?\d{3})" + _E), _stdnum("nl.bsn"),
+           ("bsn", "burgerservicenummer", "sofinummer", "citizen service number"), region_is_enough=True),
+    IdKind("US_ITIN", "US", "9XX-XX-XXXX with the IRS's group ranges",
+           re.compile(_D + r"9\d{2}[- ]?\d{2}[- ]?\d{4}" + _E), _stdnum("us.itin"),
            ("itin", "taxpayer identification", "individual taxpayer")),
-    IdKind("MEDICAL_RECORD", "", re.compile(_D + r"[A-Z]{0,3}-?\d{6,10}" + _E), _always,
+    IdKind("MEDICAL_RECORD", "", "6 to 10 digits, up to 3 letters before",
+           re.compile(_D + r"[A-Z]{0,3}-?\d{6,10}" + _E), _always,
            ("mrn", "medical record", "patient id", "patient no", "hospital number", "chart no", "chart number")),
 )
 ID_TYPES = tuple(kind.type for kind in KINDS)

@@ -40,6 +40,8 @@ class Recognizer:
     type: str
     pattern: re.Pattern[str]
     context: tuple[str, ...] = ()
+    rule: str = ""  # the pattern or the words, as the file gives them (the PII report shows it)
+    examples: int = 0  # match and no_match examples it was proven on
 
     def find(self, text: str) -> Iterator[tuple[int, int, str]]:
         """(start, end, value) of each occurrence in `text`."""
@@ -91,14 +93,18 @@ def _recognizer(name: str, spec: Any, where: str, reserved: tuple[str, ...]) -> 
         raise ConfigError(f"{where}: the pattern is not a valid regular expression: {exc}", HINT) from exc
     if pattern.fullmatch(""):
         raise ConfigError(f"{where}: the pattern matches empty text, so it would match everywhere", HINT)
-    recognizer = Recognizer(name, pattern, context)
-    for example in _strings(spec, "match", where, required=True):
+    matches, counters = _strings(spec, "match", where, required=True), _strings(spec, "no_match", where, required=True)
+    rule = f"pattern {spec['pattern']}" if "pattern" in spec else f"words {', '.join(words)}"
+    if context:
+        rule += f", after {', '.join(context)}"
+    recognizer = Recognizer(name, pattern, context, rule, len(matches) + len(counters))
+    for example in matches:
         if not any(recognizer.find(example)):
             raise ConfigError(f"{where}: does not find its own example {example!r}",
                               "Fix the pattern, words or context so that each `match` example is found." +
                               (" With context words, the example must contain one before the value." if context
                                else ""))
-    for example in _strings(spec, "no_match", where, required=True):
+    for example in counters:
         found = next(recognizer.find(example), None)
         if found is not None:
             raise ConfigError(f"{where}: finds {found[2]!r} in its counter-example {example!r}",

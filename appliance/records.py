@@ -76,13 +76,37 @@ class PiiPreview(Record):
     after: str
 
 
+class PiiMeasure(Record):
+    """How a detector did on a labelled set: the appliance's own (pii_eval.py), or a rule's own examples."""
+
+    precision: float
+    recall: float
+    n: int  # labelled values of the type
+
+
+class PiiDetector(Record):
+    types: list[str]
+    method: str  # how it decides, in a sentence
+    version: str  # the library (and its version) that decides
+    measured: dict[str, PiiMeasure] = Field(default_factory=dict)
+
+
 class PiiReport(Record):
+    """What the data stage found and did, for the person who signs off on the data: per type how many and
+    what was done, the detectors with their versions and measured precision and recall, and what is known not
+    to be detected."""
+
     mode: str
+    scope: str = "conversation"
+    region: str = "US"
     rows_with_pii: int = 0
     counts: dict[str, int] = Field(default_factory=dict)
     masked_samples: dict[str, list[str]] = Field(default_factory=dict)
     dropped: list[PiiDropped] = Field(default_factory=list)
     previews: list[PiiPreview] = Field(default_factory=list)
+    detectors: list[PiiDetector] = Field(default_factory=list)
+    measured_on: str = ""  # what the detectors' precision and recall were measured on
+    not_detected: list[str] = Field(default_factory=list)
 
 
 class Duplicate(Record):

@@ -54,6 +54,9 @@ def print_data_summary(run_id: str, report: DataReport, data_dir: Path) -> None:
         for kind, count in pii.counts.items():
             pii_table.add_row(kind, str(count), ", ".join(pii.masked_samples.get(kind, [])))
         console.print(pii_table)
+    if pii.not_detected:
+        console.print(f"PII not detected by this version: {'; '.join(pii.not_detected)} (the detectors, their "
+                      "versions and measured precision and recall are in the data report)", soft_wrap=True)
     lengths = report.lengths
     if lengths is not None and lengths.rows:
         console.print(f"tokens per row: median {lengths.p50}, p95 {lengths.p95}, max {lengths.max} "

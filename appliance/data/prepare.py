@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from appliance import faults, records
+from appliance import faults, pii_eval, records
 from appliance.config import DataConfig, shown
 from appliance.data import dedup, split
 from appliance.data.clean import clean_messages
@@ -423,7 +423,10 @@ def _finish(cfg: DataConfig, scan: _Scan, staging: Path, emit: Emitter) -> DataR
         formats=scan.formats,
         problems=[records.Problem(**p.as_dict()) for p in scan.problems],  # the first MAX_LISTED; all in problems.jsonl
         file_problems=[records.Problem(**p.as_dict()) for p in scan.file_problems],
-        pii=PiiReport(mode=cfg.pii, **scan.pii.as_dict(), dropped=scan.pii_dropped, previews=scan.pii_previews),
+        pii=PiiReport(mode=cfg.pii, scope=cfg.pii_scope, region=cfg.pii_region, **scan.pii.as_dict(),
+                      dropped=scan.pii_dropped, previews=scan.pii_previews,
+                      detectors=pii_eval.detectors(cfg.pii_region, scan.own, cfg.pii_recognizers),
+                      measured_on=pii_eval.measured_on(), not_detected=pii_eval.NOT_DETECTED),
         duplicates=Duplicates(
             exact=scan.exact_dups,
             near=[NearDuplicate(source=rows.source(r), duplicate_of=rows.source(k), cosine=round(s, 4))

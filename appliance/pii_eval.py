@@ -1,0 +1,285 @@
+"""The labelled set PII detection is measured on, and the measurement.
+
+Every detector's precision and recall per type, measured on synthetic text whose PII is known:
+valid values of each type, written the ways people write them, in ordinary sentences, next to
+look-alikes that must not be reported (numbers with a purpose, wrong check digits, prefixes never
+issued, identifiers nothing names as such). It takes a fraction of a second, so the data stage
+measures the detectors of this installation each time and the data report carries the numbers
+(bench/pii.py prints them; tests/test_pii.py holds them to their levels).
+"""
+
+from __future__ import annotations
+
+import random
+import string
+from collections.abc import Callable, Sequence
+from functools import cache
+from typing import TYPE_CHECKING
+
+from stdnum import iban as stdnum_iban
+
+from appliance.pii import PII_TYPES, find_pii
+
+if TYPE_CHECKING:
+    from appliance.recognizers import Recognizer
+    from appliance.records import PiiDetector
+
+SEED = 42
+LABELLED_REGION = "US"  # the labelled set's phone numbers are written the US way; it is measured as such
+
+
+def measured_on() -> str:
+    texts, truth = labelled_sample()
+    return (f"the appliance's labelled set: {len(truth)} values in {len(texts)} texts with look-alikes, "
+            f"measured with region {LABELLED_REGION} (pii_eval.py)")
+
+CONTEXTS = ["Please contact {} about the outage.", "Details: {}.", "{} was in the log", "(see {})",
+            "The customer wrote: my details are {} thanks", "Forwarding {}; escalate if needed."]
+
+
+def _luhn_complete(prefix: str, length: int, rng: random.Random) -> str:
+    body = prefix + "".join(rng.choice(string.digits) for _ in range(length - len(prefix) - 1))
+    for check in string.digits:
+        digits = body + check
+        total = sum((int(d) * 2 - 9 if int(d) * 2 > 9 else int(d) * 2) if i % 2 else int(d)
+                    for i, d in enumerate(reversed(digits)))
+        if total % 10 == 0:
+            return digits
+    raise AssertionError
+
+
+def _positives(rng: random.Random) -> dict[str, list[str]]:
+    hexs = "0123456789abcdef"
+    cards = []
+    for prefix, length in [("4", 16), ("51", 16), ("37", 15), ("6011", 16)] * 5:
+        digits = _luhn_complete(prefix, length, rng)
+        cards.append(" ".join(digits[i:i + 4] for i in range(0, len(digits), 4)) if rng.random() < 0.5 else digits)
+    ibans = []
+    for country, length in [("DE", 18), ("GB", 18), ("FR", 23), ("NL", 14)] * 5:
+        if country == "GB":
+            bban = "NWBK" + "".join(rng.choice(string.digits) for _ in range(14))
+        elif country == "NL":
+            bban = "ABNA" + "".join(rng.choice(string.digits) for _ in range(10))
+        else:
+            bban = "".join(rng.choice(string.digits) for _ in range(length))
+        number = country + "00" + bban
+        number = country + stdnum_iban.calc_check_digits(number) + bban
+        ibans.append(" ".join(number[i:i + 4] for i in range(0, len(number), 4)) if rng.random() < 0.5 else number)
+    return {
+        "EMAIL": [f"{rng.choice(['ana', 'j.smith', 'ops+alerts', 'kim_lee'])}{i}@"
+                  f"{rng.choice(['corp.example.com', 'bank.de', 'hospital.org'])}" for i in range(20)],
+        "PHONE": [rng.choice(["({a}) {b}-{c}", "{a}-{b}-{c}", "+1 {a} {b} {c}", "+1-{a}-{b}-{c}"]).format(
+                      a=rng.choice(["212", "415", "312", "617", "206"]), b=rng.randint(201, 989),
+                      c=f"{rng.randint(0, 9999):04d}") for _ in range(16)]
+        + ["+44 20 7946 0958", "+49 30 901820", "+33 1 42 68 53 00", "+31 20 624 1111"],
+        "CREDIT_CARD": cards,
+        "IBAN": ibans,
+        "SSN": [f"{rng.randint(1, 665):03d}-{rng.randint(1, 99):02d}-{rng.randint(1, 9999):04d}" for _ in range(20)],
+        "IP_ADDRESS": [f"{rng.randint(1, 223)}.{rng.randint(0, 255)}.{rng.randint(0, 255)}.{rng.randint(1, 254)}"
+                       for _ in range(16)] + ["2001:db8::8a2e:370:7334", "fe80::1ff:fe23:4567:890a", "::1",
+                                              "2001:0db8:85a3:0000:0000:8a2e:0370:7334"],
+        "URL_CREDENTIALS": [f"{rng.choice(['https', 'postgres', 'ftp'])}://svc{i}:{rng.randint(10**7, 10**8)}pw@"
+                            f"host{i}.internal" for i in range(20)],
+        "API_KEY": ["AKIA" + "".join(rng.choice(string.ascii_uppercase + "234567") for _ in range(16))
+                    for _ in range(5)]
+        + ["ghp_" + "".join(rng.choice(string.ascii_letters + string.digits) for _ in range(36)) for _ in range(4)]
+        + ["xoxb-" + "".join(rng.choice(string.digits) for _ in range(12)) + "-" + "".join(
+            rng.choice(string.ascii_letters) for _ in range(24)) for _ in range(3)]
+        + ["AIza" + "".join(rng.choice(string.ascii_letters + string.digits + "_-") for _ in range(35))
+           for _ in range(3)]
+        + ["sk-proj-" + "".join(rng.choice(string.ascii_letters + string.digits) for _ in range(40)) for _ in range(3)]
+        + ["eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0NTY3ODkwIn0.dozjgNryP4J3jVmNHl0w5N_XgL0n3I9PlFUP0THsR8U",
+           "sk_live_" + "".join(rng.choice(hexs) for _ in range(24))],
+        "PRIVATE_KEY": ["-----BEGIN RSA PRIVATE KEY-----\n" + "\n".join(
+            "".join(rng.choice(string.ascii_letters + string.digits + "+/") for _ in range(64)) for _ in range(4))
+            + "\n-----END RSA PRIVATE KEY-----" for _ in range(5)],
+    }
+
+
+def _digits(rng: random.Random, n: int) -> str:
+    return "".join(rng.choice(string.digits) for _ in range(n))
+
+
+def _valid(rng: random.Random, make: Callable[[random.Random], str], valid: Callable[[str], bool]) -> str:
+    while True:
+        value = make(rng)
+        if valid(value):
+            return value
+
+
+def _national_ids(rng: random.Random) -> dict[str, list[str]]:
+    """Valid identifiers of each kind, written the ways people write them."""
+    from stdnum.de import idnr
+    from stdnum.es import dni, nie
+    from stdnum.fr import nir
+    from stdnum.gb import nhs
+    from stdnum.iso7064 import mod_11_10
+    from stdnum.it import codicefiscale
+    from stdnum.nl import bsn
+    from stdnum.us import itin
+
+    def nir_value(r: random.Random) -> str:
+        body = f"{r.choice('12')}{r.randint(40, 99)}{r.randint(1, 12):02d}{r.randint(1, 95):02d}{_digits(r, 6)}"
+        key = nir.calc_check_digits(body)
+        return f"{body[0]} {body[1:3]} {body[3:5]} {body[5:7]} {body[7:10]} {body[10:13]} {key}" \
+            if r.random() < 0.5 else body + key
+
+    def cf_value(r: random.Random) -> str:
+        body = ("".join(r.choice(string.ascii_uppercase) for _ in range(6)) + f"{r.randint(40, 99)}"
+                + r.choice("ABCDEHLMPRST") + f"{r.randint(1, 71):02d}" + r.choice("ABCDEFGHILM") + _digits(r, 3))
+        return body + str(codicefiscale.calc_check_digit(body))
+
+    def nhs_value(r: random.Random) -> str:
+        digits = _digits(r, 9)
+        value = digits + str((11 - sum(int(d) * (10 - i) for i, d in enumerate(digits)) % 11) % 11)
+        return f"{value[:3]} {value[3:6]} {value[6:]}" if r.random() < 0.5 else value
+
+    def nino_value(r: random.Random) -> str:
+        first, second = r.choice("ABCEGHJKLMNOPRSTWXYZ"), r.choice("ABCEGHJKLMNPRSTWXYZ")
+        number = _digits(r, 6)
+        return f"{first}{second} {number[:2]} {number[2:4]} {number[4:]} {r.choice('ABCD')}" if r.random() < 0.5 \
+            else f"{first}{second}{number}{r.choice('ABCD')}"
+
+    def idnr_value(r: random.Random) -> str:
+        body = str(r.randint(1, 9)) + _digits(r, 9)
+        return body + str(mod_11_10.calc_check_digit(body))
+
+    def bsn_value(r: random.Random) -> str:
+        body = _digits(r, 8)
+        check = sum(int(d) * (9 - i) for i, d in enumerate(body)) % 11
+        return body + str(check) if check < 10 else body + "x"
+
+    def itin_value(r: random.Random) -> str:
+        return f"9{_digits(r, 2)}-{r.choice([70, 75, 80, 88, 90, 94, 99, 50, 65])}-{_digits(r, 4)}"
+
+    return {
+        "FR_NIR": [_valid(rng, nir_value, nir.is_valid) for _ in range(8)],
+        "IT_FISCAL_CODE": [_valid(rng, cf_value, codicefiscale.is_valid) for _ in range(8)],
+        "ES_DNI": [(lambda d: d + dni.calc_check_digit(d))(_digits(rng, 8)) for _ in range(8)],
+        "ES_NIE": [(lambda d: d + nie.calc_check_digit(d))(rng.choice("XYZ") + _digits(rng, 7)) for _ in range(8)],
+        "UK_NINO": [nino_value(rng) for _ in range(8)],
+        "UK_NHS": [_valid(rng, nhs_value, nhs.is_valid) for _ in range(8)],
+        "DE_TAX_ID": [_valid(rng, idnr_value, idnr.is_valid) for _ in range(8)],
+        "NL_BSN": [_valid(rng, bsn_value, bsn.is_valid) for _ in range(8)],
+        "US_ITIN": [_valid(rng, itin_value, itin.is_valid) for _ in range(8)],
+        "MEDICAL_RECORD": [rng.choice(["", "MR", "H-"]) + _digits(rng, rng.randint(6, 10)) for _ in range(8)],
+    }
+
+
+# How the identifiers that are plain digits get named in text (without such words they are not reported).
+NAMED = {
+    "UK_NHS": ["NHS number {}", "the patient's NHS no. is {}"],
+    "DE_TAX_ID": ["Steuer-ID: {}", "steuerliche Identifikationsnummer {}", "tax ID {}"],
+    "NL_BSN": ["BSN {}", "burgerservicenummer: {}"],
+    "US_ITIN": ["ITIN {}", "individual taxpayer identification number {}"],
+    "MEDICAL_RECORD": ["MRN {}", "medical record number: {}", "patient ID {}"],
+}
+
+
+# Look-alikes that must not be reported: numbers with a purpose, and near misses.
+NEGATIVES = [
+    "Order 1234567890123 shipped", "invoice 2024-11-28", "build v1.2.3.4.5", "at 10:30:45 UTC",
+    "ISBN 978-3-16-148410-0", "ticket 555-1234", "zip 94103", "price $1,234.56", "colour #ff00aa",
+    "MAC 00:1A:2B:3C:4D:5E", "uuid 123e4567-e89b-12d3-a456-426614174000",
+    "commit 3f786850e387550fdab836ed7e6dc881de23001b", "card 4111 1111 1111 1112",
+    "IBAN DE00 3704 0044 0532 0130 00", "SSN 000-12-3456", "SSN 666-45-6789", "IP 999.10.10.10",
+    "module sk-learn is installed", "ratio 3:4:5", "call extension 4412", "room 4.12.1",
+    "version 2.0.1 of the tool", "see RFC 1918", "the year 1984", "account no. 00123",
+    # identifiers with a wrong check, a prefix never issued, or digits that nothing names as an identifier
+    "NHS number 110 293 8476", "BSN 111222334", "Steuer-ID 36574261890", "NIR 2 95 10 99 126 111 94",
+    "codice fiscale RCCMNL83S18D969A", "DNI 54362315A", "NIE X2482300A", "NI number BG 12 34 56 A",
+    "ITIN 912-45-1234", "order 1102938475", "reference 111222333", "batch 36574261809", "serial 00123456",
+]
+
+
+@cache
+def labelled_sample() -> tuple[list[str], list[tuple[int, str, str]]]:
+    rng = random.Random(SEED)
+    texts: list[str] = []
+    truth: list[tuple[int, str, str]] = []
+    for kind, values in {**_positives(rng), **_national_ids(rng)}.items():
+        for value in values:
+            text = rng.choice(NAMED[kind]).format(value) if kind in NAMED else value
+            texts.append(rng.choice(CONTEXTS).format(text) + " " + rng.choice(NEGATIVES))
+            truth.append((len(texts) - 1, kind, value))
+    texts.extend(NEGATIVES)
+    return texts, truth
+
+
+
+
+def measure(region: str = "US") -> dict[str, tuple[float, float, int]]:
+    """Precision, recall and number of labelled values per type, on the labelled set."""
+    texts, truth = labelled_sample()
+    expected = {(i, kind): value for i, kind, value in truth}
+    tp: dict[str, int] = dict.fromkeys(PII_TYPES, 0)
+    fp = dict(tp)
+    fn = dict(tp)
+    for i, text in enumerate(texts):
+        found = find_pii(text, region)
+        for finding in found:
+            value = expected.get((i, finding.type))
+            if value is not None and (value in finding.value or finding.value in value):
+                tp[finding.type] += 1
+            else:
+                fp[finding.type] += 1
+        for (row, kind), value in expected.items():
+            if row == i and not any(f.type == kind and (value in f.value or f.value in value) for f in found):
+                fn[kind] += 1
+    return {kind: (round(tp[kind] / max(1, tp[kind] + fp[kind]), 4), round(tp[kind] / max(1, tp[kind] + fn[kind]), 4),
+                   tp[kind] + fn[kind]) for kind in PII_TYPES}
+
+
+# What each detector is, in the words of the report (the national identifiers: national_ids.KINDS).
+_METHODS: list[tuple[tuple[str, ...], str, str]] = [
+    (("PRIVATE_KEY", "URL_CREDENTIALS", "API_KEY"), "key and token formats (PEM keys, AWS, GitHub, Slack, Google, "
+     "OpenAI, Stripe, GitLab, JWT), passwords in URLs, bearer tokens and assigned secrets", ""),
+    (("EMAIL",), "address pattern", ""),
+    (("IBAN",), "pattern and the ISO 13616 mod-97 check", "python-stdnum"),
+    (("CREDIT_CARD",), "13 to 19 digits with an issuer prefix and the Luhn check", ""),
+    (("SSN",), "3-2-4 digits with the SSA's area, group and serial rules", ""),
+    (("PHONE",), "numbers valid for their country (libphonenumber's rules), the region's when no country code",
+     "phonenumbers"),
+    (("IP_ADDRESS",), "IPv4 and IPv6 addresses that parse", ""),
+]
+NOT_DETECTED = [
+    "people's names", "postal addresses", "dates of birth", "national identifiers of countries not listed here",
+    "an organisation's own identifiers that no rules file describes", "PII written out in words or split across "
+    "messages",
+]
+
+
+def _version(distribution: str) -> str:
+    from importlib import metadata
+
+    from appliance import __version__
+
+    if not distribution:
+        return f"appliance {__version__}"
+    try:
+        return f"{distribution} {metadata.version(distribution)}"
+    except metadata.PackageNotFoundError:
+        return f"{distribution} (not installed)"
+
+
+def detectors(region: str, own: Sequence[Recognizer] = (), rules: str | None = None) -> list[PiiDetector]:
+    """Every detector that ran (with `region`), with its version and its precision and recall on the labelled set
+    (an organisation's rules: on their own examples, which they pass by construction)."""
+    from appliance.national_ids import KINDS
+    from appliance.records import PiiDetector, PiiMeasure
+
+    measured = {kind: PiiMeasure(precision=p, recall=r, n=n) for kind, (p, r, n) in measure(LABELLED_REGION).items()}
+    out = [PiiDetector(types=list(types), method=method, version=_version(library),
+                       measured={t: measured[t] for t in types}) for types, method, library in _METHODS]
+    for kind in KINDS:
+        how = kind.rule
+        if kind.context:
+            how += (f"; only after {', '.join(repr(w) for w in kind.context[:3])}"
+                    + (f" or in {kind.region} data" if kind.region_is_enough else ""))
+        out.append(PiiDetector(types=[kind.type], method=how, version=_version("python-stdnum"),
+                               measured={kind.type: measured[kind.type]}))
+    for recognizer in own:  # proven on their own examples when the file loaded
+        out.append(PiiDetector(types=[recognizer.type], method=f"rules file {rules}: {recognizer.rule}",
+                               version=_version(""), measured={recognizer.type: PiiMeasure(
+                                   precision=1.0, recall=1.0, n=recognizer.examples)}))
+    return out
