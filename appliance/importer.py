@@ -12,6 +12,8 @@ import json
 import re
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -206,10 +208,11 @@ def _import_gguf(path: Path, staging: Path, dtype: str, emit: Emitter) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    model = AutoModelForCausalLM.from_pretrained(
-        str(path.parent), gguf_file=path.name, dtype=torch_dtype[dtype]
-    )
+    with _one_reader_per_file():
+        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(path.parent), gguf_file=path.name, dtype=torch_dtype[dtype]
+        )
     emit.check_cancelled()
     emit.progress("saving safetensors", 3, 5)
     # The GGUF quantizer only describes how the weights were read; they are plain tensors now.
@@ -223,6 +226,30 @@ def _import_gguf(path: Path, staging: Path, dtype: str, emit: Emitter) -> None:
     emit.check_cancelled()
     emit.progress("verifying tokenizer against llama.cpp", 3, 5)
     verify_tokenizer(staging, path)
+
+
+@contextmanager
+def _one_reader_per_file() -> Iterator[None]:
+    """transformers opens the GGUF four times for one import (the configuration, the tokenizer twice, the weights),
+    and gguf's reader decodes every vocabulary entry each time (8 s for a 49k vocabulary here): within this block
+    a file is read once. transformers looks the reader up as `gguf.GGUFReader` at each call."""
+    import gguf
+
+    original = gguf.GGUFReader
+    readers: dict[tuple[str, str], Any] = {}
+
+    def reader(path: Any, mode: str = "r") -> Any:
+        key = (str(Path(path).resolve()), mode)
+        if key not in readers:
+            readers[key] = original(path, mode)
+        return readers[key]
+
+    gguf.GGUFReader = reader
+    try:
+        yield
+    finally:
+        gguf.GGUFReader = original
+        readers.clear()
 
 
 def gguf_metadata(path: Path) -> dict[str, Any]:
