@@ -77,7 +77,8 @@ def tiny_prepared(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path
 
 
 TRAIN_SETTINGS = {"max_steps": 8, "batch_size": 4, "max_seq_len": 192, "learning_rate": 5e-4, "eval_every": 4,
-                  "save_every": 2, "keep_checkpoints": 2, "rank": 8, "alpha": 16, "backend": "hf"}
+                  "save_every": 2, "keep_checkpoints": 2, "rank": 8, "alpha": 16, "backend": "hf",
+                  "task_eval_items": 16}
 
 
 @pytest.fixture(scope="session")
@@ -109,6 +110,7 @@ def exported(quickstarted: Quickstarted) -> tuple[Store, Path, ExportResult]:
 
 
 EXPORT_PPL_TOKENS = 256  # what the session's export scored; an export with the same settings reuses its files
+QUICKSTART_ITEMS = 12  # the test rows the quickstart evaluates
 
 
 @dataclass
@@ -139,7 +141,7 @@ def quickstarted(tmp_path_factory: pytest.TempPathFactory, default_store: Store)
     recipe = store.root / "recipe.yaml"
     recipe.write_text("".join(f"{k}: {v}\n" for k, v in TRAIN_SETTINGS.items()), encoding="utf-8")
     result = run_cli("quickstart", "--recipe", str(recipe), "--ppl-tokens", str(EXPORT_PPL_TOKENS), "--max-items",
-                     "16", "--json", store=store.root, env={"APPLIANCE_WITNESS": str(witness),
+                     str(QUICKSTART_ITEMS), "--json", store=store.root, env={"APPLIANCE_WITNESS": str(witness),
                                                             "PYTHONPATH": str(REPO / "tests" / "witness")})
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Quickstarted, linked_copy, run_cli
+from conftest import QUICKSTART_ITEMS, Quickstarted, linked_copy, run_cli
 
 from appliance import toolchain
 from appliance.evaluate.items import choose_examples, with_examples
@@ -108,7 +108,7 @@ def test_eval_compares_every_target(quickstarted: Quickstarted) -> None:
     run = Run.at(quickstarted.run_dir)
     comparison = run.comparison()
     assert comparison is not None
-    assert comparison.task == "classification" and comparison.primary == "accuracy" and comparison.n == 16
+    assert comparison.task == "classification" and comparison.primary == "accuracy" and comparison.n == QUICKSTART_ITEMS
     names = [t.target for t in comparison.targets]
     ggufs = [n for n in names if n.startswith("gguf:")]
     assert names[:3] == ["base", "fewshot", "tuned"] and ggufs and names == names[:3] + ggufs
@@ -116,9 +116,9 @@ def test_eval_compares_every_target(quickstarted: Quickstarted) -> None:
     for name in names:
         report = run.evaluation(name)
         assert report is not None and report.target == name
-        assert set(report.predictions) <= set(labels) and len(report.predictions) == 16  # always a valid label
+        assert set(report.predictions) <= set(labels) and len(report.predictions) == QUICKSTART_ITEMS  # a valid label
         assert report.report["out_of_set_rate"] == 0.0
-        assert sum(map(sum, report.report["confusion"])) == 16
+        assert sum(map(sum, report.report["confusion"])) == QUICKSTART_ITEMS
         assert 0.0 <= report.score.low <= report.score.point <= report.score.high <= 1.0
         assert report.tokens_per_s > 0 and report.size_bytes
     pairs = {(c.baseline, c.target) for c in comparison.comparisons}

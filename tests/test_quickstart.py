@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Quickstarted, run_cli
+from conftest import QUICKSTART_ITEMS, Quickstarted, run_cli
 
 from appliance.run import Run
 
@@ -47,7 +47,7 @@ def test_quickstart_with_a_tiny_budget(quickstarted: Quickstarted) -> None:
     evaluation = summary["eval"]
     targets = {t["target"]: t for t in evaluation["targets"]}
     assert set(targets) == {"base", "fewshot", "tuned"} | {f"gguf:{q}" for q in verified}
-    assert evaluation["n"] == 16 and evaluation["primary"] == "accuracy"
+    assert evaluation["n"] == QUICKSTART_ITEMS and evaluation["primary"] == "accuracy"
     on_disk = Run.at(run_dir).comparison()
     assert on_disk is not None
     assert {t.target: t.score.point for t in on_disk.targets} == \
