@@ -16,13 +16,14 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from appliance.birth_dates import find_birth_dates
 from appliance.national_ids import ID_TYPES, find_ids
 
 if TYPE_CHECKING:
     from appliance.recognizers import Recognizer
 
 PII_TYPES = ("PRIVATE_KEY", "URL_CREDENTIALS", "API_KEY", "EMAIL", "IBAN", "CREDIT_CARD", "SSN", *ID_TYPES,
-             "PHONE", "IP_ADDRESS")
+             "DATE_OF_BIRTH", "PHONE", "IP_ADDRESS")
 
 
 @dataclass(slots=True, frozen=True)
@@ -155,6 +156,11 @@ def _phones(region: str) -> Callable[[str], Iterator[Finding]]:
     return find
 
 
+def _birth_dates(text: str) -> Iterator[Finding]:
+    for start, end, value in find_birth_dates(text):
+        yield Finding("DATE_OF_BIRTH", start, end, value)
+
+
 def _national(region: str) -> Callable[[str], Iterator[Finding]]:
     def find(text: str) -> Iterator[Finding]:
         for kind, start, end, value in find_ids(text, region):
@@ -178,7 +184,7 @@ def find_pii(text: str, region: str = "US", own: Sequence[Recognizer] = ()) -> l
     organisation's recognizers (recognizers.py), which come right after secrets and e-mail addresses."""
     found: list[Finding] = []
     taken: list[tuple[int, int]] = []
-    for detector in (_secrets, _emails, _own(own), _ibans, _national(region), _cards, _ssns, _ips,
+    for detector in (_secrets, _emails, _own(own), _ibans, _national(region), _birth_dates, _cards, _ssns, _ips,
                      _phones(region)):
         for finding in detector(text):
             if any(finding.start < end and start < finding.end for start, end in taken):

@@ -173,7 +173,23 @@ NAMED = {
     "NL_BSN": ["BSN {}", "burgerservicenummer: {}"],
     "US_ITIN": ["ITIN {}", "individual taxpayer identification number {}"],
     "MEDICAL_RECORD": ["MRN {}", "medical record number: {}", "patient ID {}"],
+    "DATE_OF_BIRTH": ["born on {}", "DOB: {}", "date of birth {}", "geboren am {}", "née le {}",
+                      "data di nascita: {}", "fecha de nacimiento {}"],
 }
+
+
+def _birth_dates(rng: random.Random) -> list[str]:
+    """Real dates in the forms people write them in."""
+    months = ["January", "Feb", "March", "Apr", "mai", "Juni", "luglio", "agosto", "September", "Oct.", "noviembre",
+              "December"]
+    out = []
+    for n in range(20):
+        year, month, day = rng.randint(1930, 2010), rng.randint(1, 12), rng.randint(1, 28)
+        form = n % 6
+        out.append([f"{year}-{month:02d}-{day:02d}", f"{day:02d}/{month:02d}/{year}", f"{month}/{day}/{year}",
+                    f"{day}.{month}.{year}", f"{day} {months[month - 1]} {year}",
+                    f"{months[month - 1]} {day}, {year}"][form])
+    return out
 
 
 # Look-alikes that must not be reported: numbers with a purpose, and near misses.
@@ -189,6 +205,8 @@ NEGATIVES = [
     "NHS number 110 293 8476", "BSN 111222334", "Steuer-ID 36574261890", "NIR 2 95 10 99 126 111 94",
     "codice fiscale RCCMNL83S18D969A", "DNI 54362315A", "NIE X2482300A", "NI number BG 12 34 56 A",
     "ITIN 912-45-1234", "order 1102938475", "reference 111222333", "batch 36574261809", "serial 00123456",
+    # dates that are not anyone's birth, and birth words without a whole date
+    "meeting on 17 May 1990", "released 05/17/1990", "DOB field left empty", "born in 1990", "renewal 2023-02-30",
 ]
 
 
@@ -197,7 +215,7 @@ def labelled_sample() -> tuple[list[str], list[tuple[int, str, str]]]:
     rng = random.Random(SEED)
     texts: list[str] = []
     truth: list[tuple[int, str, str]] = []
-    for kind, values in {**_positives(rng), **_national_ids(rng)}.items():
+    for kind, values in {**_positives(rng), **_national_ids(rng), "DATE_OF_BIRTH": _birth_dates(rng)}.items():
         for value in values:
             text = rng.choice(NAMED[kind]).format(value) if kind in NAMED else value
             texts.append(rng.choice(CONTEXTS).format(text) + " " + rng.choice(NEGATIVES))
@@ -241,9 +259,12 @@ _METHODS: list[tuple[tuple[str, ...], str, str]] = [
     (("PHONE",), "numbers valid for their country (libphonenumber's rules), the region's when no country code",
      "phonenumbers"),
     (("IP_ADDRESS",), "IPv4 and IPv6 addresses that parse", ""),
+    (("DATE_OF_BIRTH",), "a real calendar date, numeric or spelled out (English, German, French, Italian, Spanish, "
+     "Dutch), only after words that say it is a birth date ('born', 'DOB', 'geboren', 'né le', 'nato il'...)", ""),
 ]
 NOT_DETECTED = [
-    "people's names", "postal addresses", "dates of birth", "national identifiers of countries not listed here",
+    "people's names", "postal addresses", "dates of birth that no word marks as such",
+    "national identifiers of countries not listed here",
     "an organisation's own identifiers that no rules file describes", "PII written out in words or split across "
     "messages",
 ]

@@ -43,6 +43,20 @@ def test_plain_digit_identifiers_need_their_name_or_their_region() -> None:
     assert redactor.redact(text, find_pii(text)) == "NHS number <UK_NHS_1>, again: NHS <UK_NHS_1>"
 
 
+def test_a_date_is_a_date_of_birth_only_when_the_text_says_so() -> None:
+    def found(text: str) -> list[str]:
+        return [f.value for f in find_pii(text) if f.type == "DATE_OF_BIRTH"]
+
+    assert found("Patient born on 3 March 1961, admitted 2024-11-28") == ["3 March 1961"]
+    assert found("DOB: 1961-03-03; invoice 2024-11-28") == ["1961-03-03"]
+    assert found("geboren am 3. März 1961") == ["3. März 1961"] and found("née le 1er mai 1961") == ["1er mai 1961"]
+    assert found("fecha de nacimiento: 3 de marzo de 1961") == ["3 de marzo de 1961"]
+    assert found("date of birth 02/30/1961") == []  # no such day
+    assert found("date of birth 3/4/2999") == []  # not born yet
+    assert found("the meeting on 3 March 1961") == found("born in 1961") == []
+    assert found("born 3/4/61") == ["3/4/61"]
+
+
 def test_redaction_is_consistent_within_a_conversation() -> None:
     redactor = Redactor()
     first = "Mail ana@bank.de or ANA@bank.de, not bo@bank.de. Card 4111 1111 1111 1111."
