@@ -162,3 +162,14 @@ def test_what_the_schema_cannot_say_is_checked_before_the_runtime() -> None:
         with pytest.raises(Rejection) as excinfo:
             call()
         assert excinfo.value.status == 400
+
+
+def test_an_audit_record_is_one_line_whatever_the_text_holds(tmp_path: Path) -> None:
+    """A model's answer can hold characters that JSON leaves raw but line readers split on (U+2028, U+0085):
+    they are escaped, so every record reads back as one line."""
+    log = AuditLog(tmp_path / "audit.jsonl")
+    record = {"answer": "a\u2028b\u2029c\x85d\u00e9", "path": "/v1/completions"}
+    log.write(record)
+    log.close()
+    lines = (tmp_path / "audit.jsonl").read_text(encoding="utf-8").splitlines()
+    assert len(lines) == 1 and json.loads(lines[0]) == record and "\u00e9" in lines[0]

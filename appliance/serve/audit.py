@@ -17,6 +17,10 @@ from typing import Any
 
 from appliance.pii import Redactor, find_pii
 
+# Characters JSON leaves raw in strings but that line readers (Python's splitlines, many editors) take as a line
+# break: escaped, so that one record is always one line.
+_LINE_BREAKS = {0x85: "\\u0085", 0x2028: "\\u2028", 0x2029: "\\u2029"}
+
 
 class AuditLog:
     def __init__(self, path: Path, log_prompts: bool = False) -> None:
@@ -29,7 +33,7 @@ class AuditLog:
         self._lock = threading.Lock()
 
     def write(self, record: dict[str, Any]) -> None:
-        line = json.dumps(record, ensure_ascii=False, default=str)
+        line = json.dumps(record, ensure_ascii=False, default=str).translate(_LINE_BREAKS)
         with self._lock:
             self._file.write(line + "\n")
             self._file.flush()
