@@ -41,6 +41,8 @@ BENCHES = [
           "TRL's SFTTrainer with its defaults"),
     Bench("export", "bench/export.py", "Export: merge, convert, quantize and verify",
           "the bare path: peft merge_and_unload, the same converter and quantizer, no checks"),
+    Bench("job_start", "bench/job_start.py", "Job start: GGUF header, a job's imports, GGUF import",
+          "gguf's GGUFReader, a plain import, transformers' GGUF loader as called"),
     Bench("eval_speed", "bench/eval_speed.py", "Evaluation: items per second",
           "naive full-forward scoring, transformers generate, llama-cpp-python create_completion"),
     Bench("serve_load", "bench/serve_load.py", "Serving under concurrent load",
