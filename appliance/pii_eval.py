@@ -283,9 +283,9 @@ def _version(distribution: str) -> str:
         return f"{distribution} (not installed)"
 
 
-def detectors(region: str, own: Sequence[Recognizer] = (), rules: str | None = None) -> list[PiiDetector]:
-    """Every detector that ran (with `region`), with its version and its precision and recall on the labelled set
-    (an organisation's rules: on their own examples, which they pass by construction)."""
+def detectors(own: Sequence[Recognizer] = (), rules: str | None = None) -> list[PiiDetector]:
+    """Every detector that runs, with its version and its precision and recall on the labelled set (an
+    organisation's rules: on their own examples, which they pass by construction)."""
     from appliance.national_ids import KINDS
     from appliance.records import PiiDetector, PiiMeasure
 

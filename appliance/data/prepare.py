@@ -425,7 +425,7 @@ def _finish(cfg: DataConfig, scan: _Scan, staging: Path, emit: Emitter) -> DataR
         file_problems=[records.Problem(**p.as_dict()) for p in scan.file_problems],
         pii=PiiReport(mode=cfg.pii, scope=cfg.pii_scope, region=cfg.pii_region, **scan.pii.as_dict(),
                       dropped=scan.pii_dropped, previews=scan.pii_previews,
-                      detectors=pii_eval.detectors(cfg.pii_region, scan.own, cfg.pii_recognizers),
+                      detectors=pii_eval.detectors(scan.own, cfg.pii_recognizers),
                       measured_on=pii_eval.measured_on(), not_detected=pii_eval.NOT_DETECTED),
         duplicates=Duplicates(
             exact=scan.exact_dups,
