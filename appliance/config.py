@@ -229,6 +229,10 @@ class DataConfig(StageConfig):
         "or across the whole dataset (<EMAIL_3> is the same address in every row)")
     pii_recognizers: str | None = Field(default=None, description="YAML file of your organisation's own "
                                         "identifiers (pattern or words, context, examples), redacted as PII")
+    pii_entities: list[Literal["names", "addresses", "locations", "organisations"]] = Field(
+        default=["names", "addresses"], description="Entities found besides the checked identifiers: names, "
+        "addresses, locations, organisations ('' for none). Names, places and organisations use spaCy's English "
+        "model with a name gazetteer and titles; addresses are street-and-number rules")
     dedup: bool = Field(default=True, description="Remove exact duplicates")
     near_dup: bool = Field(default=True, description="Remove near-duplicates (sentence embeddings)")
     near_dup_threshold: float = Field(default=0.95, ge=0.5, le=1.0, description="Cosine similarity above "

@@ -17,13 +17,15 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from appliance.birth_dates import find_birth_dates
+from appliance.entities import ENTITY_TYPES
 from appliance.national_ids import ID_TYPES, find_ids
 
 if TYPE_CHECKING:
+    from appliance.entities import Entity, EntityFinder
     from appliance.recognizers import Recognizer
 
 PII_TYPES = ("PRIVATE_KEY", "URL_CREDENTIALS", "API_KEY", "EMAIL", "IBAN", "CREDIT_CARD", "SSN", *ID_TYPES,
-             "DATE_OF_BIRTH", "PHONE", "IP_ADDRESS")
+             "DATE_OF_BIRTH", "PHONE", "IP_ADDRESS", *ENTITY_TYPES.values())
 
 
 @dataclass(slots=True, frozen=True)
@@ -178,14 +180,27 @@ def _own(recognizers: Sequence[Recognizer]) -> Callable[[str], Iterator[Finding]
     return find
 
 
-def find_pii(text: str, region: str = "US", own: Sequence[Recognizer] = ()) -> list[Finding]:
+def _entities(entities: EntityFinder | Sequence[Entity] | None) -> Callable[[str], Iterator[Finding]]:
+    def find(text: str) -> Iterator[Finding]:
+        if entities is None:
+            return
+        for entity in entities.find(text) if not isinstance(entities, Sequence) else entities:
+            yield Finding(entity.type, entity.start, entity.end, entity.value)
+
+    return find
+
+
+def find_pii(text: str, region: str = "US", own: Sequence[Recognizer] = (),
+             entities: EntityFinder | Sequence[Entity] | None = None) -> list[Finding]:
     """All PII in `text`, without overlaps (earlier detectors win: a card number is not a phone, an NHS number
     is not a phone, and a French NIR, whose mod-97 key is the stronger check, is not a card). `own`: the
-    organisation's recognizers (recognizers.py), which come right after secrets and e-mail addresses."""
+    organisation's recognizers (recognizers.py), which come right after secrets and e-mail addresses.
+    `entities`: names, addresses, places, organisations (entities.py), last: what a checked detector found
+    is not also a name; either the finder, or what it found in this text (a batch's share)."""
     found: list[Finding] = []
     taken: list[tuple[int, int]] = []
     for detector in (_secrets, _emails, _own(own), _ibans, _national(region), _birth_dates, _cards, _ssns, _ips,
-                     _phones(region)):
+                     _phones(region), _entities(entities)):
         for finding in detector(text):
             if any(finding.start < end and start < finding.end for start, end in taken):
                 continue
@@ -205,6 +220,8 @@ def mask(value: str) -> str:
 def _canonical(finding: Finding) -> str:
     if finding.type in ("PHONE", "CREDIT_CARD", "IBAN", "SSN", *ID_TYPES):
         return re.sub(r"[^0-9A-Za-z]", "", finding.value).upper()
+    if finding.type in ENTITY_TYPES.values():  # "Sara  Rossi" and "SARA ROSSI" are one person
+        return " ".join(finding.value.split()).casefold()
     return finding.value.lower() if finding.type == "EMAIL" else finding.value
 
 

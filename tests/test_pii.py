@@ -10,6 +10,7 @@ from conftest import Quickstarted
 from data_helpers import run_prepare, split_rows, write_jsonl
 
 from appliance import pii_eval
+from appliance.entities import DEFAULT_ENTITIES, EntityFinder, EntityModelError, check_model, model_dir
 from appliance.pii import PII_TYPES, Redactor, find_pii
 from appliance.run import Run
 from appliance.store import Store
@@ -21,6 +22,66 @@ def test_precision_and_recall_per_type() -> None:
         lines.append(f"{kind:16} {precision:9.2f} {recall:7.2f}   ({n})")
         assert n >= 5 and precision >= 0.95 and recall >= 0.95, lines[-1]
     print("\n" + "\n".join(lines))
+
+
+def test_names_addresses_places_and_organisations_beside_their_look_alikes() -> None:
+    """Names from several cultures, with a title, an introduction or on their own; addresses of six countries; and
+    what looks like them but is not: products, companies named after people or streets, eponyms, numbered things
+    in front of a street word, streets without a house."""
+    finder = EntityFinder(["names", "addresses", "locations", "organisations"])
+
+    def found(text: str) -> list[tuple[str, str]]:
+        return [(e.type, e.value) for e in finder.find(text)]
+
+    assert found("Hi, I'm Ana, thanks!") == [("PERSON", "Ana")]
+    assert found("Please call Priya Natarajan or Dr. Oluwaseun Adeyemi.") == [
+        ("PERSON", "Priya Natarajan"), ("PERSON", "Oluwaseun Adeyemi")]
+    assert found("Hola, soy María García López, vivo en Calle Mayor 5, 28013 Madrid.") == [
+        ("PERSON", "María García López"), ("ADDRESS", "Calle Mayor 5, 28013 Madrid")]
+    assert found("Het adres van mevr. de Vries is Kerkstraat 12, 1017 GC Amsterdam.") == [
+        ("PERSON", "de Vries"), ("ADDRESS", "Kerkstraat 12, 1017 GC Amsterdam")]
+    assert found("Иван Петров and 王伟先生 signed.") == [("PERSON", "Иван Петров"), ("PERSON", "王伟")]
+    assert found("Send it to 221B Baker St, London NW1 6XE.") == [("ADDRESS", "221B Baker St, London NW1 6XE")]
+    assert found("Mail 1600 Pennsylvania Avenue NW, Washington, DC 20500 today") == [
+        ("ADDRESS", "1600 Pennsylvania Avenue NW, Washington, DC 20500")]
+    assert found("Wohnhaft Hauptstraße 5, 10115 Berlin; Via Roma 10, 00184 Roma; 12 rue de la Paix, 75002 Paris") == [
+        ("ADDRESS", "Hauptstraße 5, 10115 Berlin"), ("ADDRESS", "Via Roma 10, 00184 Roma"),
+        ("ADDRESS", "12 rue de la Paix, 75002 Paris")]
+    for text in ("Our Adobe Acrobat renewal failed.", "Jira crashes when Zoom runs.", "Victoria Station was shut.",
+                 "The Parkinson's disease clinic moved.", "Ticket 4412 Park Avenue project is on hold.",
+                 "May I ask? Will the patch land in June? Mark it resolved.", "version 2.4.1 crashes"):
+        assert [t for t, _ in found(text)] in ([], ["ORGANISATION"], ["LOCATION"]), (text, found(text))
+    assert found("Morgan Stanley and Wells Fargo reported; Acme Corp too.") == [
+        ("ORGANISATION", "Morgan Stanley"), ("ORGANISATION", "Wells Fargo"), ("ORGANISATION", "Acme Corp")]
+    assert ("LOCATION", "Paris") in found("Jean-Pierre Dubois moved to Paris.")
+    only_addresses = EntityFinder(["addresses"])  # without the model: nothing else
+    assert [e.type for e in only_addresses.find("Sara Rossi, 12 Baker Street, Leeds")] == ["ADDRESS"]
+    text = "Thanks, Sara Rossi. SARA ROSSI again, at 12 Baker Street."  # one person, one placeholder
+    assert Redactor().redact(text, find_pii(text, entities=finder)) == "Thanks, <PERSON_1>. <PERSON_1> again, at " \
+                                                                       "<ADDRESS_1>."
+
+
+def test_the_entity_model_is_explosions_published_one_or_it_is_refused(tmp_path: Path) -> None:
+    """The model comes from a re-upload on PyPI: before it loads, its metadata must be Explosion's published
+    en_core_web_sm 3.8.0 (training commit, accuracy figures) and its files the ones measured here."""
+    import shutil
+
+    copy = tmp_path / "model"
+    shutil.copytree(model_dir(), copy)
+    check_model(copy)
+    meta = (copy / "meta.json").read_text(encoding="utf-8")
+    (copy / "meta.json").write_text(meta.replace('"ents_f":0.8433119744', '"ents_f":0.9'), encoding="utf-8")
+    if meta == (copy / "meta.json").read_text(encoding="utf-8"):  # written with spaces
+        (copy / "meta.json").write_text(meta.replace('"ents_f": 0.8433119744', '"ents_f": 0.9'), encoding="utf-8")
+    with pytest.raises(EntityModelError, match=r"not Explosion's en_core_web_sm 3\.8\.0"):
+        check_model(copy)
+    (copy / "meta.json").write_text(meta, encoding="utf-8")
+    weights = copy / "ner" / "model"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 1
+    weights.write_bytes(bytes(data))
+    with pytest.raises(EntityModelError, match=r"files at .* changed"):
+        check_model(copy)
 
 
 def test_plain_digit_identifiers_need_their_name_or_their_region() -> None:
@@ -95,6 +156,22 @@ def test_placeholders_can_be_numbered_across_the_whole_dataset(tmp_path: Path, d
     assert prompts["dataset"] == ["<EMAIL_1> again, with <EMAIL_2>", "<EMAIL_2> here", "I am <EMAIL_1>"]
 
 
+def test_names_and_addresses_are_redacted_unless_the_run_turns_them_off(tmp_path: Path, default_store: Store) -> None:
+    asked = "Hi, I'm Sara Rossi; send it to 18 Harbour Lane, Bristol BS1 4DJ"
+    rows = [{"messages": [{"role": "user", "content": asked},
+                          {"role": "assistant", "content": "Thanks Sara Rossi, it ships to 18 Harbour Lane today."}]}]
+    path = write_jsonl(tmp_path / "p.jsonl", rows)
+    report, _ = run_prepare(tmp_path / "on", default_store.root, [path], split=(1.0, 0.0, 0.0))
+    messages = split_rows(tmp_path / "on")["train"][0]["messages"]
+    assert messages[0]["content"] == "Hi, I'm <PERSON_1>; send it to <ADDRESS_1>"
+    assert messages[1]["content"] == "Thanks <PERSON_1>, it ships to <ADDRESS_2> today."  # no town: another value
+    assert report["pii"]["counts"] == {"ADDRESS": 2, "PERSON": 2}
+    assert report["pii"]["previews"][0]["before"] == "Hi, I'm S*** *****; send it to 1* ******* ****, ******* *** ***"
+    report, _ = run_prepare(tmp_path / "off", default_store.root, [path], split=(1.0, 0.0, 0.0), pii_entities=[])
+    assert report["pii"]["counts"] == {} and "Sara Rossi" in (tmp_path / "off" / "data" / "train.jsonl").read_text()
+    assert "people's names" in report["pii"]["not_detected"]
+
+
 def test_drop_and_report_modes(tmp_path: Path, default_store: Store) -> None:
     rows = [{"prompt": "My SSN is 123-45-6789", "completion": "Noted."}, {"prompt": "Hello", "completion": "Hi."}]
     path = write_jsonl(tmp_path / "p.jsonl", rows)
@@ -151,14 +228,17 @@ def test_the_report_says_what_ran_how_well_and_what_it_does_not_find(tmp_path: P
     pii = report["pii"]
     assert (pii["mode"], pii["scope"], pii["region"], pii["counts"]) == ("redact", "conversation", "GB", {"UK_NHS": 1})
     by_type = {t: d for d in pii["detectors"] for t in d["types"]}
-    assert set(by_type) == set(PII_TYPES)
+    assert set(by_type) == set(PII_TYPES) - {"LOCATION", "ORGANISATION"}  # places and organisations: when asked
+    assert by_type["PERSON"]["version"].startswith("spaCy 3.8.18, en_core_web_sm 3.8.0") and \
+        "Faker 40." in by_type["PERSON"]["version"]
     assert by_type["UK_NHS"]["version"].startswith("python-stdnum 2.")
     assert by_type["PHONE"]["version"].startswith("phonenumbers ")
     assert "mod-11" in by_type["UK_NHS"]["method"] and "or in GB data" in by_type["UK_NHS"]["method"]
     for kind, d in by_type.items():
         measured = d["measured"][kind]
         assert measured["precision"] >= 0.95 and measured["recall"] >= 0.95 and measured["n"] >= 5, (kind, measured)
-    assert "people's names" in pii["not_detected"] and "postal addresses" in pii["not_detected"]
+    assert "people's names" not in pii["not_detected"] and "organisations' names" in pii["not_detected"]
+    assert any("scripts without capital letters" in gap for gap in pii["not_detected"])
     assert "labelled set" in pii["measured_on"] and "region US" in pii["measured_on"]
 
 
@@ -194,13 +274,14 @@ def test_a_rule_that_fails_its_own_examples_is_refused_by_name(tmp_path: Path, d
 def test_no_raw_pii_in_reports_events_or_logs(quickstarted: Quickstarted) -> None:
     """The whole product on the shipped sample (the quickstart: data, training, export, evaluation): planted
     PII appears in none of what it wrote or printed, but was counted."""
-    from appliance.data.sample import generate
+    from appliance.data.sample import ADDRESSES, NAMES, generate
 
     planted = set()
+    finder = EntityFinder(DEFAULT_ENTITIES)
     for row in generate():
-        for finding in find_pii(row["text"]):
+        for finding in find_pii(row["text"], entities=finder):
             planted.add(finding.value)
-    assert len(planted) > 50
+    assert set(NAMES) | set(ADDRESSES) <= planted and len(planted) > 60  # names and addresses too
     assert sum(quickstarted.summary["data"]["pii"].values()) >= len(planted)
     written = [quickstarted.stdout, quickstarted.stderr]
     texts = (".jsonl", ".json", ".yaml", ".log", ".md", ".jinja", ".sh", "Modelfile")

@@ -28,6 +28,7 @@ from appliance.data.clean import clean_messages
 from appliance.data.readers import FileProblem, file_kind, read, record_format
 from appliance.data.schema import Example, Problem, Record, RowError
 from appliance.data.tasks import TaskSpec, check_messages, load_schema, load_template, to_example
+from appliance.entities import EntityFinder
 from appliance.errors import ApplianceError, ConfigError, StoreError
 from appliance.events import Emitter
 from appliance.fsutil import replace_dir, sha256_file
@@ -69,6 +70,12 @@ def run(cfg: DataConfig, run_dir: Path, emit: Emitter) -> DataResult:
     inputs = _inputs(cfg)
     spec = _task_spec(cfg, inputs)
     own = load_recognizers(Path(cfg.pii_recognizers), PII_TYPES) if cfg.pii_recognizers else []
+    entities = None
+    if cfg.pii_entities:
+        emit.progress("loading the entity recognizers", 0)
+        from appliance.entities import EntityFinder
+
+        entities = EntityFinder(cfg.pii_entities)
     tokenizer, model_name = _tokenizer(cfg, store)
     embedder = None
     if cfg.near_dup:
@@ -79,7 +86,7 @@ def run(cfg: DataConfig, run_dir: Path, emit: Emitter) -> DataResult:
     staging = run_dir / f".data-staging-{os.getpid()}-{uuid.uuid4().hex[:6]}"
     staging.mkdir(parents=True)
     try:
-        scan = _Scan(cfg, spec, tokenizer, embedder, emit, own)
+        scan = _Scan(cfg, spec, tokenizer, embedder, emit, own, entities)
         with (open(staging / "pool.jsonl", "w", encoding="utf-8") as pool,
               open(staging / PROBLEMS, "w", encoding="utf-8") as problems):
             scan.problem_spool = problems
@@ -223,9 +230,10 @@ class _Scan:
     """The streaming first pass and everything it learns."""
 
     def __init__(self, cfg: DataConfig, spec: TaskSpec, tokenizer: Any, embedder: Any, emit: Emitter,
-                 own: list[Recognizer]) -> None:
+                 own: list[Recognizer], entities: EntityFinder | None = None) -> None:
         self.cfg, self.spec, self.tokenizer, self.embedder, self.emit = cfg, spec, tokenizer, embedder, emit
         self.own = own  # the organisation's recognizers
+        self.entities = entities  # names, addresses, places, organisations (--pii-entities)
         self.redactor = Redactor() if cfg.pii_scope == "dataset" else None  # one numbering for every row
         self.rows_read = 0
         self.problems: list[Problem] = []
@@ -289,7 +297,10 @@ class _Scan:
         except RowError as exc:
             self._problem(Problem(record.file, record.line, exc.field, exc.reason))
             return
-        findings = [find_pii(m["content"], self.cfg.pii_region, self.own) for m in example.messages]
+        named = (self.entities.find_many([m["content"] for m in example.messages]) if self.entities
+                 else [None] * len(example.messages))
+        findings = [find_pii(m["content"], self.cfg.pii_region, self.own, found)
+                    for m, found in zip(example.messages, named, strict=True)]
         flat = [f for per_message in findings for f in per_message]
         self.pii.add(flat)
         if flat and len(self.pii_previews) < PII_PREVIEWS:
@@ -425,8 +436,8 @@ def _finish(cfg: DataConfig, scan: _Scan, staging: Path, emit: Emitter) -> DataR
         file_problems=[records.Problem(**p.as_dict()) for p in scan.file_problems],
         pii=PiiReport(mode=cfg.pii, scope=cfg.pii_scope, region=cfg.pii_region, **scan.pii.as_dict(),
                       dropped=scan.pii_dropped, previews=scan.pii_previews,
-                      detectors=pii_eval.detectors(scan.own, cfg.pii_recognizers),
-                      measured_on=pii_eval.measured_on(), not_detected=pii_eval.NOT_DETECTED),
+                      detectors=pii_eval.detectors(scan.own, cfg.pii_recognizers, cfg.pii_entities),
+                      measured_on=pii_eval.measured_on(), not_detected=pii_eval.not_detected(cfg.pii_entities)),
         duplicates=Duplicates(
             exact=scan.exact_dups,
             near=[NearDuplicate(source=rows.source(r), duplicate_of=rows.source(k), cosine=round(s, 4))

