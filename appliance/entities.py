@@ -50,6 +50,7 @@ OFFICIAL = {"version": "3.8.0", "spacy_git_version": "5010fcbd3", "ents_f": 0.84
             "PERSON": {"p": 0.8574969021, "r": 0.9033942559, "f": 0.8798474253}, "speed": 9426.1029865937}
 # sha256 over the model folder's files (sorted relative paths, each path and its bytes): the files measured here
 MODEL_SHA256 = "7f2517e35b6285a50f82d92b2aea2844d7195fc4e63250951709582d87af6924"
+SEEN_TEXTS = 4096  # texts whose entities are remembered (repeated system prompts and answers)
 _MODEL_LABELS = {"PERSON": "names", "GPE": "locations", "LOC": "locations", "FAC": "locations", "ORG": "organisations"}
 
 
@@ -337,6 +338,7 @@ class EntityFinder:
         self.kinds = tuple(k for k in ENTITY_TYPES if k in kinds)
         self.types = tuple(ENTITY_TYPES[k] for k in self.kinds)
         self._nlp = _pipeline() if any(k in NEEDS_MODEL for k in self.kinds) else None
+        self._seen: dict[str, tuple[Entity, ...]] = {}  # what recent texts hold, by text
         if "names" in self.kinds:
             gazetteer()
 
@@ -349,13 +351,27 @@ class EntityFinder:
     def find_many(self, texts: Sequence[str]) -> list[list[Entity]]:
         """Each text's entities, without overlaps, in order: the messages of one conversation, whose names are
         then found wherever else they are written (SARA ROSSI, once Sara Rossi is known to be a name)."""
-        docs: list[object | None] = [None] * len(texts)
-        if self._nlp is not None:
-            wanted = [i for i, t in enumerate(texts) if any(ch.isupper() for ch in t)]
-            for i, doc in zip(wanted, self._nlp.pipe([texts[i] for i in wanted], batch_size=64),  # type: ignore[attr-defined]
-                              strict=True):
-                docs[i] = doc
-        found = [self._entities(text, doc) for text, doc in zip(texts, docs, strict=True)]
+        return self.find_conversations([texts])[0]
+
+    def find_conversations(self, conversations: Sequence[Sequence[str]]) -> list[list[list[Entity]]]:
+        """find_many of each conversation; the model reads all their texts as one batch."""
+        texts = {text for conversation in conversations for text in conversation if text not in self._seen}
+        if self._nlp is not None:  # each new text once (a system prompt repeats in every row)
+            wanted = [t for t in texts if any(ch.isupper() for ch in t)]
+            for text, doc in zip(wanted, self._nlp.pipe(wanted, batch_size=64), strict=True):  # type: ignore[attr-defined]
+                self._remember(text, self._entities(text, doc))
+        for text in texts:
+            if text not in self._seen:
+                self._remember(text, self._entities(text, None))
+        return [self._again(conversation, [list(self._seen[text]) for text in conversation])
+                for conversation in conversations]
+
+    def _remember(self, text: str, found: list[Entity]) -> None:
+        if len(self._seen) >= SEEN_TEXTS:
+            del self._seen[next(iter(self._seen))]  # the oldest
+        self._seen[text] = tuple(found)
+
+    def _again(self, texts: Sequence[str], found: list[list[Entity]]) -> list[list[Entity]]:
         people = {e.value for per_text in found for e in per_text if e.type == "PERSON" and " " in e.value}
         if people:
             again = re.compile(r"(?i)(?<!\w)(?:" + "|".join(re.escape(p) for p in sorted(people, key=len, reverse=True))
