@@ -32,6 +32,7 @@ import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import cache
+from itertools import pairwise
 from pathlib import Path
 
 from appliance.errors import ApplianceError
@@ -216,13 +217,17 @@ _POST_TOWN = (r"(?:,[ \t]*(?:[A-Z][a-zà-ÿ'’.-]+(?:[ \t]+[A-Z][a-zà-ÿ'’.-
               r"|,?[ \t]+[A-Z]{1,2}\d[A-Z\d]?[ \t]?\d[A-Z]{2})?")  # or a UK postcode straight after the street
 # a number that something other than a house has: ticket 4412, room 12, page 3
 _NUMBERED = re.compile(r"(?i)\b(?:ticket|order|invoice|case|room|page|floor|level|version|build|no\.?|nr\.?)[ \t]*$")
-_EU_TOWN = (r"(?:,?[ \t]+(?:\d{4,5}|\d{4}[ \t]?[A-Z]{2}|[A-Z]-\d{4,5})"  # 10115, 1017 GC, D-10115
-            r"[ \t]+[A-ZÀ-Þ][\w'’-]*(?:[ \t-][A-ZÀ-Þ][\w'’-]*)?)?")  # and the town
+_TITLE_WORDS = r"(?:Herr|Frau|Mr|Mrs|Ms|Dr|Mme|Mlle|Sr|Sra|Sig|Dhr|Mevr)\b"
+# what follows a continental street and number: postcode and town (10115 Berlin, 1017 GC Amsterdam, D-10115
+# Berlin), or a town alone (Prinsengracht 263, Amsterdam)
+_EU_TOWN = (r"(?:,?[ \t]+(?:\d{4,5}|\d{4}[ \t]?[A-Z]{2}|[A-Z]-\d{4,5})"
+            r"[ \t]+[A-ZÀ-Þ][\w'’-]*(?:[ \t-][A-ZÀ-Þ][\w'’-]*)?"
+            rf"|,[ \t]*(?!{_TITLE_WORDS})[A-ZÀ-Þ][a-zà-ÿ'’-]+(?![\w'’-]))?")
 _ADDRESSES = [re.compile(p) for p in (
     # 221B Baker Street, London NW1 6XE · 1600 Pennsylvania Avenue NW, Washington, DC 20500
     rf"(?<![\w.,#-])\d{{1,5}}[A-Za-z]?(?:[-/]\d{{1,4}})?,?[ \t]+(?:[A-Z][\w'’.-]*[ \t]+){{1,3}}"
     rf"(?:{_STREET_WORDS})"
-    rf"\b\.?(?:[ \t]+(?:NW|NE|SW|SE|N|S|E|W)\b)?{_UNIT}{_POST_TOWN}",
+    rf"\b\.?(?:[ \t]+(?:NW|NE|SW|SE|N|S|E|W|North|South|East|West)\b)?{_UNIT}{_POST_TOWN}",
     # 12 rue de la Paix, 75002 Paris · 8 avenue des Champs-Élysées
     r"(?<![\w.,-])\d{1,4}(?:[ \t]?(?:bis|ter))?,?[ \t]+(?:rue|avenue|av\.|boulevard|bd|place|chemin|impasse|allée"
     r"|quai|cours|route)[ \t]+(?:(?:de|du|des|la|le|l'|d')[ \t]*){0,2}[A-ZÀ-Þ][\w'’-]*(?:[ \t]+[A-ZÀ-Þ][\w'’-]*)?"
@@ -231,7 +236,7 @@ _ADDRESSES = [re.compile(p) for p in (
     r"(?<![\w])(?i:Calle|C/|Avenida|Avda\.|Plaza|Paseo|Camino|Carrer|Rua|Via|Viale|Piazza|Piazzale|Corso|Largo"
     r"|Vicolo|Rue|Avenue|Boulevard|Place)[ \t]+(?:(?:de|del|de la|de los|dei|della|delle|degli|di|du|des|la|le)"
     r"[ \t]+)?[A-ZÀ-Þ][\w'’-]*(?:[ \t]+[A-ZÀ-Þ][\w'’-]*){0,2},?[ \t]+(?:n\.?º?[ \t]*)?\d{1,4}[A-Za-z]?\b"
-    + _EU_TOWN + r"(?:,[ \t]*[A-ZÀ-Þ][a-zà-ÿ'’-]+(?![ \t]+[A-ZÀ-Þ]))?",
+    + _EU_TOWN,
     # Hauptstraße 5, 10115 Berlin · Kerkstraat 12, 1017 GC Amsterdam · Bahnhofstr. 3a
     r"(?<![\w])[A-ZÀ-ÞÄÖÜ][\wäöüß'-]*(?:straße|strasse|str\.|weg|platz|allee|gasse|ring|damm|ufer|straat|laan"
     r"|gracht|plein|kade|singel|dijk|steeg)[ \t]+\d{1,4}[a-zA-Z]?\b" + _EU_TOWN,
@@ -299,7 +304,8 @@ def _cued_names(text: str, model_people: Sequence[tuple[int, int]]) -> Iterator[
             yield start, run.end()
     for run in _NAME_RUN.finditer(text):  # "opened by Thabo Nkosi"
         words = run.group().split()
-        if len(words) >= 2 and _pair(words[0], words[1]) and _BY.search(text[max(0, run.start() - 12):run.start()]):
+        if any(_pair(a, b) for a, b in pairwise(words)) and _BY.search(
+                text[max(0, run.start() - 12):run.start()]):
             yield run.start(), run.end()
     for m in _HAN_NAME.finditer(text):  # 王伟先生
         if _known([m.group()[0]]):
@@ -317,8 +323,11 @@ def _gazetteer_names(text: str) -> Iterator[tuple[int, int]]:
     """A known given name and a known surname side by side (in either order): Priya Natarajan, Zhang Wei."""
     for run in _NAME_RUN.finditer(text):
         words = run.group().split()
+        given = gazetteer()[0]
         for i in range(len(words) - 1):
             if _pair(words[i], words[i + 1]):
+                while i > 0 and words[i - 1].strip("'’.,") in given:  # Fatima Zahra Benali
+                    i -= 1
                 offset = run.start() + len(" ".join(words[:i])) + (1 if i else 0)
                 yield offset, run.end()
                 break

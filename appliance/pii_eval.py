@@ -284,6 +284,42 @@ def labelled_sample() -> tuple[list[str], list[tuple[int, str, str]]]:
 
 
 MEASURED_ENTITIES = ("names", "addresses")  # the entity kinds the labelled set labels
+WHOLE = ("PERSON", "ADDRESS")  # found only when every letter and digit of it is covered: "Rossi" leaves "Sara"
+
+Found = tuple[str, int, int, str]  # type, start, end, value
+
+
+def score(texts: Sequence[str], truth: Sequence[tuple[int, str, str]], found: Sequence[Sequence[Found]],
+          types: Sequence[str]) -> dict[str, tuple[float, float, int]]:
+    """Precision, recall and number of labelled values per type of `types`, of what a detector `found` in each
+    text. A finding is right when it is of a labelled value's type and overlaps that value; a labelled value is
+    found when a finding of its type holds it or lies within it (for WHOLE types: when findings cover it all)."""
+    tp = dict.fromkeys(types, 0)
+    fp, fn, n = dict(tp), dict(tp), dict(tp)
+    expected: dict[int, list[tuple[str, int, int, str]]] = {}
+    for i, kind, value in truth:
+        if kind in tp:
+            at = texts[i].find(value)
+            expected.setdefault(i, []).append((kind, at, at + len(value), value))
+            n[kind] += 1
+    for i in range(len(texts)):
+        labelled = expected.get(i, [])
+        for kind, start, end, _value in found[i]:
+            if kind not in tp:
+                continue
+            if any(k == kind and start < e and s < end for k, s, e, _ in labelled):
+                tp[kind] += 1
+            else:
+                fp[kind] += 1
+        for kind, start, end, value in labelled:
+            mine = [(s, e, v) for k, s, e, v in found[i] if k == kind]
+            if kind in WHOLE:
+                hit = all(any(s <= j < e for s, e, _ in mine) for j in range(start, end) if texts[i][j].isalnum())
+            else:
+                hit = any(value in v or v in value for _, _, v in mine)
+            fn[kind] += 0 if hit else 1
+    return {kind: (round(tp[kind] / max(1, tp[kind] + fp[kind]), 4), round((n[kind] - fn[kind]) / max(1, n[kind]), 4),
+                   n[kind]) for kind in types if n[kind]}
 
 
 @cache
@@ -296,26 +332,11 @@ def measure(region: str = "US", entities: tuple[str, ...] = MEASURED_ENTITIES
     texts, truth = labelled_sample()
     kinds = tuple(k for k in entities if k in MEASURED_ENTITIES)
     off = {ENTITY_TYPES[k] for k in ENTITY_TYPES if k not in kinds}
-    truth = [t for t in truth if t[1] not in off]
-    expected = {(i, kind): value for i, kind, value in truth}
-    tp: dict[str, int] = dict.fromkeys((t for t in PII_TYPES if t not in off), 0)
-    fp = dict(tp)
-    fn = dict(tp)
     finder = EntityFinder(kinds) if kinds else None
-    named = finder.find_many(texts) if finder else [None] * len(texts)
-    for i, text in enumerate(texts):
-        found = [f for f in find_pii(text, region, (), named[i]) if f.type in tp]
-        for finding in found:
-            value = expected.get((i, finding.type))
-            if value is not None and (value in finding.value or finding.value in value):
-                tp[finding.type] += 1
-            else:
-                fp[finding.type] += 1
-        for (row, kind), value in expected.items():
-            if row == i and not any(f.type == kind and (value in f.value or f.value in value) for f in found):
-                fn[kind] += 1
-    return {kind: (round(tp[kind] / max(1, tp[kind] + fp[kind]), 4), round(tp[kind] / max(1, tp[kind] + fn[kind]), 4),
-                   tp[kind] + fn[kind]) for kind in tp if tp[kind] + fn[kind]}
+    named = [c[0] for c in finder.find_conversations([[t] for t in texts])] if finder else [None] * len(texts)
+    found = [[(f.type, f.start, f.end, f.value) for f in find_pii(text, region, (), named[i])]
+             for i, text in enumerate(texts)]
+    return score(texts, truth, found, [t for t in PII_TYPES if t not in off])
 
 
 # What each detector is, in the words of the report (the national identifiers: national_ids.KINDS).
