@@ -67,8 +67,8 @@ def spacy_finder() -> Callable[[Sequence[str]], list[Found]]:
 
 def presidio_finder() -> Callable[[Sequence[str]], list[Found]] | None:
     try:
-        from presidio_analyzer import AnalyzerEngine
-        from presidio_analyzer.nlp_engine import NlpEngineProvider
+        from presidio_analyzer import AnalyzerEngine  # type: ignore[import-not-found]
+        from presidio_analyzer.nlp_engine import NlpEngineProvider  # type: ignore[import-not-found]
     except ImportError:
         return None
     from appliance.entities import MODEL_PACKAGE
