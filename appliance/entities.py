@@ -123,6 +123,12 @@ def _pipeline() -> object:
         return spacy.load(folder, exclude=["tagger", "parser", "attribute_ruler", "lemmatizer", "senter"])
 
 
+@cache
+def light_finder() -> EntityFinder:
+    """Names (titles, introductions, gazetteer) and addresses, without the model: for masking."""
+    return EntityFinder(DEFAULT_ENTITIES, model=False)
+
+
 def model_version() -> str:
     from importlib import metadata
 
@@ -338,15 +344,19 @@ def _overlaps(start: int, end: int, taken: Sequence[tuple[int, int]]) -> bool:
 
 
 class EntityFinder:
-    """The entities of the kinds asked for (`names`, `addresses`, `locations`, `organisations`)."""
+    """The entities of the kinds asked for (`names`, `addresses`, `locations`, `organisations`).
 
-    def __init__(self, kinds: Sequence[str]) -> None:
+    `model=False`: without the statistical model, names from titles, introductions and the gazetteer only,
+    and no places or organisations: for masking what is shown or logged (a file's first rows, an endpoint's
+    audit log), where loading the model would cost more than the text is worth."""
+
+    def __init__(self, kinds: Sequence[str], model: bool = True) -> None:
         unknown = sorted(set(kinds) - set(ENTITY_TYPES))
         if unknown:
             raise ValueError(f"unknown entity kinds {unknown}: choose from {', '.join(ENTITY_TYPES)}")
-        self.kinds = tuple(k for k in ENTITY_TYPES if k in kinds)
+        self.kinds = tuple(k for k in ENTITY_TYPES if k in kinds and (model or k in DEFAULT_ENTITIES))
         self.types = tuple(ENTITY_TYPES[k] for k in self.kinds)
-        self._nlp = _pipeline() if any(k in NEEDS_MODEL for k in self.kinds) else None
+        self._nlp = _pipeline() if model and any(k in NEEDS_MODEL for k in self.kinds) else None
         self._seen: dict[str, tuple[Entity, ...]] = {}  # what recent texts hold, by text
         if "names" in self.kinds:
             gazetteer()
@@ -376,8 +386,8 @@ class EntityFinder:
                 for conversation in conversations]
 
     def _remember(self, text: str, found: list[Entity]) -> None:
-        if len(self._seen) >= SEEN_TEXTS:
-            del self._seen[next(iter(self._seen))]  # the oldest
+        if len(self._seen) >= SEEN_TEXTS:  # forget the oldest (pop: threads of an endpoint may share a finder)
+            self._seen.pop(next(iter(self._seen), ""), None)
         self._seen[text] = tuple(found)
 
     def _again(self, texts: Sequence[str], found: list[list[Entity]]) -> list[list[Entity]]:

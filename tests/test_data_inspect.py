@@ -58,9 +58,10 @@ def test_unreadable_files_are_reported_per_file_not_raised(tmp_path: Path) -> No
 
 
 def test_examples_never_show_pii(tmp_path: Path) -> None:
-    path = write_jsonl(tmp_path / "p.jsonl", [{"text": "write to ana@bank.de please", "label": "a"}])
+    path = write_jsonl(tmp_path / "p.jsonl", [{"text": "write to ana@bank.de please", "label": "a"},
+                                              {"text": "Thanks, Sara Rossi", "label": "b"}])
     examples = inspect_file(path).columns[0].examples
-    assert examples == ["write to a**@****.** please"]
+    assert examples == ["write to a**@****.** please", "Thanks, S*** *****"]  # names too
 
 
 def test_cli_prints_the_prepare_command_and_fails_on_a_missing_file(tmp_path: Path) -> None:

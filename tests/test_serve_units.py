@@ -95,10 +95,10 @@ def test_a_streamed_answer_is_read_back_however_the_bytes_are_split() -> None:
 def test_logged_prompts_keep_no_raw_pii_and_placeholders_are_stable(tmp_path: Path) -> None:
     redactor = Redactor()
     parts = [{"type": "text", "text": "Mail ann@corp.example or "},
-             {"type": "text", "text": "ann@corp.example, IBAN DE89370400440532013000"}]
+             {"type": "text", "text": "ann@corp.example, IBAN DE89370400440532013000. Thanks, Sara Rossi"}]
     messages = [{"role": "user", "content": parts}]
     clean = redacted_messages(messages, redactor)
-    assert clean == [{"role": "user", "content": "Mail <EMAIL_1> or <EMAIL_1>, IBAN <IBAN_1>"}]
+    assert clean == [{"role": "user", "content": "Mail <EMAIL_1> or <EMAIL_1>, IBAN <IBAN_1>. Thanks, <PERSON_1>"}]
     log = AuditLog(tmp_path / "audit" / "serve.jsonl", log_prompts=True)
     log.write({"prompt": clean})
     log.close()
