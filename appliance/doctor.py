@@ -93,6 +93,7 @@ def run(store: Store) -> Report:
 
     checks.extend(_backends(bool(gpus)))
     checks.extend(_toolchain(facts))
+    checks.append(_entity_model(facts))
 
     guard = offline.is_active() and all(os.environ.get(k) == v for k, v in offline.OFFLINE_ENV.items())
     checks.append(Check(name="egress guard", status="ok" if guard else "fail",
@@ -135,6 +136,18 @@ def _backends(has_gpu: bool) -> list[Check]:
         checks.append(Check(name="4-bit (QLoRA)", status="ok" if not has_gpu else "warn", detail=detail
                             + ": LoRA in 16/32-bit instead"))
     return checks
+
+
+def _entity_model(facts: dict[str, object]) -> Check:
+    """The model that finds names, places and organisations in the data stage: installed, and the published one."""
+    from appliance.entities import EntityModelError, check_model, model_dir, model_version
+
+    try:
+        check_model(model_dir())
+    except EntityModelError as exc:
+        return Check(name="entity model", status="fail", detail=exc.message, hint=exc.hint)
+    facts["entity_model"] = model_version()
+    return Check(name="entity model", status="ok", detail=model_version())
 
 
 def _toolchain(facts: dict[str, object]) -> list[Check]:

@@ -20,6 +20,7 @@ def test_doctor_is_green(default_store: Store) -> None:
     assert report["ok"] is True
     assert checks["toolchain match"]["status"] == "ok"
     assert checks["egress guard"]["status"] == "ok"
+    assert checks["entity model"]["status"] == "ok" and "en_core_web_sm 3.8.0" in checks["entity model"]["detail"]
     facts = report["facts"]
     assert facts["runtime"]["llama_cpp_python"] == facts["converter"]["llama_cpp_python"]
     assert facts["runtime"]["ggml"] == facts["converter"]["ggml"]
