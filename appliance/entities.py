@@ -374,21 +374,34 @@ class EntityFinder:
 
     def find_conversations(self, conversations: Sequence[Sequence[str]]) -> list[list[list[Entity]]]:
         """find_many of each conversation; the model reads all their texts as one batch."""
-        texts = {text for conversation in conversations for text in conversation if text not in self._seen}
+        known: dict[str, tuple[Entity, ...]] = {}
+        new: list[str] = []
+        for text in (text for conversation in conversations for text in conversation):
+            if text in known:
+                continue
+            hit = self._seen.pop(text, None)
+            if hit is None:
+                new.append(text)
+                known[text] = ()
+            else:
+                known[text] = self._seen[text] = hit  # now the most recent
+        read: set[str] = set()
         if self._nlp is not None:  # each new text once (a system prompt repeats in every row)
-            wanted = [t for t in texts if any(ch.isupper() for ch in t)]
+            wanted = [t for t in new if any(ch.isupper() for ch in t)]  # no capital, no name or place
             for text, doc in zip(wanted, self._nlp.pipe(wanted, batch_size=64), strict=True):  # type: ignore[attr-defined]
-                self._remember(text, self._entities(text, doc))
-        for text in texts:
-            if text not in self._seen:
-                self._remember(text, self._entities(text, None))
-        return [self._again(conversation, [list(self._seen[text]) for text in conversation])
+                known[text] = tuple(self._entities(text, doc))
+            read = set(wanted)
+        for text in new:
+            if text not in read:
+                known[text] = tuple(self._entities(text, None))
+            self._remember(text, known[text])
+        return [self._again(conversation, [list(known[text]) for text in conversation])
                 for conversation in conversations]
 
-    def _remember(self, text: str, found: list[Entity]) -> None:
-        if len(self._seen) >= SEEN_TEXTS:  # forget the oldest (pop: threads of an endpoint may share a finder)
+    def _remember(self, text: str, found: tuple[Entity, ...]) -> None:
+        if len(self._seen) >= SEEN_TEXTS:  # forget the least recently used (pop: an endpoint's threads share one)
             self._seen.pop(next(iter(self._seen), ""), None)
-        self._seen[text] = tuple(found)
+        self._seen[text] = found
 
     def _again(self, texts: Sequence[str], found: list[list[Entity]]) -> list[list[Entity]]:
         people = {e.value for per_text in found for e in per_text if e.type == "PERSON" and " " in e.value}

@@ -61,6 +61,22 @@ def test_names_addresses_places_and_organisations_beside_their_look_alikes() -> 
                                                                        "<ADDRESS_1>."
 
 
+def test_texts_repeated_across_batches_are_read_once_and_remembered_within_bounds(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A system prompt repeats in every row: it is read once, remembered while it keeps coming, and the memory of
+    texts stays bounded (the least recently used is forgotten, never one the batch in hand still needs)."""
+    from appliance import entities
+
+    monkeypatch.setattr(entities, "SEEN_TEXTS", 3)
+    finder = EntityFinder(["names"], model=False)
+    prompt = "Classify the text. Answer with the label only."
+    for i in range(6):
+        rows = [[prompt, f"Thanks, Sara Rossi, ticket {i}-{j}"] for j in range(2)]
+        found = finder.find_conversations(rows)
+        assert [[e.value for e in message] for row in found for message in row] == [[], ["Sara Rossi"]] * 2
+        assert prompt in finder._seen and len(finder._seen) <= 3
+
+
 def test_the_entity_model_is_explosions_published_one_or_it_is_refused(tmp_path: Path) -> None:
     """The model comes from a re-upload on PyPI: before it loads, its metadata must be Explosion's published
     en_core_web_sm 3.8.0 (training commit, accuracy figures) and its files the ones measured here."""
