@@ -233,6 +233,10 @@ class DataConfig(StageConfig):
         default=["names", "addresses"], description="Entities found besides the checked identifiers: names, "
         "addresses, locations, organisations ('' for none). Names, places and organisations use spaCy's English "
         "model with a name gazetteer and titles; addresses are street-and-number rules")
+    pii_languages: list[Literal["en", "fr"]] = Field(
+        default=["en"], min_length=1, description="Languages of the text, for names, places and organisations: "
+        "en (spaCy's en_core_web_sm), fr (fr_core_news_sm); with both, each text is read by the model of the "
+        "language its common words belong to")
     dedup: bool = Field(default=True, description="Remove exact duplicates")
     near_dup: bool = Field(default=True, description="Remove near-duplicates (sentence embeddings)")
     near_dup_threshold: float = Field(default=0.95, ge=0.5, le=1.0, description="Cosine similarity above "

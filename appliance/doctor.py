@@ -139,15 +139,16 @@ def _backends(has_gpu: bool) -> list[Check]:
 
 
 def _entity_model(facts: dict[str, object]) -> Check:
-    """The model that finds names, places and organisations in the data stage: installed, and the published one."""
-    from appliance.entities import EntityModelError, check_model, model_dir, model_version
+    """The models that find names, places and organisations in the data stage: installed, and the published ones."""
+    from appliance.entities import MODELS, EntityModelError, check_model, model_dir, model_version
 
     try:
-        check_model(model_dir())
+        for language in MODELS:
+            check_model(model_dir(language), language)
     except EntityModelError as exc:
-        return Check(name="entity model", status="fail", detail=exc.message, hint=exc.hint)
-    facts["entity_model"] = model_version()
-    return Check(name="entity model", status="ok", detail=model_version())
+        return Check(name="entity models", status="fail", detail=exc.message, hint=exc.hint)
+    facts["entity_models"] = model_version(tuple(MODELS))
+    return Check(name="entity models", status="ok", detail=model_version(tuple(MODELS)))
 
 
 def _toolchain(facts: dict[str, object]) -> list[Check]:

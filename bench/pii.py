@@ -71,10 +71,10 @@ def presidio_finder() -> Callable[[Sequence[str]], list[Found]] | None:
         from presidio_analyzer.nlp_engine import NlpEngineProvider  # type: ignore[import-not-found]
     except ImportError:
         return None
-    from appliance.entities import MODEL_PACKAGE
+    from appliance.entities import MODELS
 
-    provider = NlpEngineProvider(nlp_configuration={"nlp_engine_name": "spacy",
-                                                    "models": [{"lang_code": "en", "model_name": MODEL_PACKAGE}]})
+    models = [{"lang_code": "en", "model_name": MODELS["en"].package}]
+    provider = NlpEngineProvider(nlp_configuration={"nlp_engine_name": "spacy", "models": models})
     analyzer = AnalyzerEngine(nlp_engine=provider.create_engine(), supported_languages=["en"])
 
     def run(texts: Sequence[str]) -> list[Found]:

@@ -20,7 +20,8 @@ def test_doctor_is_green(default_store: Store) -> None:
     assert report["ok"] is True
     assert checks["toolchain match"]["status"] == "ok"
     assert checks["egress guard"]["status"] == "ok"
-    assert checks["entity model"]["status"] == "ok" and "en_core_web_sm 3.8.0" in checks["entity model"]["detail"]
+    assert checks["entity models"]["status"] == "ok" and "en_core_web_sm 3.8.0" in checks["entity models"]["detail"]
+    assert "fr_core_news_sm 3.8.0" in checks["entity models"]["detail"]
     facts = report["facts"]
     assert facts["runtime"]["llama_cpp_python"] == facts["converter"]["llama_cpp_python"]
     assert facts["runtime"]["ggml"] == facts["converter"]["ggml"]

@@ -61,6 +61,24 @@ def test_names_addresses_places_and_organisations_beside_their_look_alikes() -> 
                                                                        "<ADDRESS_1>."
 
 
+def test_french_text_is_read_by_the_french_model_when_the_run_says_so() -> None:
+    """With en and fr, each text goes to the model of its language; French names, French look-alikes."""
+    from appliance.entities import guess_language
+
+    assert guess_language("Bonjour, je suis Camille Martin", ["en", "fr"]) == "fr"
+    assert guess_language("Please call Camille Martin", ["en", "fr"]) == "en"
+    finder = EntityFinder(["names", "organisations"], languages=["en", "fr"])
+    assert [(e.type, e.value) for e in finder.find("Le patient Mamadou Diop est sorti vendredi.")] == [
+        ("PERSON", "Mamadou Diop")]
+    assert [(e.type, e.value) for e in finder.find("La Renault Clio du Crédit Agricole est au garage.")] == [
+        ("ORGANISATION", "Crédit Agricole")]
+    for text in ("Le lycée Jean Moulin ouvre lundi.", "Le syndrome de Gilles de la Tourette est suivi ici.",
+                 "La rue Victor Hugo est fermée."):
+        assert [e.type for e in finder.find(text)] == [], text
+    p, r, n = pii_eval.measure("US", ("names", "addresses"), ("en", "fr"))["PERSON"]
+    assert n == 76 and p >= 0.95 and r >= 0.95, (p, r, n)
+
+
 def test_texts_repeated_across_batches_are_read_once_and_remembered_within_bounds(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """A system prompt repeats in every row: it is read once, remembered while it keeps coming, and the memory of

@@ -77,7 +77,7 @@ def run(cfg: DataConfig, run_dir: Path, emit: Emitter) -> DataResult:
         emit.progress("loading the entity recognizers", 0)
         from appliance.entities import EntityFinder
 
-        entities = EntityFinder(cfg.pii_entities)
+        entities = EntityFinder(cfg.pii_entities, languages=cfg.pii_languages)
     tokenizer, model_name = _tokenizer(cfg, store)
     embedder = None
     if cfg.near_dup:
@@ -456,8 +456,10 @@ def _finish(cfg: DataConfig, scan: _Scan, staging: Path, emit: Emitter) -> DataR
         file_problems=[records.Problem(**p.as_dict()) for p in scan.file_problems],
         pii=PiiReport(mode=cfg.pii, scope=cfg.pii_scope, region=cfg.pii_region, **scan.pii.as_dict(),
                       dropped=scan.pii_dropped, previews=scan.pii_previews,
-                      detectors=pii_eval.detectors(scan.own, cfg.pii_recognizers, cfg.pii_entities),
-                      measured_on=pii_eval.measured_on(), not_detected=pii_eval.not_detected(cfg.pii_entities)),
+                      detectors=pii_eval.detectors(scan.own, cfg.pii_recognizers, cfg.pii_entities,
+                                                   cfg.pii_languages),
+                      measured_on=pii_eval.measured_on(cfg.pii_languages),
+                      not_detected=pii_eval.not_detected(cfg.pii_entities)),
         duplicates=Duplicates(
             exact=scan.exact_dups,
             near=[NearDuplicate(source=rows.source(r), duplicate_of=rows.source(k), cosine=round(s, 4))
