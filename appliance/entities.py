@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from functools import cache
 from itertools import pairwise
 from pathlib import Path
+from typing import Any
 
 from appliance.errors import ApplianceError
 
@@ -44,7 +45,6 @@ from appliance.errors import ApplianceError
 ENTITY_TYPES = {"names": "PERSON", "addresses": "ADDRESS", "locations": "LOCATION", "organisations": "ORGANISATION"}
 DEFAULT_ENTITIES = ("names", "addresses")
 NEEDS_MODEL = ("names", "locations", "organisations")
-
 
 
 @dataclass(frozen=True)
@@ -153,12 +153,28 @@ def check_model(folder: Path, language: str = "en") -> None:
 _LOAD = threading.Lock()
 
 
+def _import_spacy() -> object:
+    """spaCy, without the torch import its thinc makes when torch is installed (2 s, and torch's memory): the
+    small pipelines run on thinc's own numpy ops. A process that already has torch keeps it."""
+    import sys
+
+    hide = "torch" not in sys.modules
+    if hide:
+        sys.modules["torch"] = None  # type: ignore[assignment]  # "not installed" to thinc's import check
+    try:
+        import spacy
+    finally:
+        if hide:
+            del sys.modules["torch"]
+    return spacy
+
+
 @cache
 def _pipeline(language: str = "en") -> object:
     with _LOAD:
         folder = model_dir(language)
         check_model(folder, language)
-        import spacy
+        spacy: Any = _import_spacy()
 
         return spacy.load(folder, exclude=["tagger", "morphologizer", "parser", "attribute_ruler", "lemmatizer",
                                            "senter"])
@@ -339,10 +355,11 @@ def _tidy(text: str, start: int, end: int) -> tuple[int, int]:
 
 # a word before a name that makes it the name of a street, a school or a building: rue Victor Hugo, lycée Jean
 # Moulin, St Thomas' Hospital is the other way round (_PLACE_WORDS)
+_NAMED_AFTER_CAPITALISED = re.compile(r"\b(?:Via|St|Sankt|San|Santa|São)\.?[ \t]+$")
 _NAMED_AFTER = re.compile(
     r"(?i)\b(?:rue|avenue|boulevard|place|quai|allée|impasse|lycée|école|collège|université|hôpital|gare|pont|stade"
-    r"|calle|avenida|plaza|via|viale|piazza|corso|straße|strasse|platz|university|college|school|hospital|street"
-    r"|fort|mount|lake|saint|st|syndrome|maladie|morbus|sindrome|síndrome)\.?[ \t]+"
+    r"|calle|avenida|plaza|viale|piazza|corso|university|college|school|hospital|fort|mount|lake|saint"
+    r"|syndrome|maladie|morbus|sindrome|síndrome)\.?[ \t]+"
     r"(?:(?:de|du|des|la|le|di|del|della|von|van)[ \t]+)?$")
 
 
@@ -488,7 +505,8 @@ class EntityFinder:
         taken: list[tuple[int, int]] = []
 
         def add(kind: str, start: int, end: int) -> None:
-            if kind == "PERSON" and _NAMED_AFTER.search(text[max(0, start - 24):start]):
+            before = text[max(0, start - 24):start]
+            if kind == "PERSON" and (_NAMED_AFTER.search(before) or _NAMED_AFTER_CAPITALISED.search(before)):
                 return  # lycée Jean Moulin, rue Victor Hugo
             if end > start and not _overlaps(start, end, taken):
                 found.append(Entity(kind, start, end, text[start:end]))

@@ -42,9 +42,8 @@ def appliance_finder() -> Callable[[Sequence[str]], list[Found]]:
     from appliance.entities import DEFAULT_ENTITIES, EntityFinder
     from appliance.pii import find_pii
 
-    finder = EntityFinder(DEFAULT_ENTITIES)
-
     def run(texts: Sequence[str]) -> list[Found]:
+        finder = EntityFinder(DEFAULT_ENTITIES)  # a fresh one: it remembers the texts it has read
         named = finder.find_conversations([[t] for t in texts])
         return [[(f.type, f.start, f.end, f.value) for f in find_pii(t, "US", (), n[0])]
                 for t, n in zip(texts, named, strict=True)]
@@ -71,7 +70,13 @@ def presidio_finder() -> Callable[[Sequence[str]], list[Found]] | None:
         from presidio_analyzer.nlp_engine import NlpEngineProvider  # type: ignore[import-not-found]
     except ImportError:
         return None
+    import tldextract  # type: ignore[import-not-found]
+
     from appliance.entities import MODELS
+
+    # Presidio checks e-mail domains with tldextract, which downloads the public suffix list; offline, its copy
+    offline_suffixes = tldextract.TLDExtract(suffix_list_urls=())
+    tldextract.extract = offline_suffixes
 
     models = [{"lang_code": "en", "model_name": MODELS["en"].package}]
     provider = NlpEngineProvider(nlp_configuration={"nlp_engine_name": "spacy", "models": models})

@@ -37,6 +37,8 @@ class Bench:
 BENCHES = [
     Bench("data_prep", "bench/data_prep.py", "Data preparation: rows per second and peak memory",
           "the same per-row work after loading the file with pandas"),
+    Bench("pii", "bench/pii.py", "PII detection: precision and recall per type on the labelled set",
+          "spaCy's en_core_web_sm alone, and Presidio's analyzer over it when installed"),
     Bench("train_throughput", "bench/train_throughput.py", "Training: real tokens per second and peak memory",
           "TRL's SFTTrainer with its defaults"),
     Bench("export", "bench/export.py", "Export: merge, convert, quantize and verify",

@@ -38,7 +38,7 @@ COLUMNS = {"text_field": ("text column", ("classification", "extraction")),
 OWN = ("inputs", "task", "model", *COLUMNS, "store")  # the settings this screen asks for itself
 LABELS = {"pii": "PII", "on_error": "bad rows", "near_dup": "near-duplicates", "schema_path": "schema file",
           "template_path": "template file", "pii_recognizers": "own PII rules", "pii_scope": "PII numbering",
-          "pii_entities": "PII entities"}
+          "pii_entities": "PII entities", "pii_languages": "PII languages"}
 
 
 class NewRunScreen(AppModal[str | None]):
