@@ -231,8 +231,8 @@ class DataConfig(StageConfig):
                                         "identifiers (pattern or words, context, examples), redacted as PII")
     pii_entities: list[Literal["names", "addresses", "locations", "organisations"]] = Field(
         default=["names", "addresses"], description="Entities found besides the checked identifiers: names, "
-        "addresses, locations, organisations ('' for none). Names, places and organisations use spaCy's English "
-        "model with a name gazetteer and titles; addresses are street-and-number rules")
+        "addresses, locations, organisations ('' for none). Names, places and organisations use spaCy's models "
+        "(--pii-languages) with a name gazetteer and titles; addresses are street-and-number rules")
     pii_languages: list[Literal["en", "fr"]] = Field(
         default=["en"], min_length=1, description="Languages of the text, for names, places and organisations: "
         "en (spaCy's en_core_web_sm), fr (fr_core_news_sm); with both, each text is read by the model of the "
@@ -266,6 +266,11 @@ class DataConfig(StageConfig):
     @classmethod
     def _tab_as_written(cls, value: Any) -> Any:
         return "\t" if value == "\\t" else value  # `--delimiter '\t'` as typed in a shell
+
+    @field_validator("pii_entities", "pii_languages")
+    @classmethod
+    def _each_once(cls, value: list[str]) -> list[str]:
+        return list(dict.fromkeys(value))  # "names,names" is names
 
     @field_validator("pii_region", mode="before")
     @classmethod

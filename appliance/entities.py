@@ -35,7 +35,6 @@ import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import cache
-from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -77,7 +76,9 @@ MODELS = {
                    {"PER": "names", "LOC": "locations", "ORG": "organisations"}),
 }
 LANGUAGES = tuple(MODELS)
-SEEN_TEXTS = 4096  # texts whose entities are remembered (repeated system prompts and answers)
+SEEN_TEXTS = 4096  # texts whose entities are remembered (repeated system prompts and answers)...
+SEEN_CHARS = 2000  # ...when they are this short (a remembered text is raw data kept in memory)
+MODEL_CHARS = 100_000  # a longer text is read in pieces of about this size, cut at a line or a space
 # Words that tell the languages apart, for texts routed to one of several models.
 _FUNCTION_WORDS = {
     "en": frozenset({"the", "and", "is", "are", "to", "of", "for", "with", "you", "your", "my", "we", "our", "this",
@@ -183,7 +184,7 @@ def _pipeline(language: str = "en") -> object:
 @cache
 def light_finder() -> EntityFinder:
     """Names (titles, introductions, gazetteer) and addresses, without the model: for masking."""
-    return EntityFinder(DEFAULT_ENTITIES, model=False)
+    return EntityFinder(DEFAULT_ENTITIES, model=False, remember=False)  # keeps no request's text
 
 
 def model_version(languages: Sequence[str] = ("en",)) -> str:
@@ -201,7 +202,8 @@ def model_version(languages: Sequence[str] = ("en",)) -> str:
 
 @cache
 def gazetteer() -> tuple[frozenset[str], frozenset[str]]:
-    """Given names and surnames of every locale Faker describes (their native scripts included)."""
+    """Given names and surnames of every locale Faker describes, in their native scripts and romanized (Yuki Sato,
+    Zhang Wei)."""
     import importlib
     import pkgutil
 
@@ -211,12 +213,14 @@ def gazetteer() -> tuple[frozenset[str], frozenset[str]]:
     family: set[str] = set()
     for module in pkgutil.iter_modules(person.__path__):
         provider = getattr(importlib.import_module(f"{person.__name__}.{module.name}"), "Provider", None)
-        for names, attrs in ((given, ("first_names", "first_names_male", "first_names_female")),
-                             (family, ("last_names", "last_names_male", "last_names_female"))):
+        for names, attrs in ((given, ("first_names", "first_names_male", "first_names_female", "first_romanized_names",
+                                      "first_romanized_names_male", "first_romanized_names_female")),
+                             (family, ("last_names", "last_names_male", "last_names_female", "last_romanized_names"))):
             for attr in attrs:
                 value = getattr(provider, attr, None)
                 if isinstance(value, dict | list | tuple | set | frozenset):
-                    names.update(n for n in value if (isinstance(n, str) and len(n) > 1) or _HAN.fullmatch(str(n)))
+                    names.update(n for n in value if isinstance(n, str) and (
+                        len(n) > 1 or _HAN.fullmatch(n) or _HANGUL.fullmatch(n)))
     given -= _COMMON_WORDS
     family -= _COMMON_WORDS
     return frozenset(given), frozenset(family)
@@ -239,19 +243,28 @@ _COMMON_WORDS = frozenset({
     "Sir",
 })
 _HAN = re.compile(r"[\u4e00-\u9fff]")
+_HANGUL = re.compile(r"[\uac00-\ud7a3]")
 # Capitalised words after a greeting that are no name: Hello Support Team, Dear Sir or Madam
-_NOT_NAMES = _COMMON_WORDS | frozenset({
+_GROUP_WORDS = frozenset({
     "Team", "Teams", "Support", "Service", "Services", "Desk", "Help", "Helpdesk", "Customer", "Customers", "All",
     "Everyone", "World", "Sir", "Madam", "Madame", "Monsieur", "Colleagues", "Friends", "Folks", "Guys", "There",
     "IT", "HR", "Admin", "Administrator", "Manager", "Department", "Office", "Ladies", "Gentlemen", "Board",
-    "Committee", "Sales", "Finance", "Legal", "Marketing", "Operations", "Research", "Tous", "Équipe", "Team,"})
+    "Committee", "Sales", "Finance", "Legal", "Marketing", "Operations", "Research", "Tous", "Équipe"})
+_NOT_NAMES = _COMMON_WORDS | _GROUP_WORDS
+# a lowercase group after capitalised words makes them a product or a team: "Tableau Server admins", "Power BI users"
+_GROUP_AFTER = re.compile(r"[ \t]+(?:users|admins|administrators|owners|teams|members|customers|developers|licen[cs]es"
+                          r"|accounts|servers|staff|people|folks|guys|team|group|department)\b")
+# a title the title rule reads (Sra. Gutiérrez): no name of its own
+_TITLE_WORD = re.compile(r"(?:Mr|Mrs|Ms|Mx|Miss|Dr|Prof|Sir|Dame|Herr|Herrn|Frau|Hr|Mme|Mlle|Monsieur|Madame"
+                         r"|Mademoiselle|Sr|Sra|Srta|Señor|Señora|Dña|Sig|Signor|Signora|Dott|Avv|Ing|Dhr|Mevr|Mw)")
 
 
 # -- rules --------------------------------------------------------------------------------------
 
 _CAP = r"[A-ZÀ-ÖØ-ÞĀ-ſА-ЯЁΑ-Ω][\w'’-]*"  # a capitalised word (Latin, Cyrillic, Greek)
 _PARTICLE = r"(?:van|von|der|den|de|la|le|del|della|di|da|du|dos|das|bin|binti|ibn|al|el|ter|ten|zu)"
-_NAME_RUN = re.compile(rf"{_CAP}(?:[ \t]+(?:{_PARTICLE}[ \t]+)*{_CAP}){{0,3}}")
+_NAME_RUN = re.compile(rf"{_CAP}(?:[ \t]+(?:{_PARTICLE}[ \t]+)*{_CAP})*")
+_WORD = re.compile(r"\S+")
 _TITLED_RUN = re.compile(rf"(?:{_PARTICLE}[ \t]+)?{_CAP}(?:[ \t]+(?:{_PARTICLE}[ \t]+)*{_CAP}){{0,3}}")
 _NOT_A_NAME_START = frozenset({"I", "I'm", "I’m", "I'll", "I've", "I'd"})
 _GREETINGS = frozenset({"hi", "hello", "dear", "thanks", "bonjour", "merci", "hola", "gracias", "ciao", "grazie",
@@ -279,7 +292,12 @@ _PLACE_WORDS = frozenset({
     "Corp", "LLC", "GmbH", "AG", "SA", "BV", "Plc", "Company", "Co", "Building", "Tower", "House", "Court", "River",
     "Lake", "Valley", "Island", "Syndrome", "Disease",
 })
-_HAN_NAME = re.compile(r"[\u4e00-\u9fff]{2,3}(?=(?:先生|女士|小姐|老师|医生|教授|さん|様|氏|씨|님))")
+_HONORIFIC = re.compile(r"先生|女士|小姐|老师|医生|教授|さん|様|氏|씨|님")  # after a name in Chinese, Japanese, Korean
+# the introductions after which two or three capitalised words are a name even when no gazetteer knows them
+_STRONG_INTRODUCTIONS = re.compile(
+    r"(?i)(?:\bmy name is|\bname:|\bsigned|\bsincerely,?|\bregards,|\bdear|\bje m'appelle|\bmon nom est|\bbonjour"
+    r"|\bcordialement,|\bich heiße|\bmein name ist|\bme llamo|\bmi nombre es|\bmi chiamo|\bil mio nome è"
+    r"|\bmijn naam is|\bik heet)[ \t]*,?[ \t]+$")
 
 _STREET_WORDS = (r"Street|St|Avenue|Ave|Av|Road|Rd|Lane|Ln|Drive|Dr|Boulevard|Blvd|Way|Court|Ct|Place|Pl|"
                  r"Square|Sq|Terrace|Ter|Close|Crescent|Cres|Highway|Hwy|Parkway|Pkwy|Row|Gardens|Mews|Walk|"
@@ -297,6 +315,8 @@ _TITLE_WORDS = r"(?:Herr|Frau|Mr|Mrs|Ms|Dr|Mme|Mlle|Sr|Sra|Sig|Dhr|Mevr)\b"
 _EU_TOWN = (r"(?:,?[ \t]+(?:\d{4,5}|\d{4}[ \t]?[A-Z]{2}|[A-Z]-\d{4,5})"
             r"[ \t]+[A-ZÀ-Þ][\w'’-]*(?:[ \t-][A-ZÀ-Þ][\w'’-]*)?"
             rf"|,[ \t]*(?!{_TITLE_WORDS})[A-ZÀ-Þ][a-zà-ÿ'’-]+(?![\w'’-]))?")
+_CALENDAR = (r"(?:Monday|Tuesday|Wednesday|Thursday|Friday|Saturday|Sunday|January|February|March|April|May|June"
+             r"|July|August|September|October|November|December)\b")
 _ADDRESSES = [re.compile(p) for p in (
     # 221B Baker Street, London NW1 6XE · 1600 Pennsylvania Avenue NW, Washington, DC 20500
     rf"(?<![\w.,#-])\d{{1,5}}[A-Za-z]?(?:[-/]\d{{1,4}})?,?[ \t]+(?:[A-Z][\w'’.-]*[ \t]+){{1,3}}"
@@ -306,14 +326,21 @@ _ADDRESSES = [re.compile(p) for p in (
     r"(?<![\w.,-])\d{1,4}(?:[ \t]?(?:bis|ter))?,?[ \t]+(?:rue|avenue|av\.|boulevard|bd|place|chemin|impasse|allée"
     r"|quai|cours|route)[ \t]+(?:(?:de|du|des|la|le|l'|d')[ \t]*){0,2}[A-ZÀ-Þ][\w'’-]*(?:[ \t]+[A-ZÀ-Þ][\w'’-]*)?"
     + _EU_TOWN,
-    # Calle Mayor 5, 28013 Madrid · Via Roma 10 · Avenida de la Constitución 20 · Piazza Navona 45
-    r"(?<![\w])(?i:Calle|C/|Avenida|Avda\.|Plaza|Paseo|Camino|Carrer|Rua|Via|Viale|Piazza|Piazzale|Corso|Largo"
-    r"|Vicolo|Rue|Avenue|Boulevard|Place)[ \t]+(?:(?:de|del|de la|de los|dei|della|delle|degli|di|du|des|la|le)"
-    r"[ \t]+)?[A-ZÀ-Þ][\w'’-]*(?:[ \t]+[A-ZÀ-Þ][\w'’-]*){0,2},?[ \t]+(?:n\.?º?[ \t]*)?\d{1,4}[A-Za-z]?\b"
+    # Calle Mayor 5, 28013 Madrid · Via Roma 10 · Avenida de la Constitución 20 · Piazza Navona 45 (the street words
+    # English also uses, only capitalised: "send it via Teams 2 times", "take place Monday 5 June" are no streets)
+    r"(?<![\w])(?:(?i:Calle|C/|Avenida|Avda\.|Plaza|Paseo|Camino|Carrer|Rua|Viale|Piazza|Piazzale|Corso|Largo|Vicolo)"
+    rf"|Via|Rue|Avenue|Boulevard|Place)[ \t]+(?!{_CALENDAR})(?:(?:de|del|de la|de los|dei|della|delle|degli|di|du|des"
+    r"|la|le)[ \t]+)?[A-ZÀ-Þ][\w'’-]*(?:[ \t]+[A-ZÀ-Þ][\w'’-]*){0,2},?[ \t]+(?:n\.?º?[ \t]*)?\d{1,4}[A-Za-z]?\b"
     + _EU_TOWN,
-    # Hauptstraße 5, 10115 Berlin · Kerkstraat 12, 1017 GC Amsterdam · Bahnhofstr. 3a
-    r"(?<![\w])[A-ZÀ-ÞÄÖÜ][\wäöüß'-]*(?:straße|strasse|str\.|weg|platz|allee|gasse|ring|damm|ufer|straat|laan"
-    r"|gracht|plein|kade|singel|dijk|steeg)[ \t]+\d{1,4}[a-zA-Z]?\b" + _EU_TOWN,
+    # via Roma 10, 00184 Roma: lowercase "via" with its postcode and town
+    r"(?<![\w])via[ \t]+[A-ZÀ-Þ][\w'’-]*(?:[ \t]+[A-ZÀ-Þ][\w'’-]*){0,2},?[ \t]+\d{1,4}[A-Za-z]?,?[ \t]+\d{5}[ \t]+"
+    r"[A-ZÀ-Þ][\w'’-]*",
+    # Hauptstraße 5, 10115 Berlin · Kerkstraat 12, 1017 GC Amsterdam · Bahnhofstr. 3a (three-digit house numbers:
+    # "Spring 2024" is a season)
+    r"(?<![\w])[A-ZÀ-ÞÄÖÜ][\wäöüß'-]*(?:straße|strasse|str\.|weg|platz|allee|gasse|damm|ufer|straat|laan"
+    r"|gracht|plein|kade|singel|dijk|steeg)[ \t]+\d{1,3}[a-zA-Z]?\b" + _EU_TOWN,
+    # Hohenzollernring 5, 50672 Köln: a -ring street only with its postcode ("During 20", "Bring 2", "Monitoring 24")
+    r"(?<![\w])[A-ZÀ-ÞÄÖÜ][\wäöüß'-]*ring[ \t]+\d{1,3}[a-zA-Z]?,?[ \t]+\d{5}[ \t]+[A-ZÄÖÜ][\wäöüß-]+",
     # Am Ring 4, 50667 Köln · Unter den Linden 77, 10117 Berlin (only with the postcode: "Im Jahr 2020" is no street)
     r"(?<![\w])(?:Am|Im|An der|Auf der|In der|Zum|Zur|Unter den)[ \t]+[A-ZÄÖÜ][\wäöüß-]*[ \t]+\d{1,3}[a-z]?,?"
     r"[ \t]+\d{5}[ \t]+[A-ZÄÖÜ][\wäöüß-]+",
@@ -370,31 +397,67 @@ def _name_like(value: str, person: bool = True) -> bool:
             and not (person and words[-1] in _PLACE_WORDS))
 
 
+def _pieces(text: str) -> list[tuple[int, str]]:
+    """`text` in pieces of at most MODEL_CHARS, cut after a line break or a space where there is one."""
+    out, at = [], 0
+    while at < len(text):
+        end = min(len(text), at + MODEL_CHARS)
+        if end < len(text):
+            cut = max(text.rfind("\n", at, end), text.rfind(" ", at, end))
+            end = cut + 1 if cut > at else end
+        out.append((at, text[at:end]))
+        at = end
+    return out
+
+
+def _run_words(run: re.Match[str]) -> list[tuple[str, int, int]]:
+    """The words of a run of capitalised words, with their offsets in the text."""
+    at = run.start()
+    return [(m.group().strip("'’"), at + m.start(), at + m.end()) for m in _WORD.finditer(run.group())]
+
+
+def _name_shaped(word: str) -> bool:
+    return word[:1].isupper() and any(ch.islower() for ch in word)  # not BI, not IT
+
+
 def _cued_names(text: str, model_people: Sequence[tuple[int, int]]) -> Iterator[tuple[int, int]]:
     for m in _TITLES.finditer(text):  # a title is enough: Dr. Adeyemi
         run = _TITLED_RUN.match(text, m.end())
         if run:
             yield run.start(), run.end()
-    for run in _NAME_RUN.finditer(text):  # an introduction or sign-off, and a known name or two words
-        start, words = run.start(), run.group().split()
-        while words and (words[0] in _NOT_A_NAME_START or words[0] in _COMMON_WORDS  # "I'm Ana": Ana
-                         or words[0].rstrip(",").lower() in _GREETINGS):  # "Bonjour Mamadou Diop": the name
-            start = text.index(words[1], start + len(words[0])) if len(words) > 1 else run.end()
+    for run in _NAME_RUN.finditer(text):  # an introduction or sign-off, and a known name or a clear one
+        words = _run_words(run)
+        while words and (words[0][0] in _NOT_A_NAME_START or words[0][0] in _COMMON_WORDS  # "I'm Ana": Ana
+                         or words[0][0].rstrip(",").lower() in _GREETINGS  # "Bonjour Mamadou Diop": the name
+                         or _TITLE_WORD.fullmatch(words[0][0])):  # "Sra. Gutiérrez": the title rule's
             words = words[1:]
-        names = _words(" ".join(words))
-        if not names or not _INTRODUCTIONS.search(text[max(0, start - 40):start]):
+        while len(words) > 1 and words[-1][0] in _GROUP_WORDS:  # "Maria Lopez Team": Maria Lopez
+            words = words[:-1]
+        if not words or _GROUP_AFTER.match(text, words[-1][2]):  # "Thanks, Tableau Server admins"
             continue
-        if _known(names[:1]) or (len(names) >= 2 and (_known(names) or not set(names) & _NOT_NAMES)) or any(
-                s < run.end() and start < e for s, e in model_people):  # Bonjour Mamadou Diop; not Hello Support Team
-            yield start, run.end()
-    for run in _NAME_RUN.finditer(text):  # "opened by Thabo Nkosi"
-        words = run.group().split()
-        if any(_pair(a, b) for a, b in pairwise(words)) and _BY.search(
-                text[max(0, run.start() - 12):run.start()]):
-            yield run.start(), run.end()
-    for m in _HAN_NAME.finditer(text):  # 王伟先生
-        if _known([m.group()[0]]):
-            yield m.start(), m.end()
+        before = text[max(0, words[0][1] - 40):words[0][1]]
+        if not _INTRODUCTIONS.search(before):
+            continue
+        given = gazetteer()[0]
+        known = next((i for i, (word, _, _) in enumerate(words)  # a known given name, first or before a surname
+                      if word in given and (i == 0 or i < len(words) - 1)
+                      and all(_name_shaped(w) for w, _, _ in words[i:])), None)
+        if known is not None:  # "Regards, Senior Project Manager Maria Lopez": from the first given name on
+            yield words[known][1], words[-1][2]
+            continue
+        model = next(((s, e) for s, e in model_people if s < words[-1][2] and words[0][1] < e), None)
+        if model is not None:  # a name the model found and the introduction confirms
+            yield max(model[0], words[0][1]), min(model[1], words[-1][2])
+        elif (2 <= len(words) <= 3 and _STRONG_INTRODUCTIONS.search(before)
+              and all(_name_shaped(w) and w not in _NOT_NAMES for w, _, _ in words)):
+            yield words[0][1], words[-1][2]  # "Bonjour Mamadou Diop", not "Hi Power BI users"
+    for m in _HONORIFIC.finditer(text):  # 王伟先生, 请联系李小龙先生, 田中さん, 김민준씨
+        for size in (3, 2):
+            candidate = text[max(0, m.start() - size):m.start()]
+            if len(candidate) == size and all(_HAN.match(c) or _HANGUL.match(c) for c in candidate) and (
+                    _known([candidate[0]]) or _known([candidate[:2]])):
+                yield m.start() - size, m.start()
+                break
 
 
 def _pair(a: str, b: str) -> bool:
@@ -404,18 +467,27 @@ def _pair(a: str, b: str) -> bool:
     return (a in given and b in family) or (a in family and b in given)
 
 
-def _gazetteer_names(text: str) -> Iterator[tuple[int, int]]:
-    """A known given name and a known surname side by side (in either order): Priya Natarajan, Zhang Wei."""
+def _gazetteer_names(text: str) -> Iterator[tuple[int, int, bool]]:
+    """A known given name and a known surname side by side (in either order: Priya Natarajan, Zhang Wei), with
+    the known given names before them and known surnames after (Fatima Zahra Benali, María García López); and
+    whether words before them announce a person ("opened by", "to", "with")."""
+    given, family = gazetteer()
     for run in _NAME_RUN.finditer(text):
-        words = run.group().split()
-        given = gazetteer()[0]
-        for i in range(len(words) - 1):
-            if _pair(words[i], words[i + 1]):
-                while i > 0 and words[i - 1].strip("'’.,") in given:  # Fatima Zahra Benali
-                    i -= 1
-                offset = run.start() + len(" ".join(words[:i])) + (1 if i else 0)
-                yield offset, run.end()
-                break
+        words = _run_words(run)
+        i = 0
+        while i < len(words) - 1:
+            if not _pair(words[i][0], words[i + 1][0]):
+                i += 1
+                continue
+            first, last = i, i + 1
+            while first > 0 and words[first - 1][0] in given:
+                first -= 1
+            while last + 1 < len(words) and words[last + 1][0] in family:
+                last += 1
+            start = words[first][1]
+            yield start, words[last][2], bool(_BY.search(text[max(0, start - 12):start]) or
+                                              _INTRODUCTIONS.search(text[max(0, start - 40):start]))
+            i = last + 1
 
 
 def _overlaps(start: int, end: int, taken: Sequence[tuple[int, int]]) -> bool:
@@ -431,7 +503,8 @@ class EntityFinder:
     (a file's first rows, an endpoint's audit log), where loading a model would cost more than the text is
     worth."""
 
-    def __init__(self, kinds: Sequence[str], model: bool = True, languages: Sequence[str] = ("en",)) -> None:
+    def __init__(self, kinds: Sequence[str], model: bool = True, languages: Sequence[str] = ("en",),
+                 remember: bool = True) -> None:
         unknown = sorted(set(kinds) - set(ENTITY_TYPES)) + sorted(set(languages) - set(MODELS))
         if unknown or not languages:
             raise ValueError(f"unknown entity kinds or languages {unknown}: choose from {', '.join(ENTITY_TYPES)} "
@@ -441,7 +514,9 @@ class EntityFinder:
         self.languages = tuple(dict.fromkeys(languages))
         uses_model = model and any(k in NEEDS_MODEL for k in self.kinds)
         self._nlp = {lang: _pipeline(lang) for lang in self.languages} if uses_model else {}
-        self._seen: dict[str, tuple[Entity, ...]] = {}  # what recent texts hold, by text
+        self._seen: dict[str, tuple[Entity, ...]] = {}  # what recent short texts hold, by text (least recent first)
+        self._lock = threading.Lock()
+        self.remember = remember
         if "names" in self.kinds:
             gazetteer()
 
@@ -463,18 +538,25 @@ class EntityFinder:
         for text in (text for conversation in conversations for text in conversation):
             if text in known:
                 continue
-            hit = self._seen.pop(text, None)
+            with self._lock:
+                hit = self._seen.pop(text, None)
+                if hit is not None:
+                    self._seen[text] = hit  # now the most recent
             if hit is None:
                 new.append(text)
-                known[text] = ()
-            else:
-                known[text] = self._seen[text] = hit  # now the most recent
+            known[text] = hit or ()
         read: set[str] = set()
         for language, nlp in self._nlp.items():  # each new text once (a system prompt repeats in every row)
+            labels = MODELS[language].labels
             wanted = [t for t in new if any(ch.isupper() for ch in t)  # no capital, no name or place
                       and (len(self._nlp) == 1 or guess_language(t, self.languages) == language)]
-            for text, doc in zip(wanted, nlp.pipe(wanted, batch_size=64), strict=True):  # type: ignore[attr-defined]
-                known[text] = tuple(self._entities(text, doc, MODELS[language].labels))
+            short = [t for t in wanted if len(t) <= MODEL_CHARS]
+            for text, doc in zip(short, nlp.pipe(short, batch_size=64), strict=True):  # type: ignore[attr-defined]
+                known[text] = tuple(self._entities(text, doc, labels))
+            for text in wanted:
+                if len(text) > MODEL_CHARS:  # spaCy refuses a million characters; a piece at a time
+                    known[text] = tuple(Entity(e.type, at + e.start, at + e.end, e.value) for at, piece in _pieces(text)
+                                        for e in self._entities(piece, nlp(piece), labels))  # type: ignore[operator]
             read.update(wanted)
         for text in new:
             if text not in read:
@@ -484,14 +566,18 @@ class EntityFinder:
                 for conversation in conversations]
 
     def _remember(self, text: str, found: tuple[Entity, ...]) -> None:
-        if len(self._seen) >= SEEN_TEXTS:  # forget the least recently used (pop: an endpoint's threads share one)
-            self._seen.pop(next(iter(self._seen), ""), None)
-        self._seen[text] = found
+        if not self.remember or len(text) > SEEN_CHARS:
+            return
+        with self._lock:  # an endpoint's threads may share a finder
+            if len(self._seen) >= SEEN_TEXTS:  # forget the least recently used
+                self._seen.pop(next(iter(self._seen)))
+            self._seen[text] = found
 
     def _again(self, texts: Sequence[str], found: list[list[Entity]]) -> list[list[Entity]]:
         people = {e.value for per_text in found for e in per_text if e.type == "PERSON" and " " in e.value}
         if people:
-            again = re.compile(r"(?i)(?<!\w)(?:" + "|".join(re.escape(p) for p in sorted(people, key=len, reverse=True))
+            names = sorted(people, key=len, reverse=True)  # "Tom  Becker" and "TOM BECKER" are Tom Becker
+            again = re.compile(r"(?i)(?<!\w)(?:" + "|".join(r"\s+".join(map(re.escape, n.split())) for n in names)
                                + r")(?!\w)")
             for text, per_text in zip(texts, found, strict=True):
                 taken = [(e.start, e.end) for e in per_text]
@@ -506,8 +592,9 @@ class EntityFinder:
 
         def add(kind: str, start: int, end: int) -> None:
             before = text[max(0, start - 24):start]
-            if kind == "PERSON" and (_NAMED_AFTER.search(before) or _NAMED_AFTER_CAPITALISED.search(before)):
-                return  # lycée Jean Moulin, rue Victor Hugo
+            if kind == "PERSON" and (_NAMED_AFTER.search(before) or _NAMED_AFTER_CAPITALISED.search(before)
+                                     or _GROUP_AFTER.match(text, end)):
+                return  # lycée Jean Moulin, rue Victor Hugo, Tableau Server admins
             if end > start and not _overlaps(start, end, taken):
                 found.append(Entity(kind, start, end, text[start:end]))
                 taken.append((start, end))
@@ -523,8 +610,8 @@ class EntityFinder:
             for start, end in _cued_names(text, people):
                 add("PERSON", *_tidy(text, start, end))
             places = [(s, e) for kind, s, e in model if kind in ("locations", "organisations", "PRODUCT")]
-            for start, end in _gazetteer_names(text):  # unless the model reads all of it as a place: Hong Kong
-                if not any(s <= start and end <= e for s, e in places):
+            for start, end, cued in _gazetteer_names(text):  # unless the model reads all of it as a place (Hong
+                if cued or not any(s <= start and end <= e for s, e in places):  # Kong), and no word says a person
                     add("PERSON", *_tidy(text, start, end))
             for start, end in people:
                 value = text[start:end]

@@ -3,8 +3,8 @@
 Checksums cut false alarms: card numbers must pass Luhn and start like a card, IBANs must pass
 mod-97 (python-stdnum), phone numbers must be valid numbers for their region (phonenumbers, the
 port of Google's libphonenumber), national and health identifiers must pass their issuer's check
-(national_ids.py). Raw values never leave this module except inside the text being processed:
-summaries hold masked samples only.
+(national_ids.py); names, addresses, places and organisations come from entities.py. Raw values
+leave these modules only inside the text being processed: summaries hold masked samples only.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
     .venv/bin/python bench/pii.py
 
 The labelled set is the appliance's own (appliance/pii_eval.py): valid values of every type written
-the ways people write them, names of many cultures and scripts, addresses of nine countries, next to
+the ways people write them, names of many cultures and scripts, addresses of twelve countries, next to
 look-alikes (wrong check digits, numbers with a purpose, products, companies named after people or
 streets, eponyms). A finding is right when it overlaps a labelled value of its type; a name or an
 address counts as found only when every letter and digit of it is covered.

@@ -51,6 +51,12 @@ def test_names_addresses_places_and_organisations_beside_their_look_alikes() -> 
                  "The Parkinson's disease clinic moved.", "Ticket 4412 Park Avenue project is on hold.",
                  "May I ask? Will the patch land in June? Mark it resolved.", "version 2.4.1 crashes"):
         assert [t for t, _ in found(text)] in ([], ["ORGANISATION"], ["LOCATION"]), (text, found(text))
+    for text in ("Send it via Teams 2 times.", "The launch will take place Monday 5 June.", "During 2023 we grew.",
+                 "Hi Power BI users, the dashboards moved.", "Thanks, Tableau Server admins.", "Bring 2 chairs."):
+        assert [t for t, _ in found(text)] in ([], ["ORGANISATION"], ["LOCATION"]), (text, found(text))
+    assert found("Regards, Senior Project Manager Maria Lopez") == [("PERSON", "Maria Lopez")]  # not her title
+    assert [v for t, v in found("Status    Update    Tom Becker") if t == "PERSON"] == ["Tom Becker"]
+    assert found("请联系王伟先生") == [("PERSON", "王伟")] and found("김민준씨에게") == [("PERSON", "김민준")]
     assert found("Morgan Stanley and Wells Fargo reported; Acme Corp too.") == [
         ("ORGANISATION", "Morgan Stanley"), ("ORGANISATION", "Wells Fargo"), ("ORGANISATION", "Acme Corp")]
     assert ("LOCATION", "Paris") in found("Jean-Pierre Dubois moved to Paris.")
@@ -77,6 +83,17 @@ def test_french_text_is_read_by_the_french_model_when_the_run_says_so() -> None:
         assert [e.type for e in finder.find(text)] == [], text
     p, r, n = pii_eval.measure("US", ("names", "addresses"), ("en", "fr"))["PERSON"]
     assert n == 76 and p >= 0.95 and r >= 0.95, (p, r, n)
+
+
+def test_a_text_longer_than_the_model_takes_is_read_in_pieces() -> None:
+    """spaCy refuses a text of a million characters; a long one is read in pieces, offsets intact."""
+    from appliance import entities
+
+    text = "Status report. " * 8000 + "Thanks, Kateryna Shevchenko, 12 Baker Street, Leeds."
+    assert len(text) > entities.MODEL_CHARS
+    found = [(e.type, text[e.start:e.end]) for e in EntityFinder(["names", "addresses"]).find(text)]
+    assert found == [("PERSON", "Kateryna Shevchenko"), ("ADDRESS", "12 Baker Street, Leeds")]
+    assert [len(p) for _, p in entities._pieces("word " * 50_000)] == [100_000, 100_000, 50_000]
 
 
 def test_texts_repeated_across_batches_are_read_once_and_remembered_within_bounds(
@@ -204,6 +221,23 @@ def test_names_and_addresses_are_redacted_unless_the_run_turns_them_off(tmp_path
     report, _ = run_prepare(tmp_path / "off", default_store.root, [path], split=(1.0, 0.0, 0.0), pii_entities=[])
     assert report["pii"]["counts"] == {} and "Sara Rossi" in (tmp_path / "off" / "data" / "train.jsonl").read_text()
     assert "people's names" in report["pii"]["not_detected"]
+
+
+def test_a_row_that_redaction_makes_too_long_is_a_problem_not_a_crash(tmp_path: Path, default_store: Store) -> None:
+    """<PERSON_1> can take more tokens than the name: a row just under --max-seq-len may go over it once redacted.
+    It is listed as a problem of its own file and line, and the other rows are prepared."""
+    from appliance.templating import encode, load_tokenizer
+
+    row = {"prompt": "Thanks, Li Wei.", "completion": "Ok."}
+    tokenizer = load_tokenizer(default_store.model_dir(default_store.resolve_model(None, "", "")))
+    length = len(encode(tokenizer, [{"role": "user", "content": row["prompt"]},
+                                    {"role": "assistant", "content": row["completion"]}])[0])
+    path = write_jsonl(tmp_path / "p.jsonl", [row, {"prompt": "Hello", "completion": "Hi."}])
+    report, _ = run_prepare(tmp_path / "run", default_store.root, [path], templating=True, max_seq_len=length,
+                            on_error="skip", split=(1.0, 0.0, 0.0))
+    assert report["counts"]["train"] == 1 and report["counts"]["invalid"] == 1
+    problem = report["problems"][0]
+    assert (problem["line"], problem["field"]) == (1, "messages") and "after PII redaction" in problem["reason"]
 
 
 def test_drop_and_report_modes(tmp_path: Path, default_store: Store) -> None:

@@ -227,6 +227,7 @@ def test_the_whole_pipeline_new_run_data_train(scratch_store: Store) -> None:
             assert app.screen.query_one("#nr-text_field", Select).value == "text"
             assert app.screen.query_one("#nr-model", Select).value == "smollm2-135m-instruct"
             app.screen.query_one("#f-near_dup", Checkbox).value = False  # faster
+            app.screen.query_one("#f-pii_entities", Input).value = ""  # faster: names and addresses in test_pii
             await pilot.press("ctrl+s")
             await _until(pilot, lambda: bool(app.screen.query("#data-counts"))
                          and app.screen.query_one("#data-counts", DataTable).row_count > 0, 300,
@@ -246,6 +247,7 @@ def test_the_whole_pipeline_new_run_data_train(scratch_store: Store) -> None:
             # the same preparation from the command line records the same settings
             cli = run_cli("data", "prepare", sample, "--task", "classification", "--text-field", "text",
                           "--label-field", "category", "--model", "smollm2-135m-instruct", "--no-near-dup",
+                          "--pii-entities", "",
                           "--run", "from-the-cli", "--json", store=store.root)
             assert cli.returncode == 0, cli.stderr
             assert store.run("from-the-cli").config_path.read_text() == store.run(run_id).config_path.read_text()

@@ -75,8 +75,6 @@ def run(cfg: DataConfig, run_dir: Path, emit: Emitter) -> DataResult:
     entities = None
     if cfg.pii_entities:
         emit.progress("loading the entity recognizers", 0)
-        from appliance.entities import EntityFinder
-
         entities = EntityFinder(cfg.pii_entities, languages=cfg.pii_languages)
     tokenizer, model_name = _tokenizer(cfg, store)
     embedder = None
@@ -337,12 +335,16 @@ class _Scan:
             if len(self.exact_dups) < MAX_LISTED:
                 self.exact_dups.append(Duplicate(source=example.source, duplicate_of=self.rows.unpack(self.seen[key])))
             return
-        self.seen[key] = self.rows.packed_source(example.file, example.line)
         if flat and self.cfg.pii == "redact":
             redactor = self.redactor or Redactor()
             example.messages = [{"role": m["role"], "content": redactor.redact(m["content"], f)}
                                 for m, f in zip(example.messages, findings, strict=True)]
-            ids_len, trained = self._measure(example)  # placeholders change the length
+            try:
+                ids_len, trained = self._measure(example)  # placeholders change the length
+            except RowError as exc:  # <PERSON_1> can take more tokens than the name it stands for
+                self._problem(Problem(example.file, example.line, exc.field, f"{exc.reason} (after PII redaction)"))
+                return
+        self.seen[key] = self.rows.packed_source(example.file, example.line)
         self._keep(example, ids_len, trained, pool)
 
     def _preview(self, example: Example, findings: list[list[Finding]]) -> None:
