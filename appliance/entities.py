@@ -255,8 +255,9 @@ _NOT_NAMES = _COMMON_WORDS | _GROUP_WORDS
 _GROUP_AFTER = re.compile(r"[ \t]+(?:users|admins|administrators|owners|teams|members|customers|developers|licen[cs]es"
                           r"|accounts|servers|staff|people|folks|guys|team|group|department)\b")
 # a title the title rule reads (Sra. Gutiérrez): no name of its own
-_TITLE_WORD = re.compile(r"(?:Mr|Mrs|Ms|Mx|Miss|Dr|Prof|Sir|Dame|Herr|Herrn|Frau|Hr|Mme|Mlle|Monsieur|Madame"
-                         r"|Mademoiselle|Sr|Sra|Srta|Señor|Señora|Dña|Sig|Signor|Signora|Dott|Avv|Ing|Dhr|Mevr|Mw)")
+_TITLE_NAMES = (r"Mr|Mrs|Ms|Mx|Miss|Dr|Prof|Sir|Dame|Herr|Herrn|Frau|Hr|Mme|Mlle|Monsieur|Madame|Mademoiselle|Sr|Sra"
+                r"|Srta|Señor|Señora|Dña|Sig|Sig\.ra|Signor|Signora|Dott|Dott\.ssa|Avv|Ing|Dhr|Mevr|Mw")
+_TITLE_WORD = re.compile(_TITLE_NAMES)
 
 
 # -- rules --------------------------------------------------------------------------------------
@@ -270,9 +271,7 @@ _NOT_A_NAME_START = frozenset({"I", "I'm", "I’m", "I'll", "I've", "I'd"})
 _GREETINGS = frozenset({"hi", "hello", "dear", "thanks", "bonjour", "merci", "hola", "gracias", "ciao", "grazie",
                         "hallo", "danke", "liebe", "lieber", "beste", "dag", "bedankt", "cher", "chère"})
 _TITLES = re.compile(
-    r"(?<![\w.])(?:Mr|Mrs|Ms|Mx|Miss|Dr|Prof|Sir|Dame|Herr|Herrn|Frau|Hr|Mme|Mlle|Monsieur|Madame|Mademoiselle|Sr"
-    r"|Sra|Srta|Señor|Señora|Dña|Sig|Sig\.ra|Signor|Signora|Dott|meneer|mevrouw"
-    r"|Dott\.ssa|Avv|Ing|Dhr|Mevr|Mw|dhr|mevr|mw)\.?[ \t]+(?=[A-ZÀ-ÞА-Я]|(?:van|de|ter|ten|den)[ \t])"
+    rf"(?<![\w.])(?:{_TITLE_NAMES}|meneer|mevrouw|dhr|mevr|mw)\.?[ \t]+(?=[A-ZÀ-ÞА-Я]|(?:van|de|ter|ten|den)[ \t])"
     r"|(?<![\w.])M\.[ \t]+(?=[A-ZÀ-Þ])")
 _INTRODUCTIONS = re.compile(
     r"(?i)(?:\bmy name is|\bname:|\bi'?m|\bi am|\bthis is|\bsigned|\bsincerely,?|\bregards,|\bthanks,|\bthank you,"
@@ -309,7 +308,7 @@ _POST_TOWN = (r"(?:,[ \t]*(?:[A-Z][a-zà-ÿ'’.-]+(?:[ \t]+[A-Z][a-zà-ÿ'’.-
               r"|,?[ \t]+[A-Z]{1,2}\d[A-Z\d]?[ \t]?\d[A-Z]{2})?")  # or a UK postcode straight after the street
 # a number that something other than a house has: ticket 4412, room 12, page 3
 _NUMBERED = re.compile(r"(?i)\b(?:ticket|order|invoice|case|room|page|floor|level|version|build|no\.?|nr\.?)[ \t]*$")
-_TITLE_WORDS = r"(?:Herr|Frau|Mr|Mrs|Ms|Dr|Mme|Mlle|Sr|Sra|Sig|Dhr|Mevr)\b"
+_TITLE_WORDS = rf"(?:{_TITLE_NAMES})\b"
 # what follows a continental street and number: postcode and town (10115 Berlin, 1017 GC Amsterdam, D-10115
 # Berlin), or a town alone (Prinsengracht 263, Amsterdam)
 _EU_TOWN = (r"(?:,?[ \t]+(?:\d{4,5}|\d{4}[ \t]?[A-Z]{2}|[A-Z]-\d{4,5})"
