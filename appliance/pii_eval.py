@@ -3,17 +3,22 @@
 Every detector's precision and recall per type, measured on synthetic text whose PII is known:
 valid values of each type, written the ways people write them, in ordinary sentences, next to
 look-alikes that must not be reported (numbers with a purpose, wrong check digits, prefixes never
-issued, identifiers nothing names as such). It takes a fraction of a second, so the data stage
-measures the detectors of this installation each time and the data report carries the numbers
-(bench/pii.py prints them; tests/test_pii.py holds them to their levels).
+issued, identifiers nothing names as such). The data stage measures the detectors of this
+installation and the data report carries the numbers (bench/pii.py prints them; tests/test_pii.py
+holds them to their levels). With entity recognition it takes about 2 s, so a store keeps each
+measurement, under a key of everything it depends on: the detectors' source, the libraries' and
+the models' versions, and the settings (`stored`).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import random
 import string
 from collections.abc import Callable, Sequence
 from functools import cache
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from stdnum import iban as stdnum_iban
@@ -361,6 +366,56 @@ def measure(region: str = "US", entities: tuple[str, ...] = MEASURED_ENTITIES, l
     return score(texts, truth, found, [t for t in PII_TYPES if t not in off])
 
 
+# What a measurement depends on besides its settings: the detectors' code, and the libraries and models they run
+MEASURED_CODE = ("pii.py", "pii_eval.py", "entities.py", "national_ids.py", "birth_dates.py")
+MEASURED_LIBRARIES = ("spacy", "thinc", "Faker", "phonenumbers", "python-stdnum")
+
+
+def measurement_key(region: str, entities: tuple[str, ...], languages: tuple[str, ...]) -> str:
+    """A hash of everything `measure` depends on: its arguments, the source of the detectors, the versions of the
+    libraries they use and the files of the entity models (pinned by hash in entities.MODELS)."""
+    from importlib import metadata
+
+    from appliance.entities import MODELS
+
+    here = Path(__file__).parent
+    versions: dict[str, str | None] = {}
+    for name in MEASURED_LIBRARIES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    parts = {"region": region, "entities": sorted(entities), "languages": sorted(languages), "libraries": versions,
+             "models": sorted(MODELS[language].sha256 for language in languages if language in MODELS),
+             "code": {name: hashlib.sha256((here / name).read_bytes()).hexdigest() for name in MEASURED_CODE}}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+def stored(cache_dir: Path | None, region: str = "US", entities: tuple[str, ...] = MEASURED_ENTITIES,
+           languages: tuple[str, ...] = ("en",)) -> dict[str, tuple[float, float, int]]:
+    """`measure`, kept in `cache_dir` (a store's cache) for the next job that measures the same detectors; measured
+    afresh when anything it depends on changed, when the kept file does not read back, or without a folder."""
+    from appliance.fsutil import atomic_write_text
+
+    if cache_dir is None:
+        return measure(region, entities, languages)
+    key = measurement_key(region, entities, languages)
+    path = cache_dir / f"pii-measure-{key[:16]}.json"
+    try:
+        kept = json.loads(path.read_text(encoding="utf-8"))
+        if kept["key"] == key:
+            return {kind: (float(p), float(r), int(n)) for kind, (p, r, n) in kept["measured"].items()}
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # not kept yet, or not readable: measured again below
+    measured = measure(region, entities, languages)
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps({"key": key, "measured": measured}, sort_keys=True))
+    except OSError:
+        pass  # a store that cannot keep it measures again next time
+    return measured
+
+
 # What each detector is, in the words of the report (the national identifiers: national_ids.KINDS).
 _METHODS: list[tuple[tuple[str, ...], str, str]] = [
     (("PRIVATE_KEY", "URL_CREDENTIALS", "API_KEY"), "key and token formats (PEM keys, AWS, GitHub, Slack, Google, "
@@ -429,16 +484,17 @@ _ENTITY_METHODS = {
 }
 
 
-def detectors(own: Sequence[Recognizer] = (), rules: str | None = None,
-              entities: Sequence[str] = (), languages: Sequence[str] = ("en",)) -> list[PiiDetector]:
+def detectors(own: Sequence[Recognizer] = (), rules: str | None = None, entities: Sequence[str] = (),
+              languages: Sequence[str] = ("en",), cache_dir: Path | None = None) -> list[PiiDetector]:
     """Every detector that runs, with its version and its precision and recall on the labelled set (an
-    organisation's rules: on their own examples, which they pass by construction)."""
+    organisation's rules: on their own examples, which they pass by construction); the measurement is kept in
+    `cache_dir` when one is given (`stored`)."""
     from appliance.entities import ENTITY_TYPES, model_version
     from appliance.national_ids import KINDS
     from appliance.records import PiiDetector, PiiMeasure
 
     measured = {kind: PiiMeasure(precision=p, recall=r, n=n)
-                for kind, (p, r, n) in measure(LABELLED_REGION, tuple(entities), tuple(languages)).items()}
+                for kind, (p, r, n) in stored(cache_dir, LABELLED_REGION, tuple(entities), tuple(languages)).items()}
     out = [PiiDetector(types=list(types), method=method, version=_version(library),
                        measured={t: measured[t] for t in types}) for types, method, library in _METHODS]
     for kind in KINDS:

@@ -105,6 +105,7 @@ class Store:
         self.jobs_dir = self.root / "jobs"
         self.egress_log = self.root / "audit" / "egress.jsonl"
         self.serve_audit_log = self.root / "audit" / "serve.jsonl"  # `appliance serve`'s, unless told otherwise
+        self.cache_dir = self.root / "cache"  # measurements kept for the next job (pii_eval.stored); safe to delete
 
     @classmethod
     def open(cls, root: str | Path | None = None) -> Store:

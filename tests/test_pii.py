@@ -3,6 +3,7 @@ the appliance writes besides the (redacted) data itself."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -358,3 +359,28 @@ def test_no_raw_pii_in_reports_events_or_logs(quickstarted: Quickstarted) -> Non
     assert len(written) > 20  # splits, reports, events, logs, evaluations, the manifest, the export's files
     leaks = [value for value in planted if any(value in text for text in written)]
     assert leaks == []
+
+
+def test_a_store_keeps_the_measurement_under_a_key_of_what_it_depends_on(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """The labelled-set measurement a data job puts in its report is kept in the store's cache for the next job,
+    read back only while its key (settings, detectors' source, libraries, models) is the same."""
+    first = pii_eval.stored(tmp_path, "US", (), ("en",))
+    kept = list(tmp_path.glob("pii-measure-*.json"))
+    assert len(kept) == 1 and first == pii_eval.measure("US", (), ("en",))
+    record = json.loads(kept[0].read_text(encoding="utf-8"))
+    record["measured"]["EMAIL"] = [0.5, 0.5, 3]  # planted: what is read back is what was kept, not measured again
+    kept[0].write_text(json.dumps(record), encoding="utf-8")
+    assert pii_eval.stored(tmp_path, "US", (), ("en",))["EMAIL"] == (0.5, 0.5, 3)
+    record["key"] = "0" * 64  # kept for something else under the same name: measured again
+    kept[0].write_text(json.dumps(record), encoding="utf-8")
+    assert pii_eval.stored(tmp_path, "US", (), ("en",)) == first
+    kept[0].write_text("{", encoding="utf-8")  # cut short: measured again, and kept whole again
+    assert pii_eval.stored(tmp_path, "US", (), ("en",)) == first
+    assert json.loads(kept[0].read_text(encoding="utf-8"))["key"] == pii_eval.measurement_key("US", (), ("en",))
+    key = pii_eval.measurement_key("US", (), ("en",))
+    assert key != pii_eval.measurement_key("US", (), ("en", "fr")) != pii_eval.measurement_key("GB", (), ("en",))
+    monkeypatch.setattr(pii_eval, "MEASURED_CODE", pii_eval.MEASURED_CODE[1:])  # as if a detector's code changed
+    assert pii_eval.measurement_key("US", (), ("en",)) != key
+    monkeypatch.setattr(pii_eval, "MEASURED_LIBRARIES", (*pii_eval.MEASURED_LIBRARIES, "no-such-library"))
+    assert pii_eval.measurement_key("US", (), ("en",)) != key

@@ -95,7 +95,7 @@ def run(cfg: DataConfig, run_dir: Path, emit: Emitter) -> DataResult:
         if scan.problems and cfg.on_error == "fail":
             _fail(target, staging, scan)
         emit.check_cancelled()
-        report = _finish(cfg, scan, staging, emit)
+        report = _finish(cfg, scan, staging, emit, store.cache_dir)
         report.inputs = [InputFile(path=str(p), sha256=sha256_file(p), bytes=p.stat().st_size) for p in inputs]
         report.config, report.model = cfg, model_name
         report.seconds = round(time.monotonic() - started, 2)
@@ -399,7 +399,7 @@ def _fail(run: Run, staging: Path, scan: _Scan) -> None:
     )
 
 
-def _finish(cfg: DataConfig, scan: _Scan, staging: Path, emit: Emitter) -> DataReport:
+def _finish(cfg: DataConfig, scan: _Scan, staging: Path, emit: Emitter, cache_dir: Path) -> DataReport:
     rows = scan.rows
     n = len(rows)
     if n == 0:
@@ -459,7 +459,7 @@ def _finish(cfg: DataConfig, scan: _Scan, staging: Path, emit: Emitter) -> DataR
         pii=PiiReport(mode=cfg.pii, scope=cfg.pii_scope, region=cfg.pii_region, **scan.pii.as_dict(),
                       dropped=scan.pii_dropped, previews=scan.pii_previews,
                       detectors=pii_eval.detectors(scan.own, cfg.pii_recognizers, cfg.pii_entities,
-                                                   cfg.pii_languages),
+                                                   cfg.pii_languages, cache_dir),
                       measured_on=pii_eval.measured_on(cfg.pii_languages),
                       not_detected=pii_eval.not_detected(cfg.pii_entities)),
         duplicates=Duplicates(
