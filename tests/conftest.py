@@ -45,6 +45,15 @@ def default_store() -> Store:
     return store
 
 
+def borrow_default(store: Store, default_store: Store) -> None:
+    """A scratch store borrows the default model and the project store's cache of measurements (links: the
+    model is read, never written; a cached file is written whole or not at all), so that the session's data jobs
+    measure the PII detectors once, not once per store."""
+    os.symlink(default_store.model_dir(DEFAULT_MODEL), store.model_dir(DEFAULT_MODEL))
+    default_store.cache_dir.mkdir(exist_ok=True)
+    os.symlink(default_store.cache_dir, store.cache_dir)
+
+
 @pytest.fixture(scope="session")
 def default_model_dir(default_store: Store) -> Path:
     return default_store.model_dir(DEFAULT_MODEL)
@@ -54,9 +63,9 @@ def default_model_dir(default_store: Store) -> Path:
 def prepared(tmp_path_factory: pytest.TempPathFactory, default_store: Store) -> tuple[Store, Path]:
     """A scratch store borrowing the default model, with one run of prepared sample data."""
     store = Store.open(tmp_path_factory.mktemp("train-store"))
-    os.symlink(default_store.model_dir(DEFAULT_MODEL), store.model_dir(DEFAULT_MODEL))
+    borrow_default(store, default_store)
     result = run_cli("data", "prepare", str(shipped_path()), "--task", "classification", "--label-field",
-                     "category", "--no-near-dup", "--json", store=store.root)
+                     "category", "--no-near-dup", "--pii-entities", "", "--json", store=store.root)
     assert result.returncode == 0, result.stderr
     return store, store.runs_dir / json.loads(result.stdout)["run"]
 
@@ -78,7 +87,7 @@ def tiny_prepared(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path
 
 TRAIN_SETTINGS = {"max_steps": 8, "batch_size": 4, "max_seq_len": 192, "learning_rate": 5e-4, "eval_every": 4,
                   "save_every": 2, "keep_checkpoints": 2, "rank": 8, "alpha": 16, "backend": "hf",
-                  "task_eval_items": 16}
+                  "task_eval_items": 8}
 
 
 @pytest.fixture(scope="session")
@@ -110,7 +119,7 @@ def exported(quickstarted: Quickstarted) -> tuple[Store, Path, ExportResult]:
 
 
 EXPORT_PPL_TOKENS = 256  # what the session's export scored; an export with the same settings reuses its files
-QUICKSTART_ITEMS = 12  # the test rows the quickstart evaluates
+QUICKSTART_ITEMS = 8  # the test rows the quickstart evaluates
 
 
 @dataclass
@@ -134,7 +143,7 @@ def quickstarted(tmp_path_factory: pytest.TempPathFactory, default_store: Store)
     from appliance.embedder import ensure_onnx
 
     store = Store.open(tmp_path_factory.mktemp("quickstart-store"))
-    os.symlink(default_store.model_dir(DEFAULT_MODEL), store.model_dir(DEFAULT_MODEL))
+    borrow_default(store, default_store)
     encoders = ensure_onnx(default_store.root).parent  # exported once for the session, not once per store
     os.symlink(encoders, store.root / encoders.name)
     witness = store.root / "witness.jsonl"
@@ -178,7 +187,7 @@ def clone_run(store: Store, source: Path, name: str) -> Path:
 def scratch_store(tmp_path: Path, default_store: Store) -> Store:
     """An empty store that borrows the default model (a link, not a copy), for jobs that write runs."""
     store = Store.open(tmp_path / "scratch-store")
-    os.symlink(default_store.model_dir(DEFAULT_MODEL), store.model_dir(DEFAULT_MODEL))
+    borrow_default(store, default_store)
     return store
 
 

@@ -293,13 +293,21 @@ def test_a_changed_byte_in_a_gguf_is_named_by_verify(exported: Exported) -> None
         target.write_bytes(original)
 
 
-def _clone_exported(store: Store, source: Path, name: str, merged: bool) -> Path:
-    """A run with the exported run's data, settings and adapter (and merged model), exported from scratch."""
+def _clone_exported(store: Store, source: Path, name: str, merged: bool, reference: bool = False) -> Path:
+    """A run with the exported run's data, settings and adapter (and merged model), exported from scratch; with
+    `reference`, its verified 16-bit GGUF (a link) and verification record come along, so that an export of the
+    clone keeps that file as a second export would, and converts nothing but what the test is about."""
     run_dir = clone_run(store, source, name)
     shutil.copy(source / "run.yaml", run_dir / "run.yaml")
     shutil.copytree(source / "adapter", run_dir / "adapter")
     if merged:
         shutil.copytree(source / "merged", run_dir / "merged")
+    if reference:
+        record = Run.at(source).verification_path
+        (run_dir / "gguf").mkdir()
+        shutil.copy(record, run_dir / "gguf" / record.name)
+        f16 = next(source.glob("gguf/*-F16.gguf"))
+        os.link(f16, run_dir / "gguf" / f16.name)
     return run_dir
 
 
@@ -312,7 +320,7 @@ def test_a_file_that_fails_the_gate_is_kept_aside_and_not_registered(
     from appliance.export import run as export_run
 
     store, source, _ = exported
-    run_dir = _clone_exported(store, source, "planted", merged=True)
+    run_dir = _clone_exported(store, source, "planted", merged=True, reference=True)
     real_quantize = toolchain.quantize
 
     def lossy_quantize(src: Path, dst: Path, quant: str, threads: int = 0) -> None:
@@ -370,7 +378,7 @@ def test_adapter_alone_as_gguf_serves_like_the_merged_model(exported: Exported) 
     from appliance.export import run as export_run
 
     store, source, _ = exported
-    run_dir = _clone_exported(store, source, "lora-gguf", merged=True)
+    run_dir = _clone_exported(store, source, "lora-gguf", merged=True, reference=True)
     cfg = ExportConfig(quants=[], lora_gguf=True, ppl_tokens=256, store=str(store.root))
     result = export_run.run(cfg, run_dir, ev.Emitter(lambda event: None))
     files = {f.quant: f for f in result.files}
