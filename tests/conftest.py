@@ -85,7 +85,7 @@ def tiny_prepared(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path
     return store, prepared[1]
 
 
-TRAIN_SETTINGS = {"max_steps": 8, "batch_size": 4, "max_seq_len": 192, "learning_rate": 5e-4, "eval_every": 4,
+TRAIN_SETTINGS = {"max_steps": 8, "batch_size": 4, "max_seq_len": 192, "learning_rate": 5e-4, "eval_every": 8,
                   "save_every": 2, "keep_checkpoints": 2, "rank": 8, "alpha": 16, "backend": "hf",
                   "task_eval_items": 8}
 
@@ -93,7 +93,8 @@ TRAIN_SETTINGS = {"max_steps": 8, "batch_size": 4, "max_seq_len": 192, "learning
 @pytest.fixture(scope="session")
 def trained(quickstarted: Quickstarted) -> tuple[Store, Path]:
     """The quickstart's run: the sample fine-tuned 8 steps with TRAIN_SETTINGS (it learns to answer with a label),
-    evaluated at steps 4 and 8. Tests that write into a run use `linked_copy` of it."""
+    evaluated at its end (evaluations at intervals: the Unsloth run of test_train). Tests that write into a run use
+    `linked_copy` of it."""
     return quickstarted.store, quickstarted.run_dir
 
 
