@@ -85,8 +85,9 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PYTHON" -m venv "$VENV"
 fi
 PY="$VENV/bin/python"
-# pip byte-compiles every module of a package as it installs it, one file at a time (about two minutes of
-# the install here); they are compiled once at the end instead, on every core (compile_modules).
+# pip byte-compiles every module of a package as it installs it, one file at a time (about 90 s of the
+# install on 2 cores); they are compiled once at the end instead, on every core (compile_modules: about 70 s
+# on 2 cores, less with more).
 pip_install() {
   if [ -n "$OFFLINE" ]; then
     "$PY" -m pip install --no-compile --no-index --find-links "$OFFLINE/wheels" "$@"

@@ -368,7 +368,7 @@ def measure(region: str = "US", entities: tuple[str, ...] = MEASURED_ENTITIES, l
 
 # What a measurement depends on besides its settings: the detectors' code, and the libraries and models they run
 MEASURED_CODE = ("pii.py", "pii_eval.py", "entities.py", "national_ids.py", "birth_dates.py")
-MEASURED_LIBRARIES = ("spacy", "thinc", "Faker", "phonenumbers", "python-stdnum")
+MEASURED_LIBRARIES = ("spacy", "thinc", "blis", "numpy", "Faker", "phonenumbers", "python-stdnum")
 
 
 def measurement_key(region: str, entities: tuple[str, ...], languages: tuple[str, ...]) -> str:
