@@ -86,3 +86,14 @@ def read_json_object(path: Path) -> dict[str, Any]:
     except (OSError, ValueError):
         return {}
     return data if isinstance(data, dict) else {}
+
+
+def same_file_system(path: Path, other: Path) -> bool:
+    """Whether a hard link can join `path` to a file under `other` (the nearest existing folder of each)."""
+
+    def device(probe: Path) -> int:
+        while not probe.exists() and probe != probe.parent:
+            probe = probe.parent
+        return probe.stat().st_dev
+
+    return device(path.resolve()) == device(other.resolve())

@@ -49,6 +49,7 @@ class GGUFInfo:
     tensor_types: list[str]
     fields: dict[str, Any] = field(default_factory=dict)  # every scalar and string field
     arrays: dict[str, list[Any]] = field(default_factory=dict)  # the other arrays (not the per-token ones)
+    tensor_names: list[str] = field(default_factory=list)
 
     def token_text(self, token_id: int) -> str | None:
         return self.tokens[token_id] if 0 <= token_id < len(self.tokens) else None
@@ -126,9 +127,9 @@ def read(path: Path) -> GGUFInfo:
                     arrays[name] = value
                 elif kind != _ARRAY:
                     fields[name] = value
-            tensor_types = []
+            tensor_types, tensor_names = [], []
             for _ in range(tensor_count):
-                cursor.string()
+                tensor_names.append(cursor.string())
                 dims = cursor.take("I")
                 cursor.at += 8 * dims
                 tensor_types.append(GGMLQuantizationType(cursor.take("I")).name)
@@ -141,7 +142,8 @@ def read(path: Path) -> GGUFInfo:
     template = fields.get("tokenizer.chat_template")
     return GGUFInfo(path=path, architecture=fields.get("general.architecture"), tensor_count=tensor_count,
                     chat_template=str(template) if template is not None else None, special_ids=special,
-                    tokens=tokens, tensor_types=tensor_types, fields=fields, arrays=arrays)
+                    tokens=tokens, tensor_types=tensor_types, fields=fields, arrays=arrays,
+                    tensor_names=tensor_names)
 
 
 def rewrite(src: Path, dst: Path, set_fields: Mapping[str, Any] | None = None,

@@ -136,8 +136,8 @@ def plan_from_config(cfg: TrainConfig, config: dict[str, Any], parameters: int, 
         state += trainable * DDP_BUCKET_BYTES
     peak = runtime + (weights + state + gathered + layer_act + logits) / MB
     adapter = trainable * dtype_bytes
-    disk = (cfg.keep_checkpoints * (adapter + trainable * 8) + adapter + parameters * 2 * 2
-            + parameters * 1.1) / MB  # checkpoints, final adapter, merged 16-bit, GGUF f16 + Q8_0
+    disk = (cfg.keep_checkpoints * (adapter + trainable * 8) + adapter) / MB  # checkpoints (weights, two moments)
+    # and the final adapter; what the export writes is in pipeline_plan
     return Plan(device=device, tokens_per_micro_batch=tokens, seq_len=seq, weights_mb=weights / MB,
                 trainable_params=trainable, trainable_state_mb=state / MB,
                 activations_mb=(layer_act + logits) / MB, runtime_mb=runtime, peak_mb=peak,
@@ -168,6 +168,14 @@ def nearest_fit(cfg: TrainConfig, model_dir: Path, parameters: int, data_max_tok
                 available_mb: float, trained_fraction: float = 1.0) -> tuple[dict[str, Any], Plan] | None:
     """The smallest change that fits: checkpointing, then smaller batches (same effective batch
     through accumulation), then shorter sequences, then 4-bit on a GPU."""
+    config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    return nearest_fit_from_config(cfg, config, parameters, data_max_tokens, device, available_mb, trained_fraction)
+
+
+def nearest_fit_from_config(cfg: TrainConfig, config: dict[str, Any], parameters: int, data_max_tokens: int,
+                            device: str, available_mb: float,
+                            trained_fraction: float = 1.0) -> tuple[dict[str, Any], Plan] | None:
+    """`nearest_fit` for a model known by its config.json alone."""
     candidates: list[dict[str, Any]] = []
     if not cfg.gradient_checkpointing:
         candidates.append({"gradient_checkpointing": True})
@@ -186,7 +194,7 @@ def nearest_fit(cfg: TrainConfig, model_dir: Path, parameters: int, data_max_tok
                            "grad_accum": cfg.grad_accum * cfg.batch_size})
     for change in candidates:
         trial = cfg.model_copy(update=change)
-        result = plan(trial, model_dir, parameters, data_max_tokens, device, available_mb, trained_fraction)
+        result = plan_from_config(trial, config, parameters, data_max_tokens, device, available_mb, trained_fraction)
         if result.fits:
             return change, result
     return None

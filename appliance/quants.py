@@ -116,8 +116,12 @@ class SizePrediction:
 
 def predict(model_dir: Path, quant_name: str) -> SizePrediction:
     """Size of the GGUF that `quant_name` will produce from the model in `model_dir`."""
+    return predict_tensors(model_tensors(model_dir), quant_name, _metadata_bytes(model_dir))
+
+
+def predict_tensors(tensors: list[TensorShape], quant_name: str, vocab_bytes: int) -> SizePrediction:
+    """Size of the GGUF of these tensors at `quant_name`, with `vocab_bytes` of vocabulary and metadata."""
     quant = QUANTS[quant_name]
-    tensors = model_tensors(model_dir)
     n_layers = 1 + max((_layer_of(t.name) or 0) for t in tensors) if tensors else 0
     names = {t.name for t in tensors}
     output = "lm_head.weight" if "lm_head.weight" in names else next(
@@ -131,7 +135,6 @@ def predict(model_dir: Path, quant_name: str) -> SizePrediction:
             quantized += 1
             if kind in FALLBACK.values() and quant.base in FALLBACK:
                 fallback += 1
-    vocab_bytes = _metadata_bytes(model_dir)
     return SizePrediction(quant_name, int(total_bits / 8) + vocab_bytes, fallback, quantized)
 
 

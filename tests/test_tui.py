@@ -226,6 +226,8 @@ def test_the_whole_pipeline_new_run_data_train(scratch_store: Store) -> None:
             assert app.screen.query_one("#nr-label_field", Select).value == "category"
             assert app.screen.query_one("#nr-text_field", Select).value == "text"
             assert app.screen.query_one("#nr-model", Select).value == "smollm2-135m-instruct"
+            await _until(pilot, lambda: "pipeline plan" in _text(app, "#nr-plan"), 20, "the pipeline's plan")
+            assert "fits this machine" in _text(app, "#nr-plan")  # the 135M default fits wherever tests run
             app.screen.query_one("#f-near_dup", Checkbox).value = False  # faster
             app.screen.query_one("#f-pii_entities", Input).value = ""  # faster: names and addresses in test_pii
             await pilot.press("ctrl+s")

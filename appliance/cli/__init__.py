@@ -155,4 +155,4 @@ def main() -> None:
 
 
 # The command groups register themselves on `app` when imported.
-from appliance.cli import data, evaluate, export, models, quickstart, serve, train  # noqa: E402,F401
+from appliance.cli import data, evaluate, export, models, plan, quickstart, serve, train  # noqa: E402,F401

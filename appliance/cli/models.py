@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+from typing import Annotated, Any
 
 import typer
 from rich.table import Table
@@ -28,24 +31,65 @@ def _fmt_params(count: int) -> str:
 @models_app.command("list")
 def models_list(as_json: JsonOpt = False) -> None:
     """Imported base models, and catalog models that can be imported."""
+    from appliance import pipeline_plan
+
     st = store()
     imported = st.list_models()
     names = {m.name for m in imported}
     available = [e for e in st.catalog() if e.name not in names]
+    machine = pipeline_plan.Machine.here(st.root)
+    fit = {m.name: _fit(machine, partial(pipeline_plan.read_config, st.model_dir(m.name) / "config.json"))
+           for m in imported}
+    fit |= {e.name: _fit(machine, partial(_catalog_config, e)) for e in available}
     if as_json:
-        print_json({"models": [m.model_dump() for m in imported],
-                     "available": [e.model_dump() for e in available]})
+        print_json({"models": [m.model_dump() | {"fits": fit[m.name]} for m in imported],
+                     "available": [e.model_dump() | {"fits": fit[e.name]} for e in available]})
         return
     table = Table(title=f"Models in {st.root}")
-    for column in ("name", "architecture", "params", "context", "dtype", "chat", "license"):
+    for column in ("name", "architecture", "params", "context", "dtype", "chat", "LoRA", "QLoRA", "serve"):
         table.add_column(column)
     for m in imported:
         table.add_row(m.name, m.architecture, _fmt_params(m.parameters), str(m.context_length or "?"),
-                      m.dtype, "yes" if m.chat_template else "no", m.license or "?")
+                      m.dtype, "yes" if m.chat_template else "no", *fit[m.name].values())
     console.print(table)
     for entry in available:
-        console.print(f"[dim]available: {entry.name} ({entry.description}); "
-                      f"import with `appliance models import {entry.name}`[/]")
+        console.print(f"[dim]available: {entry.name} ({entry.description}); LoRA {fit[entry.name]['lora']}, "
+                      f"serving {fit[entry.name]['serve']}; import with `appliance models import {entry.name}`[/]")
+    gpu = "the GPU's free memory" if machine.gpu_free_mb is not None else "this machine's free memory (no GPU)"
+    console.print(f"LoRA, QLoRA and serve: whether the stage fits in {gpu} with the default settings "
+                  "(batch 4 x 1024 tokens; Q4_K_M with 4096 tokens of context); `appliance plan --base-model NAME` "
+                  "shows every stage. A model on a USB disk: `appliance models import /media/USB/FOLDER` (see "
+                  "README).")
+
+
+def _fit(machine: Any, config: Callable[[], dict[str, Any]]) -> dict[str, str]:
+    from appliance import pipeline_plan
+    from appliance.errors import ApplianceError
+
+    try:
+        return pipeline_plan.fit_summary(config(), machine)
+    except (ApplianceError, KeyError, TypeError, ValueError) as exc:
+        unknown = f"unknown ({type(exc).__name__})"
+        return {"lora": unknown, "qlora": unknown, "serve": unknown}
+
+
+def _catalog_config(entry: Any) -> dict[str, Any]:
+    """What the plan needs of a catalog entry's config, from the GGUF its package ships (not hashed, as an import
+    would)."""
+    from importlib import metadata
+
+    from appliance import pipeline_plan
+    from appliance.errors import StoreError
+
+    _kind, _, package = entry.source.partition(":")
+    try:
+        files = metadata.distribution(package).files or []
+    except metadata.PackageNotFoundError as exc:
+        raise StoreError(f"the package {package!r} is not installed", "Run ./install.sh.") from exc
+    found = next((f for f in files if f.name == entry.file), None)
+    if found is None:
+        raise StoreError(f"package {package!r} has no file {entry.file!r}", "Reinstall the package.")
+    return pipeline_plan.config_from_gguf(Path(str(found.locate())))
 
 
 @models_app.command("show")

@@ -73,6 +73,7 @@ class NewRunScreen(AppModal[str | None]):
                 with Horizontal(classes="field"):
                     yield Label("base model", classes="field-label")
                     yield Select[str](self._models(), id="nr-model", prompt="(none: import one in Models)")
+                yield Static("choose a base model: its memory and disk plan shows here", id="nr-plan")
                 with Horizontal(classes="field"):
                     yield Label("run name", classes="field-label")
                     yield Input(id="nr-name", placeholder="optional: a name of your own (default: by the time)")
@@ -153,6 +154,26 @@ class NewRunScreen(AppModal[str | None]):
         task = self.query_one("#nr-task", Select).value
         for name, (_label, tasks) in COLUMNS.items():
             self.query_one(f"#nr-row-{name}", Horizontal).display = task in tasks
+
+    @on(Select.Changed, "#nr-model")
+    def _model_changed(self, message: Select.Changed) -> None:
+        if isinstance(message.value, str):
+            self._plan(message.value)
+
+    @work(thread=True, exclusive=True, group="plan", exit_on_error=False)
+    def _plan(self, name: str) -> None:
+        """The whole pipeline's needs for the chosen base model against this machine (`appliance plan`)."""
+        from appliance import pipeline_plan as pp
+
+        config = pp.read_config(self.store.model_dir(name) / "config.json")
+        plan = pp.pipeline(config, name, pp.Choices(import_kind="imported"), pp.Machine.here(self.store.root))
+        peak = max(plan.stages, key=lambda s: max(s.ram_mb, s.vram_mb))
+        refusals = plan.refusals()
+        verdict = "[green]fits this machine[/]" if not refusals else f"[red]does not fit:[/] {escape(refusals[0])}"
+        text = (f"pipeline plan: at most {pp.gib(max(peak.ram_mb, peak.vram_mb))} of memory ({peak.stage}), "
+                f"{pp.gb(plan.disk_mb)} of disk; {pp.gib(plan.machine.ram_available_mb)} available, "
+                f"{pp.gb(plan.machine.disk_free_mb)} free: {verdict} (appliance plan --base-model {name})")
+        self.app.call_from_thread(self.query_one("#nr-plan", Static).update, text)
 
     # -- preparing ---------------------------------------------------------------------------
 
