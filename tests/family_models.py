@@ -127,11 +127,26 @@ def tiny(family: str, folder: Path, default_model_dir: Path) -> Path:
     torch.manual_seed(0)
     config = getattr(transformers, spec.config_class)(**{**SHAPE, **spec.extra}, initializer_range=0.2)
     getattr(transformers, spec.model_class)(config).to(torch.bfloat16).save_pretrained(folder, safe_serialization=True)
+    _tokenizer(spec, folder, default_model_dir)
+    return folder
+
+
+def tokenizer_only(family: str, folder: Path, default_model_dir: Path) -> Path:
+    """The family's tokenizer and chat template, with the config whose model type picks transformers'
+    tokenizer class (Qwen2's normalizes), and no weights."""
+    import transformers
+
+    spec = FAMILIES[family]
+    getattr(transformers, spec.config_class)(**{**SHAPE, **spec.extra}).save_pretrained(folder)
+    _tokenizer(spec, folder, default_model_dir)
+    return folder
+
+
+def _tokenizer(spec: Family, folder: Path, default_model_dir: Path) -> None:
     if spec.sentencepiece:
         _sentencepiece_tokenizer(spec, folder)
     else:
         _bpe_tokenizer(spec, folder, default_model_dir)
-    return folder
 
 
 def _bpe_tokenizer(spec: Family, folder: Path, default_model_dir: Path) -> None:
