@@ -163,3 +163,16 @@ def go_render(template: str, messages: list[dict[str, str]]) -> str:
 
     run(0, {"role": "", "content": ""}, False, True)
     return "".join(out)
+
+
+def test_served_messages_are_normalized_as_the_tokenizer_normalizes(tokenizers: dict[str, Any]) -> None:
+    """Qwen's tokenizer puts text in NFC before splitting it and llama.cpp does not: the appliance's chat and
+    endpoint render what llama.cpp will split with the text already in NFC, so it splits as in training."""
+    from appliance.serve.model import ServedModel, formatter
+
+    contract = templating.contract(tokenizers["qwen2"])
+    assert contract.normalization == "NFC"
+    assert templating.contract(tokenizers["qwen3"]).normalization is None
+    served = ServedModel(path=Path("m.gguf"), name="m", sha256="", contract=contract)
+    prompt = formatter(served, None)(messages=[{"role": "user", "content": "cafe\u0301"}]).prompt
+    assert "caf\u00e9" in prompt and "e\u0301" not in prompt
