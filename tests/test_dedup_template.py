@@ -91,7 +91,7 @@ def test_only_assistant_turns_are_trained(default_model_dir: Path) -> None:
     ids, trained = encode(tokenizer, messages)
     assert len(ids) == len(trained)
     trained_text = tokenizer.decode([t for t, keep in zip(ids, trained, strict=True) if keep])
-    assert trained_text.replace("\n", "") == "Paris.<|im_end|>Rome.<|im_end|>"  # the answers and their stop
+    assert trained_text == "Paris.<|im_end|>Rome.<|im_end|>"  # the answers and their stop, not the newline after
     untrained = tokenizer.decode([t for t, keep in zip(ids, trained, strict=True) if not keep])
     assert "Capital of France?" in untrained and "Paris" not in untrained
 

@@ -11,14 +11,33 @@ from appliance.templating import ChatContract
 
 
 def go_template(contract: ChatContract) -> str | None:
-    """The Ollama TEMPLATE equivalent of the contract, or None when it cannot be expressed."""
-    if contract.turns is None:
+    """The Ollama TEMPLATE equivalent of the contract, or None when it cannot be expressed.
+
+    Ollama passes the conversation as .Messages (the Modelfile's SYSTEM first when the conversation has no
+    system message) and every system message as $.System. A template without a system role writes
+    $.System into the first user turn. A lead the tokenizer adds itself (a BOS token) is left out: the
+    runtime adds it when it tokenizes the prompt. Go templates cannot trim, so a template that strips
+    contents (Llama 3, Gemma) is followed for contents without surrounding whitespace."""
+    turns = contract.turns
+    if turns is None:
         return None
-    parts = ["{{ range .Messages }}"]
-    for i, role in enumerate(("system", "user", "assistant")):
-        turn = contract.turns[role]
-        keyword = "if" if i == 0 else "else if"
-        parts.append(f'{{{{ {keyword} eq .Role "{role}" }}}}{turn.prefix}{{{{ .Content }}}}{turn.suffix}')
+    folded = contract.folded_system
+    parts = ["" if contract.lead_added else contract.lead]
+    if folded is not None:
+        parts.append("{{ $folded := false }}")
+    parts.append("{{ range $i, $_ := .Messages }}" if contract.final_answer is not None else "{{ range .Messages }}")
+    branches = {role: turn.prefix + "{{ .Content }}" + turn.suffix for role, turn in turns.items()}
+    if folded is not None:
+        user = turns["user"]
+        branches["user"] = (f"{user.prefix}{{{{ if and $.System (not $folded) }}}}{folded.prefix}{{{{ $.System }}}}"
+                            f"{folded.suffix}{{{{ end }}}}{{{{ $folded = true }}}}{{{{ .Content }}}}{user.suffix}")
+    if contract.final_answer is not None:
+        answer = turns["assistant"]
+        branches["assistant"] = (f"{{{{ if eq (len (slice $.Messages $i)) 1 }}}}{contract.final_answer}{{{{ else }}}}"
+                                 f"{answer.prefix}{{{{ end }}}}{{{{ .Content }}}}{answer.suffix}")
+    roles = [role for role in ("system", "user", "assistant") if role in branches]
+    for i, role in enumerate(roles):
+        parts.append(f'{{{{ {"if" if i == 0 else "else if"} eq .Role "{role}" }}}}{branches[role]}')
     parts.append("{{ end }}{{ end }}")
     parts.append(contract.generation_prompt or "")
     return "".join(parts)

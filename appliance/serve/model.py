@@ -20,7 +20,7 @@ from appliance.fsutil import inside, sha256_file
 from appliance.records import FileReport, Verification
 from appliance.run import Run, exported_models
 from appliance.store import Store
-from appliance.templating import ChatContract
+from appliance.templating import ChatContract, NormalForm, normalized
 
 DEFAULT_CONTEXT = 4096
 
@@ -179,8 +179,9 @@ def formatter(model: ServedModel, llm: Any) -> Any:
 
     contract = model.contract
     if contract is not None:
-        return Jinja2ChatFormatter(contract.template, eos_token=contract.eos_token,
-                                   bos_token=contract.bos_token or "", stop_token_ids=contract.stop_ids)
+        return _normalizing(Jinja2ChatFormatter)(contract.normalization, contract.template,
+                                                 eos_token=contract.eos_token, bos_token=contract.bos_token or "",
+                                                 stop_token_ids=contract.stop_ids)
     template = llm.metadata.get("tokenizer.chat_template")
     if not template:
         raise ServeError(f"{model.path.name} has no chat template in its metadata",
@@ -189,6 +190,21 @@ def formatter(model: ServedModel, llm: Any) -> Any:
     bos = llm.token_bos()
     return Jinja2ChatFormatter(template, eos_token=llm._model.token_get_text(eos) if eos >= 0 else "",
                                bos_token=llm._model.token_get_text(bos) if bos >= 0 else "", stop_token_ids=[eos])
+
+
+def _normalizing(base: Any) -> Any:
+    """A chat formatter that first puts the messages' text in the tokenizer's normal form (Qwen's NFC): the
+    tokenizer did so for training, llama.cpp does not, and the same text must split into the same tokens."""
+
+    class Normalizing(base):  # type: ignore[misc, valid-type]
+        def __init__(self, form: NormalForm | None, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.form = form
+
+        def __call__(self, *, messages: list[dict[str, Any]], **kwargs: Any) -> Any:
+            return super().__call__(messages=normalized(messages, self.form), **kwargs)
+
+    return Normalizing
 
 
 def prompt_tokens(llm: Any, chat_format: Any, messages: list[dict[str, Any]]) -> int:
