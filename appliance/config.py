@@ -187,6 +187,11 @@ class ImportConfig(StageConfig):
         description="Precision of the weights written for a GGUF source (dequantized); "
         "a safetensors directory keeps its own",
     )
+    copy_weights: bool = Field(
+        default=False, description="Copy the weights of a folder on the store's file system instead of hard-linking "
+        "them (a link takes no disk; a change to the source files in place would then change the store's copy, which "
+        "`appliance verify` reports)",
+    )
     store: str = Field(description="Path of the model store to import into")
 
     @field_validator("name")

@@ -9,6 +9,7 @@ and the model only appears in the store once every file is written and hashed.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import time
@@ -20,11 +21,11 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from appliance import __version__, faults
+from appliance import __version__, faults, pipeline_plan
 from appliance.config import ImportConfig, check_model_name
 from appliance.errors import StoreError, UnsafeWeightsError
 from appliance.events import Emitter
-from appliance.fsutil import sha256_file
+from appliance.fsutil import same_file_system, sha256_file
 from appliance.records import ImportResult
 from appliance.safetensors_meta import count_parameters
 from appliance.store import FileInfo, ModelInfo, SourceInfo, Store, now_iso, write_model_info
@@ -65,7 +66,7 @@ def run(cfg: ImportConfig, job_dir: Path, emit: Emitter) -> ImportResult:
         if source.kind == "gguf":
             _import_gguf(source.path, staging, cfg.dtype, emit)
         else:
-            _import_dir(source.path, staging, emit)
+            _import_dir(source.path, staging, emit, cfg.copy_weights)
         emit.check_cancelled()
         emit.progress("hashing files", 4, 5)
         info = describe(staging, name, source.info, source.license)
@@ -151,7 +152,7 @@ def _slug(text: str) -> str:
 # -- Hugging Face folders ------------------------------------------------------------------
 
 
-def _import_dir(folder: Path, staging: Path, emit: Emitter) -> None:
+def _import_dir(folder: Path, staging: Path, emit: Emitter, copy: bool = False) -> None:
     emit.progress("checking model folder", 1, 5)
     config_path = folder / "config.json"
     if not config_path.is_file():
@@ -188,12 +189,38 @@ def _import_dir(folder: Path, staging: Path, emit: Emitter) -> None:
     skipped = [p.name for p in files if p not in chosen and p.name not in pickles]
     if skipped:
         emit.log(f"not copied (not model files): {', '.join(skipped[:10])}", "info")
+    link = not copy and _can_link(weights[0], staging)
+    linked = [p for p in chosen if link and p.suffix == ".safetensors"]
+    copied = [p for p in chosen if p not in linked]
+    pipeline_plan.check_disk(sum(p.stat().st_size for p in copied) / 2**20, staging.parent,
+                             f"importing {folder.name}", "" if link or copy else
+                             "put the folder on the store's file system: the import then links the weights instead "
+                             "of copying them")
     for path in chosen:
         emit.check_cancelled()
-        emit.progress(f"copying {path.name}", 2, 5)
-        shutil.copyfile(path, staging / path.name)
+        emit.progress(f"{'linking' if path in linked else 'copying'} {path.name}", 2, 5)
+        if path in linked:
+            os.link(path, staging / path.name)
+        else:
+            shutil.copyfile(path, staging / path.name)
     count_parameters(sorted(staging.glob("*.safetensors")))  # proves every header parses
-    emit.log(f"copied {len(chosen)} files")
+    emit.log(f"copied {len(copied)} files" + (f", hard-linked {len(linked)} weight files from {folder} (same file "
+                                              "system: no extra disk; a change to them in place would change the "
+                                              "store's copy, which `appliance verify` reports)" if linked else ""))
+
+
+def _can_link(path: Path, staging: Path) -> bool:
+    """Whether the weights can be hard-linked into the store: the same file system, and a kernel that allows it
+    (fs.protected_hardlinks refuses links to another user's files)."""
+    if not same_file_system(path, staging):
+        return False
+    probe = staging / f".link-probe-{path.name}"
+    try:
+        os.link(path, probe)
+    except OSError:
+        return False
+    probe.unlink()
+    return True
 
 
 # -- GGUF files ----------------------------------------------------------------------------
@@ -202,6 +229,13 @@ def _import_dir(folder: Path, staging: Path, emit: Emitter) -> None:
 def _import_gguf(path: Path, staging: Path, dtype: str, emit: Emitter) -> None:
     emit.progress("reading GGUF metadata", 1, 5)
     meta = gguf_metadata(path)
+    config = pipeline_plan.config_from_gguf(path)
+    need = pipeline_plan.stages(config, pipeline_plan.Choices(import_kind="gguf"),
+                                pipeline_plan.Machine.here(staging.parent))[0]
+    if dtype == "float32":
+        need.ram_mb, need.disk_mb = 2 * need.ram_mb - pipeline_plan.TORCH_RUNTIME_MB, 2 * need.disk_mb
+    pipeline_plan.check_memory(need.ram_mb, pipeline_plan.available_memory_mb(), f"importing {path.name}", need.fix)
+    pipeline_plan.check_disk(need.disk_mb, staging.parent, f"importing {path.name}", "")
     emit.check_cancelled()
     emit.progress("loading and dequantizing GGUF weights", 2, 5)
     import torch

@@ -206,10 +206,11 @@ def stages(config: dict[str, Any], choices: Choices, machine: Machine) -> list[S
                          "a tensor at a time over the shards: a few float32 blocks and the adapter; the merged "
                          "16-bit model on disk"))
     reference = gguf_mb(config, choices.reference)
-    out.append(StageNeed("convert", CONVERTER_RUNTIME_MB + 2 * largest32, reference,
-                         f"llama.cpp's converter, a tensor at a time; the {choices.reference} GGUF on disk"))
+    out.append(StageNeed("convert", TORCH_RUNTIME_MB + CONVERTER_RUNTIME_MB + 2 * largest32, reference,
+                         f"llama.cpp's converter, a tensor at a time, beside the job that waits for it; the "
+                         f"{choices.reference} GGUF on disk"))
     quantized = {q: gguf_mb(config, q) for q in choices.quants if q not in ("F16", "BF16")}
-    out.append(StageNeed("quantize", LLAMA_RUNTIME_MB + 3 * largest32 + 64, sum(quantized.values()),
+    out.append(StageNeed("quantize", TORCH_RUNTIME_MB + 3 * largest32 + 64, sum(quantized.values()),
                          "one tensor in float32 and its quantized copy; "
                          + (", ".join(f"{q} {gb(mb)}" for q, mb in quantized.items()) or "no quantization")))
     context = min(GATE_CONTEXT, int(config.get("max_position_embeddings") or GATE_CONTEXT))

@@ -302,7 +302,8 @@ class Verification(Record):
     created: str | None = None
     adapter_sha256: str | None = None
     reference: str | None = None
-    ppl_tokens: int | None = None
+    ppl_tokens: int | None = None  # asked for (the export's --ppl-tokens)
+    budget: str | None = None  # what the gate checked, with what budget, in words
     contract: ChatContract | None = None
     rejected: list[str] = Field(default_factory=list)
     rejected_dir: str | None = None
@@ -365,6 +366,7 @@ class ExportResult(BaseModel):
     manifest: str
     verify_seconds: float
     seconds: float
+    budget: str | None = None  # what the gate checked, with what budget
 
 
 # -- evaluation --------------------------------------------------------------------------------

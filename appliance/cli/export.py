@@ -86,6 +86,8 @@ def _print_export(result: ExportResult) -> None:
                       f"(kept in {result.rejected_dir})")
     console.print(f"[green]Verified[/] in {result.verify_seconds} s; files in {result.gguf_dir}; "
                   f"signed manifest {result.manifest}")
+    if result.budget:
+        console.print(f"[dim]checked: {result.budget}[/]")
     for label, command in result.commands.items():
         console.print(f"  {label}: [bold]{command}[/]", soft_wrap=True)
 

@@ -51,6 +51,7 @@ def run(cfg: EvalConfig, run_dir: Path, emit: Emitter) -> EvalResult:
                         "Prepare the data with a test share (--split 0.8,0.1,0.1), or evaluate --split val.")
     base_dir = target_run.base_model_dir()
     targets = _resolve_targets(cfg, target_run)
+    _check_memory(targets, target_run, base_dir)
     tokenizer = load_tokenizer(target_run.adapter_dir if target_run.trained else base_dir)
     stops = stop_ids(tokenizer)
     examples = choose_examples(items, target_run.items("train"), cfg.fewshot_k, cfg.fewshot_select, store.root,
@@ -107,6 +108,40 @@ def _resolve_targets(cfg: EvalConfig, run: Run) -> list[str]:
             raise EvalError(f"run {run.id} has no merged model", f"Export it: appliance export --run {run.id}")
         names.append(name if not name.startswith("gguf:") else f"gguf:{name[5:].upper()}")
     return list(dict.fromkeys(names))
+
+
+def _check_memory(targets: list[str], run: Run, base_dir: Path) -> None:
+    """Refuse before the first target loads when one of them cannot fit in the memory available: Hugging Face
+    targets hold the model at 16 bits at least (plus the adapter), llama.cpp targets their file and a KV cache."""
+    import json
+
+    from appliance import pipeline_plan as pp
+    from appliance import planner
+
+    config = pp.text_config(json.loads((base_dir / "config.json").read_text(encoding="utf-8")))
+    kv = pp.kv_bytes_per_token(config) * pp.EVAL_CONTEXT / 2**20
+    need: dict[str, float] = {}
+    for name in targets:
+        if name.startswith("gguf:") or (name == "merged" and compute_device().type == "cpu"):
+            record = run.verification()
+            quant = name[5:] if name.startswith("gguf:") else record.reference if record is not None else ""
+            path = _exported(run).get(quant or "")
+            if path is not None:
+                need[name] = pp.TORCH_RUNTIME_MB + pp.LLAMA_RUNTIME_MB + path.stat().st_size / 2**20 + kv
+                continue
+        folder = run.merged_dir if name == "merged" else base_dir
+        weights = sum(p.stat().st_size for p in folder.glob("*.safetensors")) / 2**20
+        adapter = sum(p.stat().st_size for p in run.adapter_dir.glob("*.safetensors")) / 2**20 if name == "tuned" else 0
+        need[name] = pp.TORCH_RUNTIME_MB + min(weights, planner.model_params(config) * 2 / 2**20) + adapter + 256
+    available = pp.available_memory_mb()
+    too_big = [name for name, mb in need.items() if mb > available * pp.MEMORY_SHARE]
+    if too_big:
+        fits = [name for name in targets if name not in too_big]
+        raise EvalError(", ".join(f"{n} needs about {pp.gib(need[n])}" for n in too_big) + f" of memory and "
+                        f"{pp.gib(available)} is available",
+                        (f"Evaluate the targets that fit: --targets {','.join(fits)}" if fits else
+                         "Export a smaller quantization (appliance export --quant Q4_K_M) and evaluate it")
+                        + "; nothing was evaluated.")
 
 
 def _open(name: str, run: Run, base_dir: Path, items: list[Item], tokenizer: Any) -> Target:

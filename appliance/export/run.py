@@ -17,7 +17,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from appliance import faults, gguf_meta, manifest, quants, templating, toolchain
+from appliance import faults, gguf_meta, manifest, pipeline_plan, planner, quants, templating, toolchain
 from appliance.config import ExportConfig
 from appliance.errors import StoreError
 from appliance.events import Emitter
@@ -43,6 +43,7 @@ def run(cfg: ExportConfig, run_dir: Path, emit: Emitter) -> ExportResult:
     name = cfg.name or f"{base_name}-{target.id.rsplit('-', 1)[-1]}"
     wanted = [q for q in cfg.quants if q not in ("F16", "BF16")]
     reference_quant = cfg.outtype.upper()
+    _check_memory(base_dir, wanted, reference_quant)
     merged = merge(target, base_dir, emit, cfg.device)
     merged_dir = Path(merged.merged)
     predicted: dict[str, int] = {}
@@ -65,9 +66,13 @@ def run(cfg: ExportConfig, run_dir: Path, emit: Emitter) -> ExportResult:
         emit.check_cancelled()
         verify_started = time.monotonic()
         carried = {q: report for q, (_path, report) in previous.items()}
-        reports = _verify(staging, produced, merged_dir, tokenizer, contract, target, cfg, carried, emit)
+        budget = pipeline_plan.gate_budget(planner.model_params(_config(merged_dir)), cfg.ppl_tokens)
+        reports = _verify(staging, produced, merged_dir, tokenizer, contract, target, cfg, carried, emit,
+                          budget.ppl_tokens)
         verify_seconds = round(time.monotonic() - verify_started, 1)
-        result = _register(cfg, target, staging, produced, reports, contract, merged, name, base_dir, emit)
+        checked = f"greedy parity on {MAX_PROMPTS} prompts of up to {gate.MAX_NEW} tokens; {budget.sentence()}"
+        emit.log(f"the gate's budget: {checked}")
+        result = _register(cfg, target, staging, produced, reports, contract, merged, name, base_dir, emit, checked)
     except OSError as exc:
         raise disk_error(exc, "exporting") from exc
     finally:
@@ -79,6 +84,19 @@ def run(cfg: ExportConfig, run_dir: Path, emit: Emitter) -> ExportResult:
     emit.artifact(manifest_path, kind="manifest")
     return result.model_copy(update={"manifest": str(manifest_path), "verify_seconds": verify_seconds,
                                      "seconds": round(time.monotonic() - started, 1)})
+
+
+def _check_memory(base_dir: Path, wanted: list[str], reference: str) -> None:
+    """Refuse before the merge when a step of the export cannot fit in the memory available (the gate, which
+    runs the 16-bit GGUF through llama.cpp, needs the most)."""
+    from appliance import pipeline_plan as pp
+
+    choices = pp.Choices(quants=wanted, reference=reference, import_kind="imported")
+    machine = pp.Machine.here(base_dir)
+    for need in pp.stages(_config(base_dir), choices, machine):
+        if need.stage in ("merge", "convert", "quantize", "gate"):
+            pp.check_memory(need.ram_mb, machine.ram_available_mb, f"the export's {need.stage} step ({need.detail})",
+                            need.fix)
 
 
 def _check_disk(run_dir: Path, sizes: dict[str, int]) -> None:
@@ -170,7 +188,7 @@ def _lora(run: Run, base_dir: Path, staging: Path, target: Path, reference_quant
 
 def _verify(staging: Path, produced: dict[str, tuple[Path, float]], merged_dir: Path, tokenizer: Any,
             contract: ChatContract, run: Run, cfg: ExportConfig,
-            carried: dict[str, FileReport], emit: Emitter) -> dict[str, FileReport]:
+            carried: dict[str, FileReport], emit: Emitter, ppl_tokens: int) -> dict[str, FileReport]:
     reference_quant = cfg.outtype.upper()
     if all(q in carried for q in produced):
         return dict(carried)
@@ -180,7 +198,7 @@ def _verify(staging: Path, produced: dict[str, tuple[Path, float]], merged_dir: 
     rows = list(run.rows("val")) or list(run.rows("train"))[:16]
     prompts = [_prompt(r["messages"]) for r in rows[:MAX_PROMPTS - 1]] + [
         [{"role": "user", "content": "In one sentence, what is a computer?"}]]
-    ppl_rows = gate.scored_rows(tokenizer, [r["messages"] for r in rows], cfg.ppl_tokens)
+    ppl_rows = gate.scored_rows(tokenizer, [r["messages"] for r in rows], ppl_tokens)
     emit.log(f"perplexity is measured on {len(ppl_rows)} of {len(rows)} validation rows "
              f"({sum(len(ids) for ids, _ in ppl_rows):,} tokens)")
     n_ctx = _context(tokenizer, prompts, ppl_rows, merged_dir)
@@ -251,7 +269,7 @@ def _log_report(report: FileReport, emit: Emitter) -> None:
 
 def _register(cfg: ExportConfig, run: Run, staging: Path, produced: dict[str, tuple[Path, float]],
               reports: dict[str, FileReport], contract: ChatContract, merged: MergeResult,
-              name: str, base_dir: Path, emit: Emitter) -> ExportResult:
+              name: str, base_dir: Path, emit: Emitter, budget: str) -> ExportResult:
     reference_quant = cfg.outtype.upper()
     reference_ok = reports[reference_quant].passed
     rejected = [q for q, r in reports.items() if not r.passed or not reference_ok]
@@ -273,7 +291,7 @@ def _register(cfg: ExportConfig, run: Run, staging: Path, produced: dict[str, tu
                                                         base_dir, Path(merged.merged), cfg.cluster_gpu_gib)
     run.write_verification(Verification(
         run=run.id, name=name, created=now_iso(), adapter_sha256=merged.adapter_sha256, reference=reference_quant,
-        ppl_tokens=cfg.ppl_tokens, contract=contract, rejected=rejected,
+        ppl_tokens=cfg.ppl_tokens, budget=budget, contract=contract, rejected=rejected,
         rejected_dir=str(rejected_dir) if rejected_dir else None,
         files=[reports[q] for q in usable if q in reports]), staging)
     if usable:
@@ -288,7 +306,7 @@ def _register(cfg: ExportConfig, run: Run, staging: Path, produced: dict[str, tu
                         rejected=[q for q in rejected if q != "BASE"],
                         rejected_dir=str(rejected_dir) if rejected_dir else None,
                         modelfile=str(final / "Modelfile") if modelfile_path else None, commands=commands,
-                        manifest="", verify_seconds=0.0, seconds=0.0)
+                        manifest="", verify_seconds=0.0, seconds=0.0, budget=budget)
 
 
 def _exported(quant: str, made: tuple[Path, float], report: FileReport | None, merged: MergeResult,

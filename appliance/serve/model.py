@@ -161,12 +161,25 @@ def context_length(path: Path) -> int:
     return min(trained, DEFAULT_CONTEXT)
 
 
+def check_memory(path: Path, n_ctx: int) -> None:
+    """Refuse to load a model whose file and KV cache do not fit in the memory available (llama.cpp maps the file;
+    pages that do not stay in memory are read from disk at every token)."""
+    from appliance import pipeline_plan as pp
+
+    kv = pp.kv_bytes_per_token(pp.config_from_gguf(path)) * n_ctx / 2**20
+    need = pp.LLAMA_RUNTIME_MB + path.stat().st_size / 2**20 + kv
+    pp.check_memory(need, pp.available_memory_mb(), f"serving {path.name} with {n_ctx} tokens of context",
+                    "Serve with a smaller context (--ctx) or a smaller quantization (--quant).")
+
+
 def load(model: ServedModel, n_ctx: int | None = None, threads: int | None = None) -> Any:
     """A llama_cpp.Llama for the model, with the contract's chat template and stop tokens."""
     from llama_cpp import Llama
 
     threads = threads or os.cpu_count() or 1
-    llm = Llama(str(model.path), n_ctx=n_ctx or context_length(model.path), n_threads=threads,
+    n_ctx = n_ctx or context_length(model.path)
+    check_memory(model.path, n_ctx)
+    llm = Llama(str(model.path), n_ctx=n_ctx, n_threads=threads,
                 n_threads_batch=threads, verbose=False)
     if model.contract is not None:
         llm.chat_handler = formatter(model, llm).to_chat_handler()

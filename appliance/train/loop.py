@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from appliance import faults, planner
+from appliance import faults, pipeline_plan, planner
 from appliance.config import TrainConfig
 from appliance.errors import ApplianceError, Cancelled
 from appliance.events import Emitter
@@ -322,6 +322,8 @@ def _check_plan(cfg: TrainConfig, run: Run, model_dir: Path, longest: int, answe
     device, available = planner.device_memory(cfg.processes, gpu_free)
     parameters = run.store.get_model(model_dir.name).parameters
     predicted = planner.check(cfg, model_dir, parameters, longest, device, available, answer_share)
+    pipeline_plan.check_disk(predicted.disk_mb, run.path, f"training {run.id} (its checkpoints and adapter)",
+                             "keep fewer checkpoints (keep_checkpoints in the recipe)")
     emit.log(f"memory plan: {planner.summary(predicted)}, {predicted.disk_mb / 1024:.1f} GiB of disk")
     emit.metric("planned_peak_mb", predicted.peak_mb)
     return predicted
