@@ -229,13 +229,7 @@ def _can_link(path: Path, staging: Path) -> bool:
 def _import_gguf(path: Path, staging: Path, dtype: str, emit: Emitter) -> None:
     emit.progress("reading GGUF metadata", 1, 5)
     meta = gguf_metadata(path)
-    config = pipeline_plan.config_from_gguf(path)
-    need = pipeline_plan.stages(config, pipeline_plan.Choices(import_kind="gguf"),
-                                pipeline_plan.Machine.here(staging.parent))[0]
-    if dtype == "float32":
-        need.ram_mb, need.disk_mb = 2 * need.ram_mb - pipeline_plan.TORCH_RUNTIME_MB, 2 * need.disk_mb
-    pipeline_plan.check_memory(need.ram_mb, pipeline_plan.available_memory_mb(), f"importing {path.name}", need.fix)
-    pipeline_plan.check_disk(need.disk_mb, staging.parent, f"importing {path.name}", "")
+    _check_gguf_import(path, staging, dtype, emit)
     emit.check_cancelled()
     emit.progress("loading and dequantizing GGUF weights", 2, 5)
     import torch
@@ -260,6 +254,23 @@ def _import_gguf(path: Path, staging: Path, dtype: str, emit: Emitter) -> None:
     emit.check_cancelled()
     emit.progress("verifying tokenizer against llama.cpp", 3, 5)
     verify_tokenizer(staging, path)
+
+
+def _check_gguf_import(path: Path, staging: Path, dtype: str, emit: Emitter) -> None:
+    """Refuse before loading when the dequantized model does not fit in memory or on the store's disk."""
+    from appliance.gguf_meta import GGUFError
+
+    try:
+        config = pipeline_plan.config_from_gguf(path)
+    except GGUFError as exc:
+        emit.log(exc.message, "warning")
+        return
+    need = pipeline_plan.stages(config, pipeline_plan.Choices(import_kind="gguf"),
+                                pipeline_plan.Machine.here(staging.parent))[0]
+    if dtype == "float32":
+        need.ram_mb, need.disk_mb = 2 * need.ram_mb - pipeline_plan.TORCH_RUNTIME_MB, 2 * need.disk_mb
+    pipeline_plan.check_memory(need.ram_mb, pipeline_plan.available_memory_mb(), f"importing {path.name}", need.fix)
+    pipeline_plan.check_disk(need.disk_mb, staging.parent, f"importing {path.name}", "")
 
 
 @contextmanager

@@ -316,6 +316,9 @@ def config_from_gguf(path: Path) -> dict[str, Any]:
     fields = info.fields
 
     def get(key: str) -> int:
+        if f"{arch}.{key}" not in fields:
+            raise gguf_meta.GGUFError(f"{path} has no {arch}.{key} in its header, so its memory cannot be planned",
+                                      "Its model can still be used; the appliance cannot size it beforehand.")
         return int(fields[f"{arch}.{key}"])
 
     heads = get("attention.head_count")

@@ -165,8 +165,12 @@ def check_memory(path: Path, n_ctx: int) -> None:
     """Refuse to load a model whose file and KV cache do not fit in the memory available (llama.cpp maps the file;
     pages that do not stay in memory are read from disk at every token)."""
     from appliance import pipeline_plan as pp
+    from appliance.gguf_meta import GGUFError
 
-    kv = pp.kv_bytes_per_token(pp.config_from_gguf(path)) * n_ctx / 2**20
+    try:
+        kv = pp.kv_bytes_per_token(pp.config_from_gguf(path)) * n_ctx / 2**20
+    except GGUFError:
+        kv = 0.0  # a header without the model's shape: the file alone is planned
     need = pp.LLAMA_RUNTIME_MB + path.stat().st_size / 2**20 + kv
     pp.check_memory(need, pp.available_memory_mb(), f"serving {path.name} with {n_ctx} tokens of context",
                     "Serve with a smaller context (--ctx) or a smaller quantization (--quant).")
