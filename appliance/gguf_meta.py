@@ -34,6 +34,20 @@ def expected_architecture(config: Mapping[str, Any]) -> str | None:
     return next((ARCHITECTURES[c] for c in classes if c in ARCHITECTURES), None)
 
 
+def generated_tensors(config: Mapping[str, Any]) -> int:
+    """Tensors llama.cpp's converter writes beyond the checkpoint's own: the rope frequency factors of Llama 3.1
+    and later (rope type llama3: one tensor) and Phi-3's long and short rope factors (longrope: two)."""
+    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    rope = rope.get("full_attention", rope) if isinstance(rope, Mapping) else {}
+    kind = str(rope.get("rope_type") or rope.get("type") or "").lower()
+    classes = config.get("architectures") or []
+    if kind == "llama3" and any(c in ("LlamaForCausalLM", "MistralForCausalLM") for c in classes):
+        return 1
+    if kind in ("longrope", "su") and rope.get("long_factor") and "Phi3ForCausalLM" in classes:
+        return 2
+    return 0
+
+
 class GGUFError(ApplianceError):
     title = "Unreadable GGUF file"
 

@@ -96,7 +96,9 @@ class Family:
 FAMILIES: dict[str, Family] = {
     "llama": Family("LlamaConfig", "LlamaForCausalLM", "llama", LLAMA3,
                     ("<|end_of_text|>", "<|begin_of_text|>", "<|eot_id|>", "<|start_header_id|>", "<|end_header_id|>"),
-                    "<|begin_of_text|>", "<|eot_id|>", {"tie_word_embeddings": True}),
+                    "<|begin_of_text|>", "<|eot_id|>", {"tie_word_embeddings": True, "rope_scaling": {
+                        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                        "original_max_position_embeddings": 256}}),  # Llama 3.1+: the converter adds rope_freqs
     "mistral": Family("MistralConfig", "MistralForCausalLM", "llama", MISTRAL, ("<unk>", "<s>", "</s>"), "<s>", "</s>"),
     # transformers reads a qwen2 tokenizer with Qwen's own pre-tokenizer (not the file's): llama.cpp's "qwen2"
     "qwen2": Family("Qwen2Config", "Qwen2ForCausalLM", "qwen2", QWEN25, ("<|endoftext|>", "<|im_start|>", "<|im_end|>"),

@@ -58,6 +58,16 @@ def test_the_8b_figures_equal_hand_computation() -> None:
     assert stages["serve"].ram_mb == pytest.approx(200 + q4 + 2 * layers * 8 * 128 * 2 * context / mb)
 
 
+def test_the_tensors_the_converter_adds_are_counted_for_llama_3_1_and_phi_3() -> None:
+    from appliance import gguf_meta
+
+    llama31 = {**LLAMA_31_8B, "rope_scaling": {"rope_type": "llama3", "factor": 8.0}}
+    assert gguf_meta.generated_tensors(llama31) == 1  # rope_freqs
+    assert gguf_meta.generated_tensors(LLAMA_31_8B) == 0  # no rope scaling (Llama 3.0, SmolLM2)
+    phi3 = {"architectures": ["Phi3ForCausalLM"], "rope_scaling": {"type": "longrope", "long_factor": [1.0] * 48}}
+    assert gguf_meta.generated_tensors(phi3) == 2  # rope_factors_long and rope_factors_short
+
+
 def test_sizes_from_the_config_alone_match_the_files_of_the_default_model(default_model_dir: Path) -> None:
     config = json.loads((default_model_dir / "config.json").read_text())
     from_config = {t.name: t.shape for t in pipeline_plan.config_tensors(config)}

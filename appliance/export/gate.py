@@ -18,6 +18,7 @@ the gate's memory is the mapped GGUF and the largest float32 module, whatever th
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import unicodedata
@@ -115,7 +116,8 @@ def build_reference(reference_gguf: Path, merged_dir: Path, tokenizer: Any, cont
                               f"(margin {margin:.3f})")
     texts = [tokenizer.apply_chat_template(c, tokenize=False) for c in golden_conversations(contract)] + GOLDEN_TEXTS
     golden = [list(tokenizer.encode(t, add_special_tokens=False)) for t in texts]
-    tensors = sum(len(read_header(p)) for p in merged_dir.glob("*.safetensors"))
+    config = json.loads((merged_dir / "config.json").read_text(encoding="utf-8"))
+    tensors = sum(len(read_header(p)) for p in merged_dir.glob("*.safetensors")) + gguf_meta.generated_tensors(config)
     return Reference(source=reference_gguf, continuations=continuations, golden_ids=golden, golden_texts=texts,
                      bos_probe=list(tokenizer("hello")["input_ids"]), ppl_rows=ppl_rows, tensor_count=tensors,
                      merged_agreement=agree / total if total else 1.0, merged_misses=misses)
