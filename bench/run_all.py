@@ -58,6 +58,8 @@ BENCHES = [
           "no peer (a robustness check: the goal is zero crashes)"),
     Bench("chaos", "bench/chaos.py", "Chaos: SIGKILL at random points of data preparation, training and export, "
           "then resume or re-run", "no peer (the goal: every round survived with nothing lost)"),
+    Bench("scale", "bench/scale.py", "The pipeline at real size: every stage of an 8B-shaped model on this machine",
+          "peft's merge_and_unload where its bf16 copy fits; the planner's prediction and the machine's RAM"),
     Bench("qlora_compare", "bench/gpu/qlora_compare.py", "QLoRA on CUDA", "plain transformers + peft + bitsandbytes",
           gpu=True),
 ]
