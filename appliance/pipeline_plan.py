@@ -96,10 +96,6 @@ class PipelinePlan:
     def disk_mb(self) -> float:
         return sum(s.disk_mb for s in self.stages)
 
-    @property
-    def peak_ram_mb(self) -> float:
-        return max(s.ram_mb for s in self.stages)
-
     def refusals(self) -> list[str]:
         """Why the pipeline does not fit, one sentence per stage and one for the disk; empty when it fits."""
         out = []
@@ -188,7 +184,6 @@ class Choices:
     context: int = SERVE_CONTEXT
     import_kind: str = "dir"  # dir (a Hugging Face folder), gguf, or imported (already in the store)
     link: bool = False  # the folder is on the store's file system and will be hard-linked
-    ppl_tokens: int = 4096
 
 
 def stages(config: dict[str, Any], choices: Choices, machine: Machine) -> list[StageNeed]:
