@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel
 
@@ -63,6 +64,29 @@ def reset_peak_rss() -> None:
     measurement covers one piece of work and not what came before it."""
     with open("/proc/self/clear_refs", "w", encoding="ascii") as handle:
         handle.write("5")
+
+
+def release_freed_memory() -> None:
+    """Hand memory that this process freed back to the system (glibc's malloc_trim; nothing elsewhere).
+
+    The C allocator keeps freed blocks below its mmap threshold (which grows to 32 MB as large blocks are
+    freed) for reuse; a stage that streams tensors of changing shapes would otherwise hold on to blocks of
+    earlier tensors, and its resident memory would creep up with the model's size instead of staying at a
+    few blocks."""
+    global _malloc_trim
+    if _malloc_trim is None:
+        import ctypes
+        import ctypes.util
+
+        try:
+            _malloc_trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _malloc_trim = False
+    if _malloc_trim:
+        _malloc_trim(0)
+
+
+_malloc_trim: Any = None
 
 
 def disk_free_mb(path: Path) -> int:

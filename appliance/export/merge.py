@@ -28,7 +28,7 @@ from appliance import faults, tensorfile
 from appliance.errors import ApplianceError, is_disk_full
 from appliance.events import Emitter
 from appliance.fsutil import fsync_dir, replace_dir, sha256_file
-from appliance.hardware import disk_free_mb
+from appliance.hardware import disk_free_mb, release_freed_memory
 from appliance.records import MergeResult
 from appliance.run import Run
 
@@ -106,6 +106,7 @@ def _merge_into(folder: Path, adapter_dir: Path, base_dir: Path, digest: str, de
                     emit.check_cancelled()
                     emit.progress(f"merging the adapter on {target}", done, total)
                     _stream(reader, writer, reader.tensors[name], dtype, deltas.get(name), target, check)
+                    release_freed_memory()  # the next tensor's blocks have another size
                     done += 1
             finally:
                 writer.close()
