@@ -8,6 +8,7 @@ llama.cpp version, and run them. Nothing is fetched and nothing is compiled at e
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import importlib.util
 import json
@@ -15,9 +16,10 @@ import os
 import re
 import resource
 import shutil
+import signal
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from importlib import metadata
 from pathlib import Path
 
@@ -157,14 +159,19 @@ def _run_converter(command: Callable[[Path], list[str]], outfile: Path, doing: s
     tmp = outfile.with_name(f".{outfile.name}.partial")
     outfile.parent.mkdir(parents=True, exist_ok=True)
     try:
-        result = subprocess.run(command(tmp), env=converter_env(), capture_output=True, text=True, check=False)
+        warm = _warm.convert(command(tmp)[len(_python()):]) if _warm is not None else None
+        if warm is None:
+            done = subprocess.run(command(tmp), env=converter_env(), capture_output=True, text=True, check=False)
+            returncode, stdout, stderr = done.returncode, done.stdout, done.stderr
+        else:
+            returncode, stdout, stderr = warm
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     if log is not None:
-        log.write_text(result.stdout + result.stderr, encoding="utf-8")
-    if result.returncode != 0:
-        output = result.stderr or result.stdout
+        log.write_text(stdout + stderr, encoding="utf-8")
+    if returncode != 0:
+        output = stderr or stdout
         full = _out_of_space(output, tmp)
         tmp.unlink(missing_ok=True)
         tail = "\n".join(output.strip().splitlines()[-5:])
@@ -172,8 +179,155 @@ def _run_converter(command: Callable[[Path], list[str]], outfile: Path, doing: s
             raise ToolchainError(f"{doing} to GGUF failed: the disk is full (or a file-size limit was hit)",
                                  "Free space in the store's disk (df -h shows it) and export again; the partial "
                                  "file was removed.")
-        raise ToolchainError(f"{doing} to GGUF failed (exit {result.returncode}):\n{tail}", hint)
+        raise ToolchainError(f"{doing} to GGUF failed (exit {returncode}):\n{tail}", hint)
     os.replace(tmp, outfile)
+
+
+class WarmConverter:
+    """A process forked from a job before the job computes anything, with the converter's libraries (torch,
+    transformers, llama.cpp's gguf-py and conversion package) imported once, that runs each conversion asked
+    of it in a child of its own: a conversion then starts in a fraction of a second instead of paying the
+    converter's imports again (about 8 s on 2 cores).
+
+    Forking is safe at that point because the job has only imported libraries: no thread pool has run yet
+    (an OpenMP pool that has run does not survive a fork). The process closes every file the job had open
+    (the job's lock among them), dies with the job (PR_SET_PDEATHSIG), and so do the conversions it runs: a
+    killed export leaves no converter behind. Each conversion runs as `python -m appliance.unused SCRIPT`
+    would, with its output in a file that is read back as a subprocess's would be."""
+
+    def __init__(self) -> None:
+        import gc
+
+        import torch  # noqa: F401  # imported before the fork, once for both processes
+        from transformers import AutoConfig, AutoTokenizer  # noqa: F401
+
+        gc.collect()  # no garbage of the job's is left for the forked process to finalize
+        commands, self._commands = os.pipe()
+        self._results, results = os.pipe()
+        self.pid = os.fork()
+        if self.pid == 0:  # pragma: no cover (the forked process: it never returns)
+            try:
+                os.close(self._commands)
+                os.close(self._results)
+                _serve_conversions(commands, results)
+            finally:
+                os._exit(0)
+        os.close(commands)
+        os.close(results)
+        self._reader = os.fdopen(self._results, "r", encoding="utf-8")
+
+    def convert(self, argv: list[str]) -> tuple[int, str, str] | None:
+        """Run the converter `argv` (script and arguments): exit status, output, and '' (the output holds both
+        streams); None when the warm process is gone (the caller then starts a converter of its own)."""
+        import tempfile
+
+        with tempfile.NamedTemporaryFile("w+", encoding="utf-8", prefix="convert-", suffix=".log") as output:
+            try:
+                os.write(self._commands, (json.dumps({"argv": argv, "output": output.name}) + "\n").encode())
+                line = self._reader.readline()
+            except OSError:
+                return None
+            if not line:
+                return None
+            status = int(json.loads(line)["status"])
+            output.seek(0)
+            return status, output.read(), ""
+
+    def close(self) -> None:
+        with _suppress_os_error():
+            os.close(self._commands)  # the warm process reads the end of its commands and exits
+        with _suppress_os_error():
+            self._reader.close()
+        with _suppress_os_error():
+            os.waitpid(self.pid, 0)
+
+
+def _suppress_os_error() -> contextlib.suppress:
+    return contextlib.suppress(OSError, ChildProcessError)
+
+
+def _die_with_parent() -> None:
+    parent = os.getppid()
+    with _suppress_os_error():
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # it died before the signal was asked for
+        os._exit(1)
+
+
+def _serve_conversions(commands: int, results: int) -> None:  # pragma: no cover (runs in the forked process)
+    from appliance import unused
+
+    _die_with_parent()
+    low, high = sorted((commands, results))
+    os.closerange(3, low)  # the job's files, its lock among them: the job's alone
+    os.closerange(low + 1, high)
+    os.closerange(high + 1, 1 << 20)
+    os.environ.update({k: v for k, v in converter_env().items() if k == "PYTHONPATH"})
+    os.environ.pop("NO_LOCAL_GGUF", None)
+    folder = toolchain_dir()
+    for name in [m for m in sys.modules if m == "gguf" or m.startswith("gguf.")]:
+        del sys.modules[name]  # the registry's gguf, should the job have read a header with it: not the converter's
+    sys.path[:0] = [str(folder), str(folder / "gguf-py")]
+    try:
+        importlib.import_module("gguf")  # llama.cpp's gguf-py, from the converter's folder
+        importlib.import_module("conversion")  # the converter's own package: imported once, here
+    except Exception:  # noqa: BLE001 (each conversion then imports what it needs and reports what fails)
+        pass
+    reader = os.fdopen(commands, "r", encoding="utf-8")
+    for line in reader:
+        request = json.loads(line)
+        child = os.fork()
+        if child == 0:
+            code = 1
+            try:
+                _die_with_parent()
+                for signum in (signal.SIGTERM, signal.SIGINT):  # the job's handlers only set its cancel flag
+                    signal.signal(signum, signal.SIG_DFL)
+                out = os.open(request["output"], os.O_WRONLY | os.O_TRUNC)
+                os.dup2(out, 1)
+                os.dup2(out, 2)
+                null = os.open(os.devnull, os.O_RDONLY)
+                os.dup2(null, 0)
+                try:
+                    unused.run_script(request["argv"])
+                    code = 0
+                except SystemExit as exc:
+                    code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+                except BaseException:  # noqa: BLE001 (reported as the converter's own failure would be)
+                    import traceback
+
+                    traceback.print_exc()
+            finally:
+                with _suppress_os_error():
+                    sys.stdout.flush()
+                    sys.stderr.flush()
+                os._exit(code)
+        _pid, wait_status = os.waitpid(child, 0)
+        status = os.waitstatus_to_exitcode(wait_status)
+        os.write(results, (json.dumps({"status": status}) + "\n").encode())
+
+
+_warm: WarmConverter | None = None
+
+
+@contextlib.contextmanager
+def warm_converter() -> Iterator[None]:
+    """A context in which this process's conversions run in a warm converter process (see `WarmConverter`).
+    Enter it only in a job's own process and before it computes anything: it forks."""
+    global _warm
+    if _warm is not None or os.name != "posix":
+        yield
+        return
+    try:
+        _warm = WarmConverter()
+    except OSError:  # no fork (out of memory, a process limit): each conversion starts its own process
+        yield
+        return
+    try:
+        yield
+    finally:
+        warm, _warm = _warm, None
+        warm.close()
 
 
 QUANT_TYPES = ("F16", "BF16", "Q8_0", "Q6_K", "Q5_K_M", "Q5_0", "Q4_K_M", "Q4_0", "Q3_K_M", "Q2_K")

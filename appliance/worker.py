@@ -23,6 +23,16 @@ def _resolve(path: str) -> Any:
     return getattr(importlib.import_module(module), attr)
 
 
+def _warm_for(stage: str) -> contextlib.AbstractContextManager[None]:
+    """An export converts with llama.cpp's converter: its process is forked here, while this one has computed
+    nothing yet, with the converter's libraries imported once for both (toolchain.WarmConverter)."""
+    if stage != "export":
+        return contextlib.nullcontext()
+    from appliance import toolchain
+
+    return toolchain.warm_converter()
+
+
 def main(argv: list[str]) -> int:
     if len(argv) != 2:
         print("usage: python -m appliance.worker JOB_DIR", file=sys.stderr)
@@ -57,7 +67,8 @@ def main(argv: list[str]) -> int:
     try:
         config_path, run_path = STAGES[stage]
         config = _resolve(config_path).model_validate(record.config)
-        result = _resolve(run_path)(config, job_dir, emit)
+        with _warm_for(stage):
+            result = _resolve(run_path)(config, job_dir, emit)
         payload = result.model_dump(mode="json") if hasattr(result, "model_dump") else dict(result)
         writer(ev.Done(result=payload))
         return 0

@@ -102,3 +102,58 @@ def test_runtime_is_built_for_any_x86_64_with_avx2() -> None:
     cpu = subprocess.run(["objdump", "-d", "--no-show-raw-insn", str(lib_dir / "libggml-cpu.so")],
                          capture_output=True, text=True, check=True).stdout
     assert "%ymm" in cpu  # AVX2 kernels are there
+
+
+_WARM = """
+import json, os, signal, sys
+from pathlib import Path
+from appliance import toolchain, unused
+unused.keep_out(unused.NEVER_USED + unused.GPU_ONLY)  # as a job's process does
+model, out = Path(sys.argv[1]), Path(sys.argv[2])
+lock = os.open(out / "job.lock", os.O_RDWR | os.O_CREAT)  # a file the job holds open, as a job holds its run's lock
+with toolchain.warm_converter():
+    warm = toolchain._warm.pid
+    toolchain.convert_to_gguf(model, out / "warm-F16.gguf", "f16", log=out / "warm.log")
+    try:
+        toolchain.convert_to_gguf(out / "missing", out / "missing-F16.gguf", "f16")
+        failed = ""
+    except toolchain.ToolchainError as exc:
+        failed = exc.message
+    held = sorted(os.readlink(f"/proc/{warm}/fd/{fd}") for fd in os.listdir(f"/proc/{warm}/fd"))
+    print(json.dumps({"warm": warm, "failed": failed, "held": held}), flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)  # the job killed while its warm converter lives
+"""
+
+
+def test_the_warm_converter_writes_what_the_converter_writes_and_dies_with_its_job(
+        quantized: Path, default_model_dir: Path, tmp_path: Path) -> None:
+    """An export's conversions run in a process forked from the job before it computes (toolchain.WarmConverter):
+    the same bytes as the converter's own process (the module's F16, converted that way), its failure reported
+    the same way, none of the job's files held open, and nothing left running when the job is killed."""
+    import hashlib
+    import json
+    import subprocess
+    import sys
+    import time
+
+    done = subprocess.run([sys.executable, "-c", _WARM, str(default_model_dir), str(tmp_path)], capture_output=True,
+                          text=True, timeout=600, check=False)
+    assert done.returncode == -9, done.stderr[-3000:]
+    reported = json.loads(done.stdout.strip().splitlines()[-1])
+    digest = [hashlib.sha256(p.read_bytes()).hexdigest() for p in (tmp_path / "warm-F16.gguf",
+                                                                   quantized.with_name("model-F16.gguf"))]
+    assert digest[0] == digest[1]
+    assert "Model successfully exported" in (tmp_path / "warm.log").read_text()
+    assert "converting " in reported["failed"] and "is not a directory" in reported["failed"], reported
+    assert not (tmp_path / "missing-F16.gguf").exists() and not list(tmp_path.glob(".*partial"))
+    assert not [path for path in reported["held"] if path.startswith("/") and "job.lock" in path], reported["held"]
+    def alive(pid: int) -> bool:  # a zombie waiting for init to reap it has ended
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        except OSError:
+            return False
+
+    deadline = time.monotonic() + 10
+    while alive(reported["warm"]) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not alive(reported["warm"]), "the warm converter outlived its job"
