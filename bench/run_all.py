@@ -60,6 +60,8 @@ BENCHES = [
           "then resume or re-run", "no peer (the goal: every round survived with nothing lost)"),
     Bench("scale", "bench/scale.py", "The pipeline at real size: every stage of an 8B-shaped model on this machine",
           "peft's merge_and_unload where its bf16 copy fits; the planner's prediction and the machine's RAM"),
+    Bench("merge", "bench/merge.py", "Merge: streamed, tensor by tensor, against peft's merge_and_unload",
+          "peft's merge_and_unload on the base loaded in bf16, then save_pretrained (what other tools do)"),
     Bench("qlora_compare", "bench/gpu/qlora_compare.py", "QLoRA on CUDA", "plain transformers + peft + bitsandbytes",
           gpu=True),
 ]
@@ -140,6 +142,8 @@ def main() -> None:
         stamp = datetime.now(UTC).strftime("%Y-%m-%d")
         note = f"\nRan in {minutes} on {stamp}." if status == "ok" else f"\n**{status}** after {minutes}."
         sections.append(f"{head}{note}\n\n```\n{output}\n```\n")
+    known = {bench.title for bench in BENCHES}
+    sections += [text for title, text in kept.items() if title not in known]  # a section written by hand stays
     stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     text = (f"# Benchmarks\n\nWritten by `bench/run_all.py` on {stamp}.\n\nMachine: {machine()}.\n\n"
             "Each table compares appliance with a named peer in the same run on the same machine; the command "

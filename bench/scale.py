@@ -35,17 +35,41 @@ from serve_load import _port, _wait
 
 KEY = "bench-scale-key-0123456789abcdef"
 STEP_SECONDS: dict[str, float] = {}  # of the last command's steps
+STEP_ANON: dict[str, float] = {}  # the peak anonymous memory of the last command's steps
 STEPS = {"merging": "merge", "merged": "merge", "converting": "convert", "quantizing": "quantize",
          "verification": "gate"}
 
 
+def _proportional_mb(process: Any) -> tuple[float, float]:
+    """A process's resident memory with the pages it shares with others counted in proportion (PSS: the export's
+    warm converter is forked from the job and shares its libraries' pages, which a sum of RSS would count twice),
+    and the anonymous part of it (what is not a file's pages: the kernel cannot drop it under pressure, while the
+    pages of a mapped model file that were read once, such as the GGUF tensors llama.cpp copies into its own
+    interleaved layout on an AVX2 CPU, it can)."""
+    found: dict[str, float] = {}
+    try:
+        with open(f"/proc/{process.pid}/smaps_rollup", encoding="ascii") as handle:
+            for line in handle:
+                key = line.split(":", 1)[0]
+                if key in ("Pss", "Pss_Anon"):
+                    found[key] = int(line.split()[1]) / 1024
+    except FileNotFoundError:
+        pass
+    if "Pss" not in found:
+        rss = float(process.memory_info().rss) / 2**20
+        return rss, rss
+    return found["Pss"], found.get("Pss_Anon", found["Pss"])
+
+
 class Sampler:
-    """Peak resident memory of a process tree, by the step its events file names (the last progress event)."""
+    """Peak resident memory of a process tree (shared pages counted in proportion), by the step its events file
+    names (the last progress event)."""
 
     def __init__(self, root_pid: int, events: Path | None, default: str, with_root: bool = False) -> None:
         self.root, self.events, self.step, self.with_root = root_pid, events, default, with_root
         self.offset = events.stat().st_size if events is not None and events.is_file() else 0  # earlier jobs' events
         self.peaks: dict[str, float] = {}
+        self.anon: dict[str, float] = {}  # the peak of the anonymous part, by step
         self.started: dict[str, float] = {}
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._loop, daemon=True)
@@ -74,15 +98,17 @@ class Sampler:
             try:
                 root = psutil.Process(self.root)
                 tree = root.children(recursive=True) + ([root] if self.with_root else [])  # not the CLI front end
-                rss = 0.0
+                rss = anon = 0.0
                 for process in tree:
                     try:
-                        rss += process.memory_info().rss / 2**20
-                    except psutil.Error:
+                        total, anonymous = _proportional_mb(process)
+                    except (psutil.Error, OSError):
                         continue
+                    rss, anon = rss + total, anon + anonymous
                 step = self._step()
                 self.started.setdefault(step, time.monotonic())
                 self.peaks[step] = max(self.peaks.get(step, 0.0), rss)
+                self.anon[step] = max(self.anon.get(step, 0.0), anon)
             except psutil.Error:
                 pass
             self.stop.wait(0.2)
@@ -112,12 +138,14 @@ def cli(store: Path, *args: str, events: Path | None = None, step: str = "") -> 
     peaks = sampler.finish()
     STEP_SECONDS.clear()
     STEP_SECONDS.update(sampler.durations(time.monotonic()))
+    STEP_ANON.clear()
+    STEP_ANON.update(sampler.anon)
     if process.returncode:
         raise SystemExit(f"appliance {' '.join(args)} failed ({process.returncode}):\n{err[-3000:]}")
     return json.loads(out), time.monotonic() - began, peaks
 
 
-def serve_once(store: Path, run: str) -> tuple[float, float, str]:
+def serve_once(store: Path, run: str) -> tuple[float, float, float, str]:
     """Start the endpoint on the run's Q4_K_M, answer one chat request, stop: wall time, peak memory, the answer."""
     import httpx
 
@@ -140,7 +168,8 @@ def serve_once(store: Path, run: str) -> tuple[float, float, str]:
     finally:
         process.terminate()
         process.wait(timeout=120)
-    return time.monotonic() - began, sampler.finish().get("serve", 0.0), text
+    peak = sampler.finish().get("serve", 0.0)
+    return time.monotonic() - began, peak, sampler.anon.get("serve", 0.0), text
 
 
 def _settle(weights: Path) -> None:
@@ -175,9 +204,11 @@ def run_shape(shape: str, work: Path, rank: int) -> dict[str, Any]:
     name = f"scale-{shape}"
     rows: list[dict[str, Any]] = []
 
-    def row(stage: str, seconds: float | None, peak: float | None, note: str = "") -> None:
-        rows.append({"stage": stage, "seconds": seconds, "peak_mb": peak, "planned_mb": planned[stage].ram_mb
-                     if stage in planned else None, "note": note})
+    def row(stage: str, seconds: float | None, peak: float | None, note: str = "", anon: float | None = None) -> None:
+        if anon is None and peak is not None:
+            anon = max(STEP_ANON.values(), default=0.0) if stage not in STEP_ANON else STEP_ANON[stage]
+        rows.append({"stage": stage, "seconds": seconds, "peak_mb": peak, "anon_mb": anon,
+                     "planned_mb": planned[stage].ram_mb if stage in planned else None, "note": note})
         print(json.dumps({"shape": shape, **rows[-1]}), file=sys.stderr)
 
     imported, seconds, peaks = cli(store, "models", "import", str(source), "--name", name, step="import")
@@ -199,13 +230,14 @@ def run_shape(shape: str, work: Path, rank: int) -> dict[str, Any]:
                 "quantize": f"Q4_K_M {files['Q4_K_M']['bytes'] / 1e9:.2f} GB",
                 "gate": exported.get("budget") or ""}[step]
         row(step, STEP_SECONDS.get(step), peaks.get(step), note)
-    rows.append({"stage": "export (all four)", "seconds": seconds, "peak_mb": max(peaks.values()), "planned_mb": None,
+    rows.append({"stage": "export (all four)", "seconds": seconds, "peak_mb": max(peaks.values()),
+                 "anon_mb": max(STEP_ANON.values(), default=0.0), "planned_mb": None,
                  "note": f"verification {exported['verify_seconds']} s"})
     evaluated, seconds, peaks = cli(store, "eval", "--run", run_dir.name, "--targets", "gguf:Q4_K_M", "--max-items",
                                     "4", step="evaluate")
     row("evaluate", seconds, max(peaks.values(), default=0.0), "Q4_K_M on 4 test items")
-    seconds, peak, answer = serve_once(store, run_dir.name)
-    row("serve", seconds, peak, f"one request, 16 tokens: {answer[:30]!r}")
+    seconds, peak, anon, answer = serve_once(store, run_dir.name)
+    row("serve", seconds, peak, f"one request, 16 tokens: {answer[:30]!r}", anon)
     peer: dict[str, Any] = {}
     model_bytes = sum(p.stat().st_size for p in source.glob("*.safetensors"))
     if model_bytes * 2.2 < machine.ram_available_mb * 2**20:
@@ -249,22 +281,24 @@ def main() -> None:
 def _print(results: list[dict[str, Any]]) -> None:
     first = results[0]
     print(f"The pipeline at size on {os.cpu_count()} CPUs, {first['ram_mb'] / 1024:.1f} GiB RAM "
-          f"({first['available_mb'] / 1024:.1f} available), no GPU; peak = resident memory of the stage's processes")
+          f"({first['available_mb'] / 1024:.1f} available), no GPU; peak = resident memory of the stage's processes "
+          "(PSS: pages they share counted once)")
     for result in results:
         print(f"\n{result['shape']} ({result['parameters'] / 1e9:.2f} B parameters)")
-        print(f"{'stage':<18} {'seconds':>8} {'peak GiB':>9} {'planned GiB':>12}  note")
+        print(f"{'stage':<18} {'seconds':>8} {'peak GiB':>9} {'anon GiB':>9} {'planned GiB':>12}  note")
         for row in result["rows"]:
             seconds = f"{row['seconds']:.0f}" if row["seconds"] is not None else ""
             peak = f"{row['peak_mb'] / 1024:.2f}" if row["peak_mb"] else ""
+            anon = f"{row['anon_mb'] / 1024:.2f}" if row.get("anon_mb") else ""
             planned = f"{row['planned_mb'] / 1024:.2f}" if row["planned_mb"] else ""
-            print(f"{row['stage']:<18} {seconds:>8} {peak:>9} {planned:>12}  {row['note']}")
+            print(f"{row['stage']:<18} {seconds:>8} {peak:>9} {anon:>9} {planned:>12}  {row['note']}")
         peer = result["peer"]
         if peer and "error" not in peer:
-            print(f"{'peer: peft merge':<18} {peer['seconds']:>8.0f} {peer['peak_mb'] / 1024:>9.2f} {'':>12}  "
+            print(f"{'peer: peft merge':<18} {peer['seconds']:>8.0f} {peer['peak_mb'] / 1024:>9.2f} {'':>9} {'':>12}  "
                   "merge_and_unload in bf16 (the merge before it streamed)")
         else:
-            print(f"{'peer: peft merge':<18} {'':>8} {'':>9} {'':>12}  not run: its bf16 copy does not fit this "
-                  "machine's memory twice")
+            print(f"{'peer: peft merge':<18} {'':>8} {'':>9} {'':>9} {'':>12}  not run: its bf16 copy does not fit "
+                  "this machine's memory twice")
 
 
 if __name__ == "__main__":
