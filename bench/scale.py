@@ -111,7 +111,7 @@ class Sampler:
                 self.anon[step] = max(self.anon.get(step, 0.0), anon)
             except psutil.Error:
                 pass
-            self.stop.wait(0.2)
+            self.stop.wait(0.5)  # PSS walks the page tables: of a 16 GB mapping, tens of ms a read
 
     def finish(self) -> dict[str, float]:
         self.stop.set()
@@ -299,6 +299,11 @@ def _print(results: list[dict[str, Any]]) -> None:
         else:
             print(f"{'peer: peft merge':<18} {'':>8} {'':>9} {'':>9} {'':>12}  not run: its bf16 copy does not fit "
                   "this machine's memory twice")
+    print("\npeak: the stage's processes' resident memory, pages they share counted once (PSS); anon: the part that is "
+          "not a file's pages.\nThe rest of a llama.cpp stage's peak is the GGUF's mapped pages: on an AVX2 CPU "
+          "llama.cpp copies the\nquantized weights it can into its own interleaved layout and leaves the pages it "
+          "read mapped, which the kernel\ndrops under memory pressure. The planner counts the weights once, the "
+          "cache, the compute buffers and the runtime.")
 
 
 if __name__ == "__main__":
