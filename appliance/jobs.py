@@ -21,7 +21,7 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from appliance import events as ev
-from appliance import integrity
+from appliance import integrity, jobhost, unused
 from appliance.errors import ApplianceError, Cancelled, JobBusy, JobFailed
 from appliance.records import JobEntry, JobRecord
 from appliance.run import Run, job_record, last_job, write_job_record
@@ -97,7 +97,7 @@ class Job:
 
     stage: str
     dir: Path
-    process: subprocess.Popen[bytes] | None
+    process: subprocess.Popen[bytes] | jobhost.HostedProcess | None
     offset: int = 0  # where this job's events begin: a run's earlier stages wrote before it
     pid: int = 0
     end: int | None = None  # where its events end, for a job that a later job followed (None: the last job)
@@ -249,15 +249,19 @@ def start(stage: str, job_dir: Path, config: BaseModel, env: dict[str, str] | No
         if env:
             child_env.update(env)
         with open(job_dir / LOG_FILE, "ab") as log:
-            process = subprocess.Popen(
-                [sys.executable, "-m", "appliance.worker", str(job_dir)],
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=child_env,
-                start_new_session=True,  # a Ctrl-C in the terminal reaches the parent, which cancels
-                pass_fds=(lock,),  # the worker holds the lock for as long as it lives
-            )
+            process: subprocess.Popen[bytes] | jobhost.HostedProcess | None = None
+            if jobhost.enabled(stage, child_env):  # forked from a process that has imported the libraries
+                process = jobhost.spawn(job_dir, child_env, unused.unused(stage, record.config), log.fileno(), lock)
+            if process is None:
+                process = subprocess.Popen(
+                    [sys.executable, "-m", "appliance.worker", str(job_dir)],
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    env=child_env,
+                    start_new_session=True,  # a Ctrl-C in the terminal reaches the parent, which cancels
+                    pass_fds=(lock,),  # the worker holds the lock for as long as it lives
+                )
         record.pid, record.started = process.pid, time.time()
         record.history.append(JobEntry(stage=stage, offset=offset, pid=process.pid, started=record.started))
         write_job_record(job_dir, record)
@@ -313,9 +317,13 @@ def _worker_alive(pid: int, job_dir: Path) -> bool:
         status = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except OSError:
         return False
-    if status == "Z" or b"appliance.worker" not in cmdline:
+    if status == "Z":
         return False
     target = job_dir.resolve()
+    if b"appliance.jobhost" in cmdline:  # forked by a job host: the worker is the process that holds the lock
+        return str(target / LOCK_FILE) in jobhost.fds_of(pid)
+    if b"appliance.worker" not in cmdline:
+        return False
     return any(Path(os.fsdecode(arg)).resolve() == target for arg in cmdline[cmdline.index(b"appliance.worker") + 1:]
                if arg)
 

@@ -230,3 +230,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    # The job hosts this session started end with it rather than idling on (appliance.jobhost).
+    from appliance import jobhost
+
+    jobhost.stop_idle()

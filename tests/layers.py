@@ -2,7 +2,8 @@
 fails on an import that points up or sideways:
 
     front ends     tui, appliance.cli            may import anything below
-    orchestration  jobs, worker, runs, sweep     start stages as processes and follow them
+    orchestration  jobs, jobhost, worker, runs,  start stages as processes and follow them
+                   sweep
     stages         data, train, evaluate,        each imports the core and itself, never another stage
                    export, serve, importer
     core           every other appliance module  imports the core only
@@ -14,7 +15,7 @@ import ast
 from pathlib import Path
 
 FRONT = ("tui", "appliance.cli", "appliance.__main__")
-ORCHESTRATION = ("appliance.jobs", "appliance.worker", "appliance.runs", "appliance.sweep")
+ORCHESTRATION = ("appliance.jobs", "appliance.jobhost", "appliance.worker", "appliance.runs", "appliance.sweep")
 STAGES = ("appliance.data", "appliance.train", "appliance.evaluate", "appliance.export", "appliance.serve",
           "appliance.importer")
 RANK = {"core": 0, "stage": 1, "orchestration": 2, "front": 3}
