@@ -273,7 +273,7 @@ def _serve(listener: socket.socket) -> None:
                     wake_read.recv(512)
             else:
                 waiting.discard(source)
-                pid = _handle(source)
+                pid = _handle(source, [listener, wake_read, wake_write, *waiting, *children.values()])
                 if pid is None or pid == QUIT:
                     source.close()
                     if pid == QUIT and not children:
@@ -294,8 +294,9 @@ def _serve(listener: socket.socket) -> None:
 QUIT = -1
 
 
-def _handle(connection: socket.socket) -> int | None:
-    """Read one request and fork its job: the child's pid, or None after a refusal sent to the starter."""
+def _handle(connection: socket.socket, hosting: list[socket.socket]) -> int | None:
+    """Read one request and fork its job: the child's pid, or None after a refusal sent to the starter.
+    `hosting`: the host's other sockets, which the child closes."""
     fds: list[int] = []
     try:
         uid = struct.unpack("3i", connection.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
@@ -322,7 +323,7 @@ def _handle(connection: socket.socket) -> int | None:
         if not refusal:
             pid = os.fork()
             if pid == 0:
-                _become_job(request, fds[0], fds[1])  # never returns
+                _become_job(request, fds[0], fds[1], [connection, *hosting])  # never returns
             with contextlib.suppress(OSError):  # the starter went away: the job runs all the same
                 connection.sendall(json.dumps({"pid": pid}).encode() + b"\n")
             return pid
@@ -356,8 +357,10 @@ def _cannot_reproduce(request: dict[str, Any]) -> str:
     return ""
 
 
-def _become_job(request: dict[str, Any], log_fd: int, lock_fd: int) -> None:
-    """In the forked child: take the starter's settings and files, then run the worker and exit."""
+def _become_job(request: dict[str, Any], log_fd: int, lock_fd: int, hosting: list[socket.socket]) -> None:
+    """In the forked child: drop the host's sockets, take the starter's settings and files (the lock stays at the
+    number it came with; what the libraries opened as they loaded stays open, as in a process of its own), run
+    the worker and exit."""
     code = 1
     try:
         signal.set_wakeup_fd(-1)
@@ -371,12 +374,15 @@ def _become_job(request: dict[str, Any], log_fd: int, lock_fd: int) -> None:
         os.sched_setaffinity(0, request["affinity"])
         os.umask(request["umask"])
         os.chdir(request["cwd"])
+        for sock in hosting:
+            sock.close()
         devnull = os.open(os.devnull, os.O_RDONLY)
         os.dup2(devnull, 0)
         os.dup2(log_fd, 1)
         os.dup2(log_fd, 2)
-        os.dup2(lock_fd, 3)
-        os.closerange(4, resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+        for fd in (devnull, log_fd):
+            if fd > 2:
+                os.close(fd)
         os.environ.clear()
         os.environ.update(request["env"])
         _reseed()

@@ -57,7 +57,7 @@ def test_a_hosted_job_gets_the_starters_settings_files_and_signals(tiny_prepared
         assert int(_stat(pid)[3]) == pid  # a session of its own (a Ctrl-C in the terminal reaches the starter)
         assert Path(os.readlink(f"/proc/{pid}/cwd")) == Path.cwd()
         opened = jobhost.fds_of(pid)
-        assert os.readlink(f"/proc/{pid}/fd/3") == str((run_dir / jobs.LOCK_FILE).resolve())
+        assert str((run_dir / jobs.LOCK_FILE).resolve()) in opened
         assert os.readlink(f"/proc/{pid}/fd/1") == os.readlink(f"/proc/{pid}/fd/2") == str(run_dir / jobs.LOG_FILE)
         assert not [fd for fd in opened if fd.startswith("socket:")], opened  # none of the host's connections
         attached = jobs.attach(run_dir)

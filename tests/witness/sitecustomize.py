@@ -34,4 +34,5 @@ if _path:
                 _write({"event": "open", "path": name})
 
     _write({"event": "start", "argv": sys.argv[:3]})
-    sys.addaudithook(_hook)
+    sys.addaudithook(_hook)  # a forked process keeps the hooks, and says it started
+    os.register_at_fork(after_in_child=lambda: _write({"event": "start", "argv": ["forked", *sys.argv[:3]]}))
