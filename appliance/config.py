@@ -448,6 +448,10 @@ class ExportConfig(StageConfig):
                              "server alias); <base model>-<run suffix> when not given")
     ppl_tokens: int = Field(default=4096, ge=64, le=10_000_000, description="Validation tokens scored for the "
                             "perplexity of each file (rows in order, whole rows only)")
+    pre_tokenizer: str | None = Field(default=None, pattern=r"^[a-z0-9][a-z0-9._-]{0,63}$",
+                                      description="llama.cpp's name for how the tokenizer splits text "
+                                      "(llama-bpe, qwen2, ...), for a BPE tokenizer its converter does not "
+                                      "recognise; the gate checks the tokenization either way")
     cluster_gpu_gib: float = Field(default=24.0, gt=0, le=100_000, description="Memory of one GPU of the "
                                    "cluster that may serve the merged model with vLLM or TGI: sizes the "
                                    "tensor-parallel degree their launch scripts suggest")

@@ -144,7 +144,8 @@ class HostedProcess:
 def spawn(job_dir: Path, env: dict[str, str], keep_out: tuple[str, ...], log_fd: int,
           lock_fd: int) -> HostedProcess | None:
     """Fork the worker of `job_dir` from the host for `env` (starting that host when there is none);
-    None when no host can give this job exactly what a process of its own would have."""
+    None when no host can give this job exactly what a process of its own would have (and none was forked:
+    when the answer is lost, the process that holds the job's lock, if any, is the job)."""
     host_key = key(env, keep_out)
     try:
         connection = _connect(host_key, env, keep_out)
@@ -154,12 +155,25 @@ def spawn(job_dir: Path, env: dict[str, str], keep_out: tuple[str, ...], log_fd:
         _send(connection, _request(job_dir, env), [log_fd, lock_fd])
         reply = _receive_line(connection, ANSWER_S)
     except (OSError, ValueError):
-        connection.close()
-        return None
-    if reply is None or "pid" not in reply:
-        connection.close()
-        return None
-    return HostedProcess(connection, int(reply["pid"]))
+        reply = None
+    if reply is not None and "pid" in reply:
+        return HostedProcess(connection, int(reply["pid"]))
+    connection.close()
+    if reply is None:  # no answer: a host that forked, then died or was too slow to say so, leaves the lock held
+        holder = _holder(os.readlink(f"/proc/self/fd/{lock_fd}"))
+        if holder is not None:
+            orphan = HostedProcess(connection, holder)
+            orphan._orphaned = True
+            return orphan
+    return None
+
+
+def _holder(lock_path: str) -> int | None:
+    """Another process of this user that holds `lock_path` open, if any."""
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and int(entry) != os.getpid() and lock_path in fds_of(int(entry)):
+            return int(entry)
+    return None
 
 
 def _connect(host_key: str, env: dict[str, str], keep_out: tuple[str, ...]) -> socket.socket:
@@ -320,6 +334,11 @@ def _handle(connection: socket.socket, hosting: list[socket.socket]) -> int | No
         refusal = _cannot_reproduce(request)
         if threading.active_count() != 1:  # a fork copies the forking thread alone
             refusal = "the host runs threads"
+        connection.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            if connection.recv(1, socket.MSG_PEEK) == b"":
+                refusal = "the starter went away"  # it may have started the job itself: never twice
+        connection.setblocking(True)
         if not refusal:
             pid = os.fork()
             if pid == 0:

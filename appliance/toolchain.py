@@ -104,10 +104,17 @@ def _python() -> list[str]:
     return [sys.executable, "-m", "appliance.unused"]
 
 
-def convert_command(model_dir: Path, outfile: Path, outtype: str = "f16") -> list[str]:
-    folder = toolchain_dir()
-    return [*_python(), str(folder / "convert_hf_to_gguf.py"), str(model_dir),
-            "--outfile", str(outfile), "--outtype", outtype]
+PRE_TOKENIZER_SCRIPT = Path(__file__).with_name("convert_with_pre.py")
+UNRECOGNISED_PRE = "BPE pre-tokenizer was not recognized"  # the converter's words
+
+
+def convert_command(model_dir: Path, outfile: Path, outtype: str = "f16",
+                    pre_tokenizer: str | None = None) -> list[str]:
+    """The converter's command line; with `pre_tokenizer`, run through convert_with_pre.py, which names the BPE
+    pre-tokenizer of a tokenizer the converter does not recognise."""
+    converter = toolchain_dir() / "convert_hf_to_gguf.py"
+    script = [str(PRE_TOKENIZER_SCRIPT), pre_tokenizer, str(converter)] if pre_tokenizer else [str(converter)]
+    return [*_python(), *script, str(model_dir), "--outfile", str(outfile), "--outtype", outtype]
 
 
 def converter_env() -> dict[str, str]:
@@ -119,9 +126,11 @@ def converter_env() -> dict[str, str]:
     return env
 
 
-def convert_to_gguf(model_dir: Path, outfile: Path, outtype: str = "f16", log: Path | None = None) -> None:
+def convert_to_gguf(model_dir: Path, outfile: Path, outtype: str = "f16", log: Path | None = None,
+                    pre_tokenizer: str | None = None) -> None:
     """Convert a Hugging Face folder to GGUF with the installed converter (written atomically)."""
-    _run_converter(lambda tmp: convert_command(model_dir, tmp, outtype), outfile, f"converting {model_dir}", log,
+    _run_converter(lambda tmp: convert_command(model_dir, tmp, outtype, pre_tokenizer), outfile,
+                   f"converting {model_dir}", log,
                    "The model may use an architecture this llama.cpp version cannot convert.")
 
 
@@ -179,6 +188,11 @@ def _run_converter(command: Callable[[Path], list[str]], outfile: Path, doing: s
             raise ToolchainError(f"{doing} to GGUF failed: the disk is full (or a file-size limit was hit)",
                                  "Free space in the store's disk (df -h shows it) and export again; the partial "
                                  "file was removed.")
+        if UNRECOGNISED_PRE in output:
+            hint = ("llama.cpp's converter does not recognise this BPE tokenizer's pre-tokenizer (a tokenizer "
+                    "retrained or changed from its family's). Export again with --pre-tokenizer NAME, the name of "
+                    "the family it splits text like (llama-bpe for Llama 3, qwen2 for Qwen2.5, smollm, ...): the "
+                    "verification gate then checks that llama.cpp tokenizes as the model does.")
         raise ToolchainError(f"{doing} to GGUF failed (exit {returncode}):\n{tail}", hint)
     os.replace(tmp, outfile)
 

@@ -129,7 +129,8 @@ def cli(store: Path, *args: str, events: Path | None = None, step: str = "") -> 
                                                                                        dict[str, float]]:
     """An appliance command with --json: its result, wall time and peak memory by step (STEP_SECONDS keeps the
     seconds of each step of the last command)."""
-    env = {**os.environ, "APPLIANCE_HOME": str(store), "TOKENIZERS_PARALLELISM": "false"}
+    # each job in a process of its own, a child of the CLI, as the memory plan counts it (not forked by a job host)
+    env = {**os.environ, "APPLIANCE_HOME": str(store), "TOKENIZERS_PARALLELISM": "false", "APPLIANCE_JOB_HOST": "0"}
     began = time.monotonic()
     process = subprocess.Popen([sys.executable, "-m", "appliance", *args, "--json"], env=env, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)

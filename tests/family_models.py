@@ -3,22 +3,20 @@
 No PyPI package ships the real families' tokenizers, so each family's tokenizer is built here, offline:
 - the BPE families (Llama 3, Mistral, Qwen 2.5, Qwen 3, Gemma 3, Phi-3) take a copy of the default model's
   byte-level BPE and rename its first added tokens to the family's special tokens (same ids, so the weights'
-  shapes stay those of SHAPE, and llama.cpp's converter still recognises the BPE pre-tokenizer by its hash);
+  shapes stay those of SHAPE, and llama.cpp's converter still recognises the BPE pre-tokenizer by its hash,
+  but for Qwen2.5's, which the export names);
 - Gemma 2's converter reads only a SentencePiece `tokenizer.model`: one is trained here on a few lines
-  (byte fallback, so every script still tokenizes), with Gemma's special-token ids, and written as the
-  Hugging Face tokenizer too.
+  (byte fallback, so every script still tokenizes), with Gemma's special-token ids and its turn markers as
+  special tokens, and written as the Hugging Face tokenizer too, with tokenizer_config.json listing the
+  special tokens as Gemma's does (the converter reads their types there).
 The chat templates are the families' own (their tool-calling branches left out)."""
 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-from appliance import toolchain
 
 SHAPE = {"vocab_size": 49152, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
          "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "max_position_embeddings": 512,
@@ -89,7 +87,7 @@ class Family:
     extra: dict[str, Any] = field(default_factory=dict)  # config beyond SHAPE
     normal: tuple[str, ...] = ()  # added tokens the tokenizer does not treat as special
     sentencepiece: bool = False
-    pre: str | None = None  # the BPE pre-tokenizer to name when the converter does not know the tokenizer's hash
+    pre: str | None = None  # the export's --pre-tokenizer, for a tokenizer whose hash the converter does not know
     tokenizer_class: str | None = None  # as tokenizer_config.json names it, when the converter reads that
 
 
@@ -100,16 +98,17 @@ FAMILIES: dict[str, Family] = {
                         "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                         "original_max_position_embeddings": 256}}),  # Llama 3.1+: the converter adds rope_freqs
     "mistral": Family("MistralConfig", "MistralForCausalLM", "llama", MISTRAL, ("<unk>", "<s>", "</s>"), "<s>", "</s>"),
-    # transformers reads a qwen2 tokenizer with Qwen's own pre-tokenizer (not the file's): llama.cpp's "qwen2"
+    # transformers reads a qwen2 tokenizer with Qwen's own pre-tokenizer (not the file's), so the default model's
+    # vocabulary split that way has a hash of its own: the export names llama.cpp's "qwen2", as a user would
     "qwen2": Family("Qwen2Config", "Qwen2ForCausalLM", "qwen2", QWEN25, ("<|endoftext|>", "<|im_start|>", "<|im_end|>"),
                     None, "<|im_end|>", pre="qwen2"),
     "qwen3": Family("Qwen3Config", "Qwen3ForCausalLM", "qwen3", QWEN3, ("<|endoftext|>", "<|im_start|>", "<|im_end|>"),
                     None, "<|im_end|>", normal=("<think>", "</think>")),
-    "gemma2": Family("Gemma2Config", "Gemma2ForCausalLM", "gemma2", GEMMA, ("<pad>", "<eos>", "<bos>", "<unk>"),
+    "gemma2": Family("Gemma2Config", "Gemma2ForCausalLM", "gemma2", GEMMA,
+                     ("<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"),
                      "<bos>", "<eos>", {"final_logit_softcapping": 30.0, "query_pre_attn_scalar": 16,
                                         "bos_token_id": 2, "eos_token_id": 1, "pad_token_id": 0,
-                                        "tie_word_embeddings": True},
-                     normal=("<start_of_turn>", "<end_of_turn>"), sentencepiece=True),
+                                        "tie_word_embeddings": True}, sentencepiece=True),
     "gemma3": Family("Gemma3TextConfig", "Gemma3ForCausalLM", "gemma3", GEMMA,
                      ("<pad>", "<bos>", "<eos>", "<start_of_turn>", "<end_of_turn>"), "<bos>", "<eos>",
                      {"query_pre_attn_scalar": 16, "pad_token_id": 0, "tie_word_embeddings": True}),
@@ -187,34 +186,22 @@ def _sentencepiece_tokenizer(spec: Family, folder: Path) -> None:
     from transformers.convert_slow_tokenizer import SentencePieceExtractor
 
     lines = [line for line in CORPUS.read_text(encoding="utf-8").splitlines() if line.strip()]
-    pad, eos, bos, unk = spec.specials
+    pad, eos, bos, unk, *turns = spec.specials
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(lines), model_prefix=str(folder / "tokenizer"), model_type="bpe", vocab_size=1000,
         byte_fallback=True, character_coverage=1.0, normalization_rule_name="identity", add_dummy_prefix=False,
         remove_extra_whitespaces=False, allow_whitespace_only_pieces=True, split_digits=True,
         pad_id=0, eos_id=1, bos_id=2, unk_id=3, pad_piece=pad, eos_piece=eos, bos_piece=bos, unk_piece=unk,
-        user_defined_symbols=list(spec.normal), minloglevel=2)
+        user_defined_symbols=[*turns, *spec.normal], minloglevel=2)
     (folder / "tokenizer.vocab").unlink()
     extracted = SentencePieceExtractor(str(folder / "tokenizer.model")).extract(None)
     tokenizer = GemmaTokenizer(vocab=extracted["vocab"], merges=extracted["merges"], pad_token=pad, eos_token=eos,
                                bos_token=bos, unk_token=unk, mask_token=unk, add_bos_token=True)
+    tokenizer.add_special_tokens({"additional_special_tokens": turns})  # as Gemma's own tokenizer has them
     tokenizer.chat_template = spec.template
     tokenizer.save_pretrained(str(folder))
     config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+    config["added_tokens_decoder"] = {  # as Gemma's own tokenizer_config.json lists them (the converter reads it)
+        str(token_id): {"content": name, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False,
+                        "special": True} for token_id, name in enumerate(spec.specials)}
     _write_config(folder, config, spec)
-
-
-DRIVER = Path(__file__).resolve().parent / "convert_families.py"
-
-
-def convert_all(pairs: list[tuple[Path, Path, str | None]]) -> None:
-    """Convert each (model folder, F16 GGUF, pre-tokenizer) with the installed converter in one process (its
-    imports cost seconds; `toolchain.convert_to_gguf` pays them once per model)."""
-    toolchain.converter_info()
-    argv = [str(x) for pair in pairs for x in (pair[0], pair[1], pair[2] or "-")]
-    result = subprocess.run([sys.executable, "-m", "appliance.unused", str(DRIVER),
-                             str(toolchain.toolchain_dir()), *argv],
-                            env=toolchain.converter_env(), capture_output=True, text=True, check=False)
-    assert result.returncode == 0, result.stderr[-3000:]
-
-

@@ -93,3 +93,24 @@ def test_a_host_refuses_what_it_cannot_give_a_child() -> None:
     above = {**request["limits"], "RLIMIT_NOFILE": [soft, hard + 1]}
     assert "RLIMIT_NOFILE" in jobhost._cannot_reproduce({**request, "limits": above})
     assert "working directory" in jobhost._cannot_reproduce({**request, "cwd": "/nonexistent/dir"})
+
+
+def test_when_a_hosts_answer_is_lost_the_process_holding_the_lock_is_the_job(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    lock = tmp_path / jobs.LOCK_FILE
+    lock.touch()
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; f = open(sys.argv[1]); print(1, flush=True); "
+                               "time.sleep(60)", str(lock)], stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline()
+        mine = os.open(lock, os.O_RDONLY)  # the starter's own hold does not count
+        try:
+            assert jobhost._holder(str(lock)) == holder.pid
+        finally:
+            os.close(mine)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert jobhost._holder(str(lock)) is None

@@ -32,6 +32,9 @@ from appliance.hardware import disk_free_mb, release_freed_memory
 from appliance.records import MergeResult
 from appliance.run import Run
 
+SENTENCEPIECE = "tokenizer.model"  # Gemma, Phi-3, Llama 2 and Mistral tokenizers: what their converters read
+GENERIC_TOKENIZER = "TokenizersBackend"  # the class transformers writes for a tokenizer loaded from tokenizer.json
+
 
 class ExportError(ApplianceError):
     title = "Export problem"
@@ -49,6 +52,31 @@ def is_full_model(adapter_dir: Path) -> bool:
     return not (adapter_dir / "adapter_config.json").is_file() and (adapter_dir / "config.json").is_file()
 
 
+def _sentencepiece(adapter_dir: Path, base_dir: Path) -> Path | None:
+    """The SentencePiece model of the run's tokenizer, which the converters of the SentencePiece families read
+    (transformers saves a tokenizer as tokenizer.json alone): the adapter's, else the base model's."""
+    return next((d / SENTENCEPIECE for d in (adapter_dir, base_dir) if (d / SENTENCEPIECE).is_file()), None)
+
+
+def _keep_what_converters_read(folder: Path, tokenizer: Any, base_dir: Path) -> None:
+    """Give the saved tokenizer_config.json what llama.cpp's converters read in the families' own files, which
+    transformers no longer writes: the added tokens with their types (a SentencePiece converter marks the special
+    ones there; without them llama.cpp splits Gemma's `<start_of_turn>` into pieces) and the base model's tokenizer
+    class where a generic one was written (Phi-4's converter takes a BPE vocabulary by its class name)."""
+    path = folder / "tokenizer_config.json"
+    config = json.loads(path.read_text(encoding="utf-8"))
+    base_config = base_dir / "tokenizer_config.json"
+    base_class = json.loads(base_config.read_text(encoding="utf-8")).get("tokenizer_class") \
+        if base_config.is_file() else None
+    if base_class and config.get("tokenizer_class") in (None, GENERIC_TOKENIZER):
+        config["tokenizer_class"] = base_class
+    config.setdefault("added_tokens_decoder", {
+        str(token_id): {"content": token.content, "lstrip": token.lstrip, "normalized": token.normalized,
+                        "rstrip": token.rstrip, "single_word": token.single_word, "special": token.special}
+        for token_id, token in sorted(tokenizer.added_tokens_decoder.items())})
+    path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
 def merge(run: Run, base_dir: Path, emit: Emitter, device: str = "auto") -> MergeResult:
     """`merged/` for the run's adapter; reused when it already holds this adapter."""
     adapter_dir = run.adapter_dir
@@ -57,7 +85,8 @@ def merge(run: Run, base_dir: Path, emit: Emitter, device: str = "auto") -> Merg
     digest = sha256_file(adapter_weights(adapter_dir))
     final = run.merged_dir
     previous = run.merge_record()
-    if previous is not None and previous.adapter_sha256 == digest and _complete(final):
+    stale = _sentencepiece(adapter_dir, base_dir) is not None and not (final / SENTENCEPIECE).is_file()
+    if previous is not None and previous.adapter_sha256 == digest and _complete(final) and not stale:
         emit.log(f"merged model already holds adapter {digest[:12]}; reusing {final}")
         return previous.model_copy(update={"reused": True, "seconds": 0.0, "merged": str(final)})
     _refuse_quantized_base(base_dir)
@@ -118,6 +147,10 @@ def _merge_into(folder: Path, adapter_dir: Path, base_dir: Path, digest: str, de
         shutil.copy2(source / "generation_config.json", folder / "generation_config.json")
     tokenizer = AutoTokenizer.from_pretrained(str(adapter_dir))
     tokenizer.save_pretrained(str(folder))
+    model = _sentencepiece(adapter_dir, base_dir)
+    if model is not None and not (folder / SENTENCEPIECE).is_file():  # saved as tokenizer.json alone
+        shutil.copy2(model, folder / SENTENCEPIECE)
+    _keep_what_converters_read(folder, tokenizer, base_dir)
     if not (folder / "chat_template.jinja").is_file() and isinstance(tokenizer.chat_template, str):
         (folder / "chat_template.jinja").write_text(tokenizer.chat_template, encoding="utf-8")
     emit.progress("merged", total, total)

@@ -162,7 +162,8 @@ def _produce(cfg: ExportConfig, run: Run, staging: Path, merged: MergeResult, ba
         began = time.monotonic()
         faults.point("export.convert" if quant in (reference_quant, "LORA") else "export.quantize")
         if quant == reference_quant:
-            toolchain.convert_to_gguf(Path(merged.merged), target, cfg.outtype, log=staging / ".convert.log")
+            toolchain.convert_to_gguf(Path(merged.merged), target, cfg.outtype, log=staging / ".convert.log",
+                                      pre_tokenizer=cfg.pre_tokenizer)
         elif quant == "LORA":
             _lora(run, base_dir, staging, target, reference_quant, cfg, produced)
         else:
@@ -179,7 +180,8 @@ def _lora(run: Run, base_dir: Path, staging: Path, target: Path, reference_quant
     toolchain.convert_lora(run.adapter_dir, base_dir, target, cfg.outtype, log=staging / ".convert-lora.log")
     base_gguf = staging / f"{base_dir.name}-{reference_quant}.gguf"
     began = time.monotonic()
-    toolchain.convert_to_gguf(base_dir, base_gguf, cfg.outtype, log=staging / ".convert-base.log")
+    toolchain.convert_to_gguf(base_dir, base_gguf, cfg.outtype, log=staging / ".convert-base.log",
+                              pre_tokenizer=cfg.pre_tokenizer)
     produced["BASE"] = (base_gguf, round(time.monotonic() - began, 2))
 
 
