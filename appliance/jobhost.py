@@ -1,10 +1,10 @@
 """A warm host for jobs: each job forked from a process that has already imported the ML libraries.
 
-A job of the train, export, eval or sweep stage spends its first 7-8 s of a 2-core machine importing
-torch, transformers, peft and llama.cpp's bindings before it computes anything, and a session (the TUI, a
-script that trains then exports then evaluates) starts many. The first such job of a user starts a host
-(`python -c ... appliance.jobhost KEY`, in its own session) that imports those libraries once and then
-forks each later job, which starts at once; a host idle for IDLE_S seconds ends.
+A job spends its first seconds importing what it needs (torch, transformers, peft, llama.cpp's bindings: 7-8 s
+of a 2-core machine for a training job; a data preparation job starts computing 9 s after it was started), and
+a session (the TUI, a script that prepares, trains, exports and evaluates) starts many. The first job of a user
+starts a host (`python -c ... appliance.jobhost KEY`, in its own session) that imports those libraries once and
+then forks each job, which starts at once; a host idle for IDLE_S seconds ends.
 
 A forked job must be the job a plain `python -m appliance.worker DIR` would have been, or not be forked:
 - the host serves one environment: its key hashes the interpreter, the package's place, this file's
@@ -18,7 +18,7 @@ A forked job must be the job a plain `python -m appliance.worker DIR` would have
   a parallel region, or with CUDA initialised, is unsafe), and on a host with an NVIDIA driver every job
   starts cold.
 APPLIANCE_JOB_HOST=0 turns it off. Anything that goes wrong on the way (no host, a refusal, a host that
-does not answer) starts the job cold, as before.
+does not answer) starts the job cold, as before; a job is never started twice.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-WARM_STAGES = ("train", "export", "eval", "sweep")  # the stages that import torch anyway
+WARM_STAGES = ("import", "data", "train", "export", "eval", "sweep")  # every stage imports some of PRELOAD
 AFTER_FORK = ("APPLIANCE_HOME", "APPLIANCE_FAULT", "APPLIANCE_FAULT_TRACE", "APPLIANCE_API_KEY",
               "PYTEST_CURRENT_TEST")  # read at run time only
 IDLE_S = 300.0

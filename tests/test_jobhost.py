@@ -80,7 +80,7 @@ def test_a_host_serves_one_environment() -> None:
     assert jobhost.key({**env, "OMP_NUM_THREADS": "1"}, ("sklearn",)) != same  # read when the libraries load
     assert jobhost.key({**env, "PYTHONPATH": "/x"}, ("sklearn",)) != same
     assert jobhost.key(env, ("sklearn", "bitsandbytes")) != same  # an Unsloth job may import 4-bit layers
-    assert not jobhost.enabled("data", env) and not jobhost.enabled("train", {**env, "APPLIANCE_JOB_HOST": "0"})
+    assert jobhost.enabled("data", env) and not jobhost.enabled("train", {**env, "APPLIANCE_JOB_HOST": "0"})
 
 
 def test_a_host_refuses_what_it_cannot_give_a_child() -> None:
