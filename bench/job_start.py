@@ -11,6 +11,10 @@
 - GGUF import: the default model's GGUF to a Hugging Face folder, through transformers' GGUF loader.
   Ours: `appliance models import default` (one gguf reader per file); peer: the same transformers calls
   (AutoTokenizer and AutoModelForCausalLM with gguf_file), which read the file four times.
+- A job's first event: from `jobs.start` to the first event a data preparation job and a training job write
+  (on the sample, the default model). Ours: forked from the job host, which has the libraries imported
+  (`appliance/jobhost.py`; the host is started, and warmed by one job, beforehand). Peer: the job in a
+  process of its own, `python -m appliance.worker` (APPLIANCE_JOB_HOST=0), as every job started before.
 Each row is the median of --repeat runs (the GGUF import: one run each).
 """
 
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -90,6 +95,48 @@ def gguf_import(path: Path) -> tuple[float, float]:
     return ours, theirs
 
 
+def first_events(repeat: int) -> list[tuple[str, str, float, float]]:
+    from appliance import jobhost, jobs
+    from appliance.config import DataConfig, TrainConfig
+    from appliance.data.sample import shipped_path
+    from appliance.store import Store
+
+    default = REPO / "models" / "base" / "smollm2-135m-instruct"
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        store = Store.open(Path(tmp) / "store")
+        store.model_dir(default.name).parent.mkdir(parents=True, exist_ok=True)
+        store.model_dir(default.name).symlink_to(default)
+        data = DataConfig(store=str(store.root), inputs=[str(shipped_path())], task="classification",
+                          label_field="category", near_dup=False, pii_entities=[])
+        train = TrainConfig(store=str(store.root), max_steps=1, batch_size=2, max_seq_len=128, eval_every=100,
+                            save_every=100, task_eval_items=0)
+        source = store.runs_dir / "source"
+        jobs.run("data", source, data)  # the data every training run below starts from
+        counter = iter(range(10_000))
+
+        def first_event(stage: str, cold: bool) -> float:
+            run = store.runs_dir / f"run-{next(counter)}"
+            config: Any = data
+            if stage == "train":
+                shutil.copytree(source / "data", run / "data")
+                config = train
+            began = time.perf_counter()
+            job = jobs.start(stage, run, config, env={"APPLIANCE_JOB_HOST": "0"} if cold else None)
+            next(iter(job.follow()))
+            elapsed = time.perf_counter() - began
+            job.cancel()
+            return elapsed
+
+        first_event("train", cold=False)  # starts the host and warms it
+        for stage, what in (("data", "data preparation job"), ("train", "training job")):
+            cold = statistics.median(first_event(stage, True) for _ in range(repeat))
+            warm = statistics.median(first_event(stage, False) for _ in range(repeat))
+            rows.append((f"first event of a {what}", "a process of its own", warm, cold))
+        jobhost.stop_idle()
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeat", type=int, default=3)
@@ -98,7 +145,8 @@ def main() -> None:
     path = default_gguf()
     rows = [("GGUF header (gate, verify)", "gguf GGUFReader", *header(path, args.repeat)),
             ("job imports (peft, transformers)", "plain import", *imports(args.repeat)),
-            ("GGUF import of the default model", "transformers GGUF loader, as called", *gguf_import(path))]
+            ("GGUF import of the default model", "transformers GGUF loader, as called", *gguf_import(path)),
+            *first_events(args.repeat)]
     if args.json:
         print(json.dumps([{"what": w, "peer": p, "ours_s": round(o, 2), "peer_s": round(t, 2)} for w, p, o, t in rows]))
         return
