@@ -178,26 +178,26 @@ def _holder(lock_path: str) -> int | None:
 
 def _connect(host_key: str, env: dict[str, str], keep_out: tuple[str, ...]) -> socket.socket:
     address = _address(host_key)
-    for attempt in range(2):
-        connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            connection.connect(address)
-            return connection
-        except OSError:
-            connection.close()
-            if attempt:
-                raise
+    connection = _try_connect(address)
+    if connection is None:
         _start_host(host_key, env, keep_out)
         deadline = time.monotonic() + 10.0  # it binds before it imports anything heavy
-        while time.monotonic() < deadline:
-            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                probe.connect(address)
-                return probe
-            except OSError:
-                probe.close()
-                time.sleep(0.05)
-    raise ConnectionRefusedError(f"no job host answers at {address!r}")
+        while connection is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+            connection = _try_connect(address)
+    if connection is None:
+        raise ConnectionRefusedError(f"no job host answers at {address!r}")
+    return connection
+
+
+def _try_connect(address: str) -> socket.socket | None:
+    connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        connection.connect(address)
+    except OSError:
+        connection.close()
+        return None
+    return connection
 
 
 def _start_host(host_key: str, env: dict[str, str], keep_out: tuple[str, ...]) -> None:
@@ -445,9 +445,10 @@ def stop_idle() -> None:
     except OSError:
         return
     for name in {line.split()[-1] for line in lines if line.split()[-1].startswith(prefix)}:
-        with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as connection:
-            connection.connect("\0" + name[1:])
-            _send(connection, {"quit": True}, [])
+        connection = _try_connect("\0" + name[1:])
+        if connection is not None:
+            with contextlib.suppress(OSError), connection:
+                _send(connection, {"quit": True}, [])
 
 
 def fds_of(pid: int) -> list[str]:
