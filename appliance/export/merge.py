@@ -58,6 +58,16 @@ def _sentencepiece(adapter_dir: Path, base_dir: Path) -> Path | None:
     return next((d / SENTENCEPIECE for d in (adapter_dir, base_dir) if (d / SENTENCEPIECE).is_file()), None)
 
 
+def _converters_can_read(merged: Path, adapter_dir: Path, base_dir: Path) -> bool:
+    """Whether a merged folder holds what `_keep_what_converters_read` gives it (one merged before may not)."""
+    if _sentencepiece(adapter_dir, base_dir) is not None and not (merged / SENTENCEPIECE).is_file():
+        return False
+    try:
+        return "added_tokens_decoder" in json.loads((merged / "tokenizer_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+
+
 def _keep_what_converters_read(folder: Path, tokenizer: Any, base_dir: Path) -> None:
     """Give the saved tokenizer_config.json what llama.cpp's converters read in the families' own files, which
     transformers no longer writes: the added tokens with their types (a SentencePiece converter marks the special
@@ -85,8 +95,8 @@ def merge(run: Run, base_dir: Path, emit: Emitter, device: str = "auto") -> Merg
     digest = sha256_file(adapter_weights(adapter_dir))
     final = run.merged_dir
     previous = run.merge_record()
-    stale = _sentencepiece(adapter_dir, base_dir) is not None and not (final / SENTENCEPIECE).is_file()
-    if previous is not None and previous.adapter_sha256 == digest and _complete(final) and not stale:
+    if previous is not None and previous.adapter_sha256 == digest and _complete(final) \
+            and _converters_can_read(final, adapter_dir, base_dir):
         emit.log(f"merged model already holds adapter {digest[:12]}; reusing {final}")
         return previous.model_copy(update={"reused": True, "seconds": 0.0, "merged": str(final)})
     _refuse_quantized_base(base_dir)
