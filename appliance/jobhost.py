@@ -452,10 +452,20 @@ def stop_idle() -> None:
 
 
 def fds_of(pid: int) -> list[str]:
-    """The paths of the files `pid` holds open (empty when it cannot be read)."""
+    """The paths of the files `pid` holds open (empty when it cannot be read).
+
+    A descriptor closed between the listing and its readlink is skipped, not taken for the end of the
+    process: a job opens and closes files all the time while it imports and reads its data."""
+    folder = Path(f"/proc/{pid}/fd")
     try:
-        folder = Path(f"/proc/{pid}/fd")
-        return [os.readlink(folder / name) for name in os.listdir(folder)]
+        names = os.listdir(folder)
     except OSError:
         return []
+    paths = []
+    for name in names:
+        try:
+            paths.append(os.readlink(folder / name))
+        except OSError:
+            continue
+    return paths
 

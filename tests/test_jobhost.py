@@ -114,3 +114,26 @@ def test_when_a_hosts_answer_is_lost_the_process_holding_the_lock_is_the_job(tmp
         holder.kill()
         holder.wait()
     assert jobhost._holder(str(lock)) is None
+
+
+def test_a_worker_opening_and_closing_files_is_never_taken_for_ended(tmp_path: Path) -> None:
+    """A hosted worker is recognised by the lock it holds, read from /proc/PID/fd: a descriptor that the
+    worker closes between the listing and its readlink (it opens and closes files all the time while it
+    imports) must not make the lock look released and the running job look dead to a follower."""
+    import subprocess
+    import sys
+
+    held = tmp_path / "held"
+    held.write_text("")
+    churn = ("import os, sys\nkept = open(sys.argv[1])\nprint('ready', flush=True)\n"
+             "while True:\n    fds = [os.open(sys.argv[1], os.O_RDONLY) for _ in range(64)]\n"
+             "    for fd in fds:\n        os.close(fd)\n")
+    child = subprocess.Popen([sys.executable, "-c", churn, str(held)], stdout=subprocess.PIPE)
+    try:
+        assert child.stdout is not None and child.stdout.readline() == b"ready\n"
+        missed = sum(str(held) not in jobhost.fds_of(child.pid) for _ in range(3000))
+        assert missed == 0, f"the held file was missing from {missed} of 3000 readings"
+    finally:
+        child.kill()
+        child.wait()
+    assert jobhost.fds_of(child.pid) == []  # reaped: nothing to read
