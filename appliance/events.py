@@ -21,6 +21,7 @@ from appliance.errors import Cancelled
 from appliance.fsutil import sha256_file
 
 EVENTS_FILE = "events.jsonl"
+LOCK_FILE = ".job.lock"  # held by the job's process while it runs (jobs.py)
 PROGRESS_INTERVAL_S = 0.25
 
 

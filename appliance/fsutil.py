@@ -97,3 +97,22 @@ def same_file_system(path: Path, other: Path) -> bool:
         return probe.stat().st_dev
 
     return device(path.resolve()) == device(other.resolve())
+
+
+def fds_of(pid: int) -> list[str]:
+    """The paths of the files `pid` holds open (empty when it cannot be read).
+
+    A descriptor closed between the listing and its readlink is skipped, not taken for the end of the
+    process: a job opens and closes files all the time while it imports and reads its data."""
+    folder = Path(f"/proc/{pid}/fd")
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return []
+    paths = []
+    for name in names:
+        try:
+            paths.append(os.readlink(folder / name))
+        except OSError:
+            continue
+    return paths

@@ -40,6 +40,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from appliance.fsutil import fds_of
+
 WARM_STAGES = ("import", "data", "train", "export", "eval", "sweep")  # every stage imports some of PRELOAD
 AFTER_FORK = ("APPLIANCE_HOME", "APPLIANCE_FAULT", "APPLIANCE_FAULT_TRACE", "APPLIANCE_API_KEY",
               "PYTEST_CURRENT_TEST")  # read at run time only
@@ -262,6 +264,9 @@ def main(argv: list[str]) -> None:
     except OSError:
         return  # another host serves this key
     listener.listen(64)
+    from appliance import toolchain
+
+    toolchain.preload_cuda()  # before llama_cpp among PRELOAD: a CUDA runtime needs its libraries found first
     for name in PRELOAD:
         with contextlib.suppress(Exception):  # a job that needs a missing library says so itself
             __import__(name)
@@ -449,23 +454,3 @@ def stop_idle() -> None:
         if connection is not None:
             with contextlib.suppress(OSError), connection:
                 _send(connection, {"quit": True}, [])
-
-
-def fds_of(pid: int) -> list[str]:
-    """The paths of the files `pid` holds open (empty when it cannot be read).
-
-    A descriptor closed between the listing and its readlink is skipped, not taken for the end of the
-    process: a job opens and closes files all the time while it imports and reads its data."""
-    folder = Path(f"/proc/{pid}/fd")
-    try:
-        names = os.listdir(folder)
-    except OSError:
-        return []
-    paths = []
-    for name in names:
-        try:
-            paths.append(os.readlink(folder / name))
-        except OSError:
-            continue
-    return paths
-

@@ -23,12 +23,13 @@ from pydantic import BaseModel
 from appliance import events as ev
 from appliance import integrity, jobhost, unused
 from appliance.errors import ApplianceError, Cancelled, JobBusy, JobFailed
+from appliance.fsutil import fds_of
 from appliance.records import JobEntry, JobRecord
 from appliance.run import Run, job_record, last_job, write_job_record
 from appliance.store import Store
 
 LOG_FILE = "job.log"
-LOCK_FILE = ".job.lock"
+LOCK_FILE = ev.LOCK_FILE
 DISK_FULL_STATUS = 74  # EX_IOERR: the worker could not even write why it stopped
 
 # stage name -> (config class path, run function path); resolved lazily in the child only.
@@ -321,7 +322,7 @@ def _worker_alive(pid: int, job_dir: Path) -> bool:
         return False
     target = job_dir.resolve()
     if b"appliance.jobhost" in cmdline:  # forked by a job host: the worker is the process that holds the lock
-        return str(target / LOCK_FILE) in jobhost.fds_of(pid)
+        return str(target / LOCK_FILE) in fds_of(pid)
     if b"appliance.worker" not in cmdline:
         return False
     return any(Path(os.fsdecode(arg)).resolve() == target for arg in cmdline[cmdline.index(b"appliance.worker") + 1:]

@@ -14,6 +14,7 @@ from conftest import TINY_MODEL, TRAIN_SETTINGS, clone_run
 from appliance import faults, jobhost, jobs
 from appliance.config import TrainConfig
 from appliance.errors import JobFailed
+from appliance.fsutil import fds_of
 from appliance.store import Store
 
 TRAIN = {**TRAIN_SETTINGS, "max_steps": 2, "batch_size": 2, "max_seq_len": 64, "eval_every": 100, "save_every": 100,
@@ -56,7 +57,7 @@ def test_a_hosted_job_gets_the_starters_settings_files_and_signals(tiny_prepared
         assert f"{50 * 2**30}" in Path(f"/proc/{pid}/limits").read_text()
         assert int(_stat(pid)[3]) == pid  # a session of its own (a Ctrl-C in the terminal reaches the starter)
         assert Path(os.readlink(f"/proc/{pid}/cwd")) == Path.cwd()
-        opened = jobhost.fds_of(pid)
+        opened = fds_of(pid)
         assert str((run_dir / jobs.LOCK_FILE).resolve()) in opened
         assert os.readlink(f"/proc/{pid}/fd/1") == os.readlink(f"/proc/{pid}/fd/2") == str(run_dir / jobs.LOG_FILE)
         assert not [fd for fd in opened if fd.startswith("socket:")], opened  # none of the host's connections
@@ -131,9 +132,9 @@ def test_a_worker_opening_and_closing_files_is_never_taken_for_ended(tmp_path: P
     child = subprocess.Popen([sys.executable, "-c", churn, str(held)], stdout=subprocess.PIPE)
     try:
         assert child.stdout is not None and child.stdout.readline() == b"ready\n"
-        missed = sum(str(held) not in jobhost.fds_of(child.pid) for _ in range(3000))
+        missed = sum(str(held) not in fds_of(child.pid) for _ in range(3000))
         assert missed == 0, f"the held file was missing from {missed} of 3000 readings"
     finally:
         child.kill()
         child.wait()
-    assert jobhost.fds_of(child.pid) == []  # reaped: nothing to read
+    assert fds_of(child.pid) == []  # reaped: nothing to read
