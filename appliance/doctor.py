@@ -168,7 +168,9 @@ def _toolchain(facts: dict[str, object]) -> list[Check]:
         facts["converter"] = conv.model_dump()
     except ApplianceError as exc:
         checks.append(Check(name="llama.cpp converter", status="fail", detail=exc.message, hint=exc.hint))
-    if all(c.status == "ok" for c in checks):
+    if checks[0].status == "ok":
+        checks.append(_runtime_gpu(facts))
+    if all(c.status == "ok" for c in checks if c.name != "llama.cpp GPU"):
         try:
             toolchain.check_versions()
             checks.append(Check(name="toolchain match", status="ok",
@@ -176,3 +178,38 @@ def _toolchain(facts: dict[str, object]) -> list[Check]:
         except ApplianceError as exc:
             checks.append(Check(name="toolchain match", status="fail", detail=exc.message, hint=exc.hint))
     return checks
+
+
+def _runtime_gpu(facts: dict[str, object]) -> Check:
+    """Which backends the llama.cpp runtime has, whether it sees the GPU, and whether its CUDA is torch's."""
+    backends = toolchain.runtime_backends()
+    facts["runtime_backends"] = backends
+    gpus = hardware.nvidia_gpus()
+    if "CUDA" not in backends:
+        if gpus:
+            return Check(name="llama.cpp GPU", status="warn", detail=f"backends {', '.join(backends) or 'none'}: "
+                         f"the runtime was built for the CPU and this machine has {len(gpus)} NVIDIA GPU(s)",
+                         hint="Run ./install.sh --gpu to build it with CUDA; export checks, evaluation, chat and "
+                         "the endpoint then run on the GPU.")
+        return Check(name="llama.cpp GPU", status="ok", detail=f"backends {', '.join(backends) or 'none'} (no GPU)")
+    try:
+        devices = [d for d in toolchain.runtime_devices() if d.kind in ("gpu", "igpu")]
+    except ApplianceError as exc:
+        return Check(name="llama.cpp GPU", status="fail", detail=exc.message, hint=exc.hint)
+    runtime_cuda = toolchain.runtime_cuda()
+    facts["runtime_cuda"] = runtime_cuda
+    facts["runtime_devices"] = [d.model_dump() for d in devices]
+    seen = "; ".join(f"{d.description} ({d.free_mb / 1024:.1f} of {d.total_mb / 1024:.1f} GiB free)"
+                     for d in devices)
+    if not devices:
+        return Check(name="llama.cpp GPU", status="warn", detail=f"built with CUDA {runtime_cuda} but sees no GPU",
+                     hint="Check the NVIDIA driver (nvidia-smi) and that it runs CUDA "
+                     f"{runtime_cuda}; until then llama.cpp runs on the CPU.")
+    torch_cuda = facts.get("cuda")
+    if isinstance(torch_cuda, str) and runtime_cuda and torch_cuda.split(".")[0] != runtime_cuda.split(".")[0]:
+        return Check(name="llama.cpp GPU", status="warn",
+                     detail=f"CUDA {runtime_cuda} in llama.cpp but CUDA {torch_cuda} in torch; sees {seen}",
+                     hint="Two CUDA releases in one process load two copies of the CUDA libraries and need a "
+                     "driver for the newer: run ./install.sh --gpu --cuda " + torch_cuda + " --force to build the "
+                     "runtime with torch's.")
+    return Check(name="llama.cpp GPU", status="ok", detail=f"CUDA {runtime_cuda}, sees {seen}")

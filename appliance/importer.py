@@ -358,6 +358,9 @@ def repair_tokenizer(folder: Path, meta: dict[str, Any]) -> None:
 
 def verify_tokenizer(folder: Path, gguf_path: Path) -> None:
     """The saved tokenizer must split text exactly as llama.cpp splits it with the source GGUF."""
+    from appliance import toolchain
+
+    toolchain.preload_cuda()
     try:
         import llama_cpp
     except ImportError:

@@ -87,6 +87,146 @@ def runtime_info() -> RuntimeInfo:
     )
 
 
+BACKEND_LIBRARIES = {"cpu": "CPU", "cuda": "CUDA", "vulkan": "Vulkan", "metal": "Metal", "hip": "ROCm",
+                     "sycl": "SYCL", "blas": "BLAS", "opencl": "OpenCL"}
+
+
+def _runtime_lib_dir() -> Path | None:
+    spec = importlib.util.find_spec("llama_cpp")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations))) / "lib"
+
+
+def runtime_backends() -> list[str]:
+    """The ggml backends the installed runtime was built with (CPU, CUDA, ...), read from its libraries without
+    loading them."""
+    lib_dir = _runtime_lib_dir()
+    if lib_dir is None or not lib_dir.is_dir():
+        return []
+    found = []
+    for name, label in BACKEND_LIBRARIES.items():
+        if any(lib_dir.glob(f"libggml-{name}.so*")):
+            found.append(label)
+    return found
+
+
+CUDA_LIBRARIES = ("cudart", "cublasLt", "cublas")
+
+
+def preload_cuda() -> list[str]:
+    """Load the CUDA libraries a CUDA runtime needs from the CUDA wheels beside it (torch's own: nvidia/cu13/lib,
+    nvidia/cublas/lib, ...), before `import llama_cpp`, so that it loads without LD_LIBRARY_PATH on a machine
+    whose CUDA comes from those wheels alone (an offline install from a wheelhouse). Does nothing for a CPU
+    runtime or where the system's libraries are found anyway; returns the files it loaded."""
+    global _preloaded
+    if _preloaded is not None:
+        return _preloaded
+    _preloaded = []
+    lib_dir = _runtime_lib_dir()
+    cuda_lib = next(iter(sorted(lib_dir.glob("libggml-cuda.so*"))), None) if lib_dir and lib_dir.is_dir() else None
+    if cuda_lib is None:
+        return _preloaded
+    wanted = {name: major for name, major in _needed_cuda(cuda_lib)}
+    for name in CUDA_LIBRARIES:
+        if name not in wanted:
+            continue
+        for folder in _wheel_lib_dirs():
+            candidate = folder / f"lib{name}.so.{wanted[name]}"
+            if candidate.is_file():
+                with contextlib.suppress(OSError):
+                    ctypes.CDLL(str(candidate), mode=ctypes.RTLD_GLOBAL)
+                    _preloaded.append(str(candidate))
+                break
+    return _preloaded
+
+
+_preloaded: list[str] | None = None
+
+
+def _needed_cuda(library: Path) -> list[tuple[str, str]]:
+    """(name, major) of the CUDA libraries `library` was linked against, from the names in its dynamic string
+    table (near the start of the file, in the first loaded segment: the kernels after it are not read)."""
+    try:
+        with library.open("rb") as handle:
+            data = handle.read(8 * 1024 * 1024)
+    except OSError:
+        return []
+    found = {(m.group(1).decode(), m.group(2).decode())
+             for m in re.finditer(rb"lib(cudart|cublasLt|cublas)\.so\.(\d+)\x00", data)}
+    return sorted(found)
+
+
+def _wheel_lib_dirs() -> list[Path]:
+    """The library folders of the NVIDIA wheels on this interpreter's path."""
+    folders = []
+    for entry in sys.path:
+        nvidia = Path(entry or ".") / "nvidia"
+        if nvidia.is_dir():
+            folders += sorted(p / "lib" for p in nvidia.iterdir() if (p / "lib").is_dir())
+    return folders
+
+
+class Device(BaseModel):
+    name: str
+    description: str
+    kind: str  # cpu, gpu, igpu, accel
+    free_mb: int
+    total_mb: int
+
+
+DEVICE_KINDS = {0: "cpu", 1: "gpu", 2: "igpu", 3: "accel"}
+
+
+def runtime_devices() -> list[Device]:
+    """The devices the installed runtime's ggml sees (the CPU, and each GPU a CUDA build can use), asked from its
+    own library: what llama.cpp will offload to, whatever torch or nvidia-smi say."""
+    lib_dir = _runtime_lib_dir()
+    library = next(iter(sorted(lib_dir.glob("libggml.so*"))), None) if lib_dir and lib_dir.is_dir() else None
+    if library is None:
+        raise ToolchainError("llama-cpp-python is not installed", REINSTALL_HINT)
+    preload_cuda()
+    try:
+        lib = ctypes.CDLL(str(library))
+        lib.ggml_backend_dev_count.restype = ctypes.c_size_t
+        lib.ggml_backend_dev_get.restype = ctypes.c_void_p
+        lib.ggml_backend_dev_get.argtypes = [ctypes.c_size_t]
+        for name in ("ggml_backend_dev_name", "ggml_backend_dev_description"):
+            getattr(lib, name).restype = ctypes.c_char_p
+            getattr(lib, name).argtypes = [ctypes.c_void_p]
+        lib.ggml_backend_dev_type.restype = ctypes.c_int
+        lib.ggml_backend_dev_type.argtypes = [ctypes.c_void_p]
+        size_p = ctypes.POINTER(ctypes.c_size_t)
+        lib.ggml_backend_dev_memory.argtypes = [ctypes.c_void_p, size_p, size_p]
+        devices = []
+        for index in range(lib.ggml_backend_dev_count()):
+            dev = lib.ggml_backend_dev_get(index)
+            free, total = ctypes.c_size_t(), ctypes.c_size_t()
+            lib.ggml_backend_dev_memory(dev, ctypes.byref(free), ctypes.byref(total))
+            devices.append(Device(name=lib.ggml_backend_dev_name(dev).decode(errors="replace"),
+                                  description=lib.ggml_backend_dev_description(dev).decode(errors="replace"),
+                                  kind=DEVICE_KINDS.get(lib.ggml_backend_dev_type(dev), "other"),
+                                  free_mb=free.value // 2**20, total_mb=total.value // 2**20))
+    except (OSError, AttributeError) as exc:
+        raise ToolchainError(f"cannot ask {library} for its devices: {exc}", REINSTALL_HINT) from exc
+    return devices
+
+
+def runtime_cuda() -> str | None:
+    """The CUDA release the runtime was built with ("13.0"; the major alone when install.sh did not record it),
+    None for a runtime without CUDA."""
+    lib_dir = _runtime_lib_dir()
+    cuda_lib = next(iter(sorted(lib_dir.glob("libggml-cuda.so*"))), None) if lib_dir and lib_dir.is_dir() else None
+    if cuda_lib is None:
+        return None
+    with contextlib.suppress(OSError, ValueError, KeyError):
+        recorded = json.loads((toolchain_dir() / TOOLCHAIN_FILE).read_text(encoding="utf-8")).get("runtime_cuda")
+        if recorded:
+            return str(recorded)
+    majors = {major for name, major in _needed_cuda(cuda_lib) if name == "cudart"}
+    return next(iter(majors), "unknown")
+
+
 def check_versions() -> tuple[ConverterInfo, RuntimeInfo]:
     """Both halves of the toolchain, raising unless they come from one llama.cpp version."""
     converter, runtime = converter_info(), runtime_info()
@@ -349,6 +489,7 @@ QUANT_TYPES = ("F16", "BF16", "Q8_0", "Q6_K", "Q5_K_M", "Q5_0", "Q4_K_M", "Q4_0"
 
 def quantize(src: Path, dst: Path, quant: str, threads: int = 0) -> None:
     """Quantize a GGUF with the installed runtime's own quantizer (written atomically)."""
+    preload_cuda()
     import llama_cpp
 
     quant = quant.upper()

@@ -111,14 +111,18 @@ class GGUFTarget:
     (the system prompt, the few-shot examples) reuse its cache."""
 
     def __init__(self, name: str, path: Path, n_ctx: int) -> None:
+        from appliance import offload, toolchain
+
+        toolchain.preload_cuda()
         from llama_cpp import Llama
 
         self.name = name
         self.path = path
-        self.runtime = f"llama.cpp, {path.name}"
+        placed = offload.for_gguf(path, n_ctx)
+        self.runtime = f"llama.cpp, {path.name}" + (f", {placed.reason}" if placed.on_gpu else "")
         threads = os.cpu_count() or 1
         self.llm = Llama(str(path), n_ctx=n_ctx, n_batch=min(n_ctx, 512), verbose=False, seed=0,
-                         n_threads=threads, n_threads_batch=threads)
+                         n_threads=threads, n_threads_batch=threads, n_gpu_layers=placed.n_gpu_layers)
 
     def _feed(self, tokens: list[int]) -> None:
         """Make the cache hold exactly `tokens`, evaluating only what differs from what it holds."""

@@ -144,11 +144,16 @@ def _greedy(llm: Any, prompt: list[int], max_new: int, stop_ids: list[int]) -> t
 
 @contextmanager
 def loaded(path: Path, n_ctx: int, lora: Path | None = None) -> Iterator[Any]:
+    from appliance import offload, toolchain
+
+    toolchain.preload_cuda()
     from llama_cpp import Llama
 
     threads = os.cpu_count() or 1  # llama-cpp-python's default is half the cores
+    placed = offload.for_gguf(path, n_ctx)
     llm = Llama(str(path), n_ctx=n_ctx, n_batch=min(n_ctx, 512), logits_all=True, verbose=False, seed=0,
-                n_threads=threads, n_threads_batch=threads, lora_path=str(lora) if lora else None)
+                n_threads=threads, n_threads_batch=threads, lora_path=str(lora) if lora else None,
+                n_gpu_layers=placed.n_gpu_layers)
     try:
         yield llm
     finally:

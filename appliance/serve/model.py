@@ -177,14 +177,19 @@ def check_memory(path: Path, n_ctx: int) -> None:
 
 
 def load(model: ServedModel, n_ctx: int | None = None, threads: int | None = None) -> Any:
-    """A llama_cpp.Llama for the model, with the contract's chat template and stop tokens."""
+    """A llama_cpp.Llama for the model, with the contract's chat template and stop tokens, on the GPU as far as
+    it fits there (`offload`)."""
+    from appliance import offload, toolchain
+
+    toolchain.preload_cuda()
     from llama_cpp import Llama
 
     threads = threads or os.cpu_count() or 1
     n_ctx = n_ctx or context_length(model.path)
     check_memory(model.path, n_ctx)
+    placed = offload.for_gguf(model.path, n_ctx)
     llm = Llama(str(model.path), n_ctx=n_ctx, n_threads=threads,
-                n_threads_batch=threads, verbose=False)
+                n_threads_batch=threads, verbose=False, n_gpu_layers=placed.n_gpu_layers)
     if model.contract is not None:
         llm.chat_handler = formatter(model, llm).to_chat_handler()
     return llm

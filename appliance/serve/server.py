@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from appliance.config import ServeConfig
+from appliance.offload import Offload
 from appliance.pii import Redactor
 from appliance.serve.audit import AuditLog, redacted, redacted_messages
 from appliance.serve.checks import (
@@ -97,6 +98,7 @@ class Guard:
         self.policy = policy
         self.audit = audit
         self._models = request_models()
+        self.placement: Offload | None = None  # where the model's layers are (the start record says it)
         key = policy.cfg.api_key
         self._key = key.encode("utf-8") if key else None
 
@@ -404,18 +406,23 @@ async def _respond(send: Send, status: int, payload: dict[str, Any], headers: di
 def create_app(cfg: ServeConfig, model: ServedModel, audit: AuditLog) -> Guard:
     """The guarded app. Loads the model (once); llama-cpp-python's server keeps it in its module."""
     os.environ.pop("CONFIG_FILE", None)  # llama-cpp-python would read its whole configuration from there
+    from appliance import offload, toolchain
+
+    toolchain.preload_cuda()
     from fastapi.middleware.cors import CORSMiddleware
     from llama_cpp.server import app as llama_server
     from llama_cpp.server.settings import ModelSettings, ServerSettings
 
     n_ctx = cfg.n_ctx or context_length(model.path)
     threads = cfg.threads or os.cpu_count() or 1
+    placed = offload.for_gguf(model.path, n_ctx)
     # model_construct: take exactly these settings, not environment variables named like their fields
     server_settings = ServerSettings.model_construct(host=cfg.host, port=cfg.port, api_key=None,
                                                      interrupt_requests=False, disable_ping_events=False,
                                                      root_path="", ssl_keyfile=None, ssl_certfile=None)
     model_settings = ModelSettings.model_construct(model=str(model.path), model_alias=model.name, n_ctx=n_ctx,
-                                                   n_threads=threads, n_threads_batch=threads, n_gpu_layers=-1,
+                                                   n_threads=threads, n_threads_batch=threads,
+                                                   n_gpu_layers=placed.n_gpu_layers,
                                                    verbose=False)
     app = llama_server.create_app(server_settings=server_settings, model_settings=[model_settings])
     app.user_middleware = [m for m in app.user_middleware if m.cls is not CORSMiddleware]
@@ -432,7 +439,9 @@ def create_app(cfg: ServeConfig, model: ServedModel, audit: AuditLog) -> Guard:
     system = cfg.system if cfg.system is not None else (model.contract.system if model.contract else None)
     policy = Policy(model=model, llm=llm, chat_format=chat_format, n_ctx=n_ctx, cfg=cfg,
                     grammar=grammar(model) if cfg.constrain else None, system=system)
-    return Guard(app, policy, audit)
+    guard = Guard(app, policy, audit)
+    guard.placement = placed
+    return guard
 
 
 def audit_path(cfg: ServeConfig) -> Path:
@@ -449,8 +458,11 @@ def serve(cfg: ServeConfig, model: ServedModel, announce: Callable[[str], None] 
     guard = create_app(cfg, model, audit)
     audit.write({"time": now_iso(), "event": "start", "model": model.name, "model_sha256": model.sha256,
                  "file": str(model.path), "verified": model.verified, "host": cfg.host, "port": cfg.port,
-                 "api_key": cfg.api_key is not None, "constrained": guard.policy.grammar[1] if guard.policy.grammar
-                 else None, "log_prompts": cfg.log_prompts, "pid": os.getpid()})
+                 "api_key": cfg.api_key is not None,
+                 "gpu_layers": guard.placement.n_gpu_layers if guard.placement else 0,
+                 "placement": guard.placement.reason if guard.placement else "",
+                 "constrained": guard.policy.grammar[1] if guard.policy.grammar else None,
+                 "log_prompts": cfg.log_prompts, "pid": os.getpid()})
     config = uvicorn.Config(guard, host=cfg.host, port=cfg.port, log_level="warning", access_log=False,
                             timeout_graceful_shutdown=cfg.shutdown_timeout_s, lifespan="off")
     server = uvicorn.Server(config)
