@@ -12,6 +12,16 @@ constants were fitted to peak RSS of this project's default model on the CPU at 
 sizes, with and without checkpointing (tests/test_planner.py checks two settings against fresh
 measurements). A plan that does not fit is refused with the nearest setting that does.
 
+On a CUDA GPU the plan counts VRAM: torch's CUDA context, then everything else times the caching
+allocator's overhead (what it reserves beyond what tensors take at the peak). QLoRA's linear weights
+are NF4 with double quantisation (4 bits, an 8-bit scale per 64 weights and a float32 scale per 256
+of those); what is not quantized (embeddings, head, norms) stays 16-bit with Unsloth and becomes
+float32 with the hf backend (peft's prepare_model_for_kbit_training upcasts it). Gradient checkpointing
+keeps each layer's input on the GPU with hf and moves it to CPU RAM with Unsloth's own checkpointing,
+so there only the layer being recomputed is on the GPU. The CUDA constants are not fitted on a GPU yet:
+they come from torch's and bitsandbytes' documented layouts and published measurements of 7-8B QLoRA,
+and bench/gpu/check.sh measures them against the prediction where a GPU is lent.
+
 With several processes the plan is per device. DDP keeps a whole replica on each (plus a bucket
 of the trainable gradients for the all-reduce), so it adds throughput, never room. FSDP shards
 weights, gradients and optimizer state over the processes and gathers one decoder layer at a
@@ -31,6 +41,9 @@ from appliance.errors import ApplianceError
 
 MB = 1024 * 1024
 RUNTIME_MB = {"cpu": 600.0, "cuda": 0.0}  # torch + transformers + peft in the process; CUDA counts VRAM only
+CUDA_CONTEXT_MB = 500.0  # torch's CUDA context (lazily loaded kernels, cuBLAS workspace) on CUDA 12-13
+ALLOCATOR_OVERHEAD = 1.08  # torch's caching allocator: reserved over allocated at the peak
+NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)  # per quantized weight: 4 bits, an 8-bit absmax per 64, fp32 per 256 blocks
 LOGIT_COPIES = 5.5  # fp32 vocabulary-sized tensors per token kept by the loss and its backward
 LAYER_FACTOR = 3.65  # h-sized tensors per token and layer, in units of (6h + 2I): fitted on CPU RSS
 CHECKPOINTED_SHARE = 0.45  # what gradient checkpointing (non-reentrant, with peft) still kept, measured
@@ -97,34 +110,50 @@ def model_params(config: dict[str, Any]) -> int:
 
 
 def plan(cfg: TrainConfig, model_dir: Path, parameters: int, data_max_tokens: int, device: str,
-         available_mb: float, trained_fraction: float = 1.0) -> Plan:
+         available_mb: float, trained_fraction: float = 1.0, backend: str | None = None) -> Plan:
     """Peak memory of one device (one process) of the run. `trained_fraction`: the largest share of a
     row's tokens that are answer tokens; the loss projects only those onto the vocabulary."""
     config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
-    return plan_from_config(cfg, config, parameters, data_max_tokens, device, available_mb, trained_fraction)
+    return plan_from_config(cfg, config, parameters, data_max_tokens, device, available_mb, trained_fraction, backend)
+
+
+def training_backend(cfg: TrainConfig, device: str) -> str:
+    """The backend a run of `cfg` trains with on `device`, as `train.model.choose_backend` picks it when Unsloth
+    is installed (install.sh --gpu installs it): Unsloth on CUDA, hf on the CPU and with several processes."""
+    if cfg.backend != "auto":
+        return cfg.backend
+    return "unsloth" if device == "cuda" and cfg.world_size == 1 else "hf"
 
 
 def plan_from_config(cfg: TrainConfig, config: dict[str, Any], parameters: int, data_max_tokens: int, device: str,
-                     available_mb: float, trained_fraction: float = 1.0) -> Plan:
+                     available_mb: float, trained_fraction: float = 1.0, backend: str | None = None) -> Plan:
     """`plan` for a model known by its config.json alone (no weights needed: for sizing a cluster)."""
     h, layers = config["hidden_size"], config["num_hidden_layers"]
     inter = config.get("intermediate_size", 4 * h)
     heads, vocab = config["num_attention_heads"], config["vocab_size"]
+    backend = backend or training_backend(cfg, device)
     dtype_bytes = 4 if cfg.dtype == "float32" else 2
     seq = max(1, min(cfg.max_seq_len, data_max_tokens))
     tokens = cfg.batch_size * seq
     weights: float = parameters * dtype_bytes
-    if cfg.method == "qlora":  # NF4 with double quantisation; embeddings and head stay 16-bit
-        weights = parameters * 0.56 + vocab * h * 2 * 2
+    if cfg.method == "qlora":
+        linear = layers * layer_params(config)
+        kept_bytes = 2 if backend == "unsloth" else 4  # peft upcasts what bitsandbytes did not quantize
+        weights = linear * NF4_BYTES + (parameters - linear) * kept_bytes
     trainable = parameters if cfg.method == "full" else _lora_params(config, cfg.rank, cfg.target_modules)
     state: float = trainable * ADAM_BYTES
     # SDPA keeps no seq x seq score matrix, so attention adds little per token beyond its projections
     per_layer_token = dtype_bytes * ((6 * h + 2 * inter) * LAYER_FACTOR + 0.2 * heads * seq)
     layer_act = tokens * layers * per_layer_token
-    if cfg.gradient_checkpointing:
+    if cfg.gradient_checkpointing and device == "cuda":
+        # the layer being recomputed, plus each layer's input: kept on the GPU by torch's checkpointing, moved
+        # to CPU RAM by Unsloth's (two in flight while they are copied)
+        inputs = tokens * h * dtype_bytes * (2 if backend == "unsloth" else layers)
+        layer_act = tokens * per_layer_token + inputs
+    elif cfg.gradient_checkpointing:
         layer_act *= CHECKPOINTED_SHARE
     logits = tokens * min(1.0, trained_fraction) * vocab * 4 * LOGIT_COPIES
-    runtime = RUNTIME_MB.get(device, 0.0)
+    runtime = CUDA_CONTEXT_MB if device == "cuda" else RUNTIME_MB.get(device, 0.0)
     world = cfg.world_size
     gathered = 0.0
     if cfg.sharding == "fsdp" and world > 1:
@@ -134,7 +163,8 @@ def plan_from_config(cfg: TrainConfig, config: dict[str, Any], parameters: int, 
         weights, state = weights / world, state / world
     elif world > 1:
         state += trainable * DDP_BUCKET_BYTES
-    peak = runtime + (weights + state + gathered + layer_act + logits) / MB
+    overhead = ALLOCATOR_OVERHEAD if device == "cuda" else 1.0
+    peak = runtime + overhead * (weights + state + gathered + layer_act + logits) / MB
     adapter = trainable * dtype_bytes
     disk = (cfg.keep_checkpoints * (adapter + trainable * 8) + adapter) / MB  # checkpoints (weights, two moments)
     # and the final adapter; what the export writes is in pipeline_plan
@@ -159,22 +189,24 @@ def devices_needed(cfg: TrainConfig, config: dict[str, Any], parameters: int, da
         result = plan_from_config(trial, config, parameters, data_max_tokens, "cuda", device_mb, trained_fraction)
         if result.fits:
             return devices, result
-        if result.peak_mb - (result.weights_mb + result.trainable_state_mb) > device_mb * 0.95:
+        if result.peak_mb - ALLOCATOR_OVERHEAD * (result.weights_mb + result.trainable_state_mb) > device_mb * 0.95:
             return None  # what does not shrink with more devices is already too big
     return None
 
 
 def nearest_fit(cfg: TrainConfig, model_dir: Path, parameters: int, data_max_tokens: int, device: str,
-                available_mb: float, trained_fraction: float = 1.0) -> tuple[dict[str, Any], Plan] | None:
+                available_mb: float, trained_fraction: float = 1.0,
+                backend: str | None = None) -> tuple[dict[str, Any], Plan] | None:
     """The smallest change that fits: checkpointing, then smaller batches (same effective batch
     through accumulation), then shorter sequences, then 4-bit on a GPU."""
     config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
-    return nearest_fit_from_config(cfg, config, parameters, data_max_tokens, device, available_mb, trained_fraction)
+    return nearest_fit_from_config(cfg, config, parameters, data_max_tokens, device, available_mb, trained_fraction,
+                                   backend)
 
 
 def nearest_fit_from_config(cfg: TrainConfig, config: dict[str, Any], parameters: int, data_max_tokens: int,
-                            device: str, available_mb: float,
-                            trained_fraction: float = 1.0) -> tuple[dict[str, Any], Plan] | None:
+                            device: str, available_mb: float, trained_fraction: float = 1.0,
+                            backend: str | None = None) -> tuple[dict[str, Any], Plan] | None:
     """`nearest_fit` for a model known by its config.json alone."""
     candidates: list[dict[str, Any]] = []
     if not cfg.gradient_checkpointing:
@@ -194,9 +226,10 @@ def nearest_fit_from_config(cfg: TrainConfig, config: dict[str, Any], parameters
                            "grad_accum": cfg.grad_accum * cfg.batch_size})
     for change in candidates:
         trial = cfg.model_copy(update=change)
-        result = plan_from_config(trial, config, parameters, data_max_tokens, device, available_mb, trained_fraction)
+        result = plan_from_config(trial, config, parameters, data_max_tokens, device, available_mb, trained_fraction,
+                                  backend)
         if result.fits:
-            return change, result
+            return {k: v for k, v in change.items() if getattr(cfg, k) != v}, result  # what changes, named
     return None
 
 
@@ -215,21 +248,40 @@ def device_memory(processes: int, gpu_free_mb: float | None) -> tuple[str, float
 
 
 def check(cfg: TrainConfig, model_dir: Path, parameters: int, data_max_tokens: int, device: str,
-          available_mb: float, trained_fraction: float = 1.0) -> Plan:
+          available_mb: float, trained_fraction: float = 1.0, backend: str | None = None) -> Plan:
     """The plan of a run that fits; PlanRefused, with the nearest setting that fits, for one that does not."""
     if cfg.method == "qlora" and device != "cuda":
         raise PlanRefused("qlora loads the base in 4-bit with bitsandbytes, which needs a CUDA GPU, and this "
                           "machine trains on its CPU",
                           "Use method lora here (the same adapter, on 16/32-bit weights), or train on a machine "
                           "with an NVIDIA GPU.")
-    predicted = plan(cfg, model_dir, parameters, data_max_tokens, device, available_mb, trained_fraction)
+    config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    predicted = plan_from_config(cfg, config, parameters, data_max_tokens, device, available_mb, trained_fraction,
+                                 backend)
     if not predicted.fits:
-        fix = nearest_fit(cfg, model_dir, parameters, data_max_tokens, device, available_mb, trained_fraction)
-        hint = (f"With {as_flags(fix[0])} it needs about {fix[1].peak_mb / 1024:.1f} GiB."
-                if fix else "No smaller setting fits: use a smaller base model or a machine with more memory.")
+        fix = nearest_fit_from_config(cfg, config, parameters, data_max_tokens, device, available_mb, trained_fraction,
+                                      backend)
+        hint = (f"With {as_flags(fix[0])} it needs about {fix[1].peak_mb / 1024:.1f} GiB." if fix
+                else no_fit_hint(cfg, config, parameters, data_max_tokens, device, trained_fraction, backend))
         raise PlanRefused(f"this run needs about {predicted.peak_mb / 1024:.1f} GiB of {device} memory but "
                           f"{predicted.available_mb / 1024:.1f} GiB is available", hint)
     return predicted
+
+
+SMALLEST = {"gradient_checkpointing": True, "batch_size": 1, "max_seq_len": 256}
+
+
+def no_fit_hint(cfg: TrainConfig, config: dict[str, Any], parameters: int, data_max_tokens: int, device: str,
+                trained_fraction: float = 1.0, backend: str | None = None) -> str:
+    """What to do when no setting of this model fits: the least it needs, and on a GPU the recipe for the card."""
+    smallest = {**SMALLEST, **({"method": "qlora"} if device == "cuda" and cfg.method == "lora" else {})}
+    least = plan_from_config(cfg.model_copy(update=smallest), config, parameters, data_max_tokens, device, 0.0,
+                             trained_fraction, backend)
+    text = f"No setting fits: even with {as_flags(smallest)} it needs about {least.peak_mb / 1024:.1f} GiB. "
+    if device == "cuda":
+        return text + ("Train a 1-3B model on this card (appliance/train/recipes/3b-qlora-8gb.yaml fits 8-12 GB), "
+                       "or this one on a card with more memory (7-8B: 8b-qlora-24gb.yaml on 24 GB).")
+    return text + "Use a smaller base model or a machine with more memory."
 
 
 def summary(plan: Plan) -> str:

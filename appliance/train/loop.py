@@ -110,7 +110,7 @@ def _run(cfg: TrainConfig, run: Run, emit: Emitter, model_dir: Path, backend: st
 
     longest = max(len(r.input_ids) for r in train_rows)
     answer_share = max(sum(label != IGNORE for label in r.labels) / len(r.labels) for r in train_rows)
-    memory_plan = _check_plan(cfg, run, model_dir, longest, answer_share, emit, group)
+    memory_plan = _check_plan(cfg, run, model_dir, longest, answer_share, emit, group, backend)
     emit.progress("loading the base model", 0, total_steps)
     model, dtype = load_model(cfg, model_dir, backend, group.device)
     state = TrainerState(total_steps=total_steps)
@@ -313,15 +313,17 @@ def _init_from(cfg: TrainConfig, store: Store, model: Any) -> None:
 
 
 def _check_plan(cfg: TrainConfig, run: Run, model_dir: Path, longest: int, answer_share: float, emit: Emitter,
-                group: Group) -> planner.Plan:
+                group: Group, backend: str) -> planner.Plan:
     """Predict peak memory and refuse a run that cannot fit, naming the nearest setting that does. With several
     processes the plan is per device; on a CPU the processes of a machine share its memory."""
     import torch
 
-    gpu_free = torch.cuda.mem_get_info(group.local_rank)[0] / 2**20 if torch.cuda.is_available() else None
+    # torch reports the free memory after this process's own CUDA context, which the plan counts
+    gpu_free = (torch.cuda.mem_get_info(group.local_rank)[0] / 2**20 + planner.CUDA_CONTEXT_MB
+                if torch.cuda.is_available() else None)
     device, available = planner.device_memory(cfg.processes, gpu_free)
     parameters = run.store.get_model(model_dir.name).parameters
-    predicted = planner.check(cfg, model_dir, parameters, longest, device, available, answer_share)
+    predicted = planner.check(cfg, model_dir, parameters, longest, device, available, answer_share, backend)
     pipeline_plan.check_disk(predicted.disk_mb, run.path, f"training {run.id} (its checkpoints and adapter)",
                              "keep fewer checkpoints (keep_checkpoints in the recipe)")
     emit.log(f"memory plan: {planner.summary(predicted)}, {predicted.disk_mb / 1024:.1f} GiB of disk")
