@@ -57,9 +57,11 @@ class Machine:
     disk_free_mb: float  # on the store's file system
     gpu_free_mb: float | None = None
     cores: int = 1
+    llama_cuda: bool = False  # the llama.cpp runtime was built with CUDA (it offloads to the GPU)
 
     @classmethod
     def here(cls, store_root: Path) -> Machine:
+        from appliance import toolchain
         from appliance.hardware import disk_free_mb, memory, nvidia_gpus
 
         mem = memory()
@@ -67,7 +69,7 @@ class Machine:
         free = [g.memory_free_mb for g in gpus if g.memory_free_mb is not None]
         return cls(ram_available_mb=float(mem.available_mb), ram_total_mb=float(mem.total_mb),
                    disk_free_mb=float(disk_free_mb(store_root)), gpu_free_mb=float(max(free)) if free else None,
-                   cores=os.cpu_count() or 1)
+                   cores=os.cpu_count() or 1, llama_cuda="CUDA" in toolchain.runtime_backends())
 
 
 @dataclass
@@ -212,22 +214,39 @@ def stages(config: dict[str, Any], choices: Choices, machine: Machine) -> list[S
     logits = (context + 512) * vocab * 4 / MB  # every position's logits: llama-cpp-python's copy and llama.cpp's batch
     gate_llama = TORCH_RUNTIME_MB + LLAMA_RUNTIME_MB + reference + kv * context + logits
     gate_streamed = TORCH_RUNTIME_MB + 2 * largest32 + 256
-    out.append(StageNeed("gate", max(gate_llama, gate_streamed), 0.0,
-                         f"the {choices.reference} GGUF through llama.cpp with {context} tokens of context, then "
-                         "the merged model a module at a time in float32"))
+    out.append(_on_gpu(StageNeed("gate", max(gate_llama, gate_streamed), 0.0,
+                                 f"the {choices.reference} GGUF through llama.cpp with {context} tokens of context, "
+                                 "then the merged model a module at a time in float32"), config, reference, context,
+                       machine))
     serve_quant = choices.serve_quant or (quants.RECOMMENDED if quants.RECOMMENDED in quantized
                                           else next(iter(quantized), choices.reference))
     served = quantized.get(serve_quant, reference)
     eval_context = min(EVAL_CONTEXT, context)
     tuned = TORCH_RUNTIME_MB + weights16 + _adapter_mb(config, choices.train, 2) + 256
     gguf_eval = TORCH_RUNTIME_MB + LLAMA_RUNTIME_MB + served + kv * eval_context
-    out.append(StageNeed("evaluate", max(tuned, gguf_eval), 0.0,
-                         f"the tuned model at 16 bits in transformers, or {serve_quant} through llama.cpp",
-                         fix="evaluate only gguf targets (--targets gguf) to leave out the 16-bit model"))
-    out.append(StageNeed("serve", LLAMA_RUNTIME_MB + served + kv * choices.context, 0.0,
-                         f"{serve_quant} ({gb(served)}) through llama.cpp with {choices.context} tokens of context",
-                         fix="serve with a smaller --ctx, or a smaller quantization"))
+    out.append(_on_gpu(StageNeed("evaluate", max(tuned, gguf_eval), 0.0,
+                                 f"the tuned model at 16 bits in transformers, or {serve_quant} through llama.cpp",
+                                 fix="evaluate only gguf targets (--targets gguf) to leave out the 16-bit model"),
+                       config, served, eval_context, machine))
+    out.append(_on_gpu(StageNeed("serve", LLAMA_RUNTIME_MB + served + kv * choices.context, 0.0,
+                                 f"{serve_quant} ({gb(served)}) through llama.cpp with {choices.context} tokens of "
+                                 "context", fix="serve with a smaller --ctx, or a smaller quantization"),
+                       config, served, choices.context, machine))
     return out
+
+
+def _on_gpu(need: StageNeed, config: dict[str, Any], file_mb: float, context: int, machine: Machine) -> StageNeed:
+    """A llama.cpp stage with the share of the model that `offload` puts on this machine's GPU: its VRAM, and the
+    layers it says where."""
+    if not machine.llama_cuda or machine.gpu_free_mb is None:
+        return need
+    from appliance import offload
+
+    placed = offload.plan(config, file_mb, context, machine.gpu_free_mb, True)
+    if placed.on_gpu:
+        need.vram_mb = placed.vram_mb
+        need.detail += f"; {placed.reason}"
+    return need
 
 
 def _import(choices: Choices, weights16: float) -> StageNeed:

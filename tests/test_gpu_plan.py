@@ -339,3 +339,19 @@ def test_every_llama_cpp_user_here_runs_on_the_cpu_and_says_why() -> None:
     facts: dict[str, object] = {}
     check = doctor._runtime_gpu(facts)
     assert check.status == "ok" and check.detail == "backends CPU (no GPU)" and facts["runtime_backends"] == ["CPU"]
+
+
+def test_the_pipeline_plan_puts_llama_cpp_stages_on_a_gpu_when_the_runtime_has_cuda() -> None:
+    from appliance import pipeline_plan as pp
+
+    gpu = pp.Machine(ram_available_mb=30_000, ram_total_mb=32_768, disk_free_mb=200_000, gpu_free_mb=23_500.0,
+                     cores=8, llama_cuda=True)
+    stages = {s.stage: s for s in pp.stages(LLAMA_8B, pp.Choices(import_kind="imported"), gpu)}
+    served = pp.gguf_mb(LLAMA_8B, "Q4_K_M")
+    placed = offload.plan(LLAMA_8B, served, pp.SERVE_CONTEXT, 23_500.0, True)
+    assert stages["serve"].vram_mb == placed.vram_mb > 0 and "all 32 layers on the GPU" in stages["serve"].detail
+    assert stages["gate"].vram_mb > stages["serve"].vram_mb  # the 16-bit reference file
+    assert stages["merge"].vram_mb == 0  # not a llama.cpp stage
+    cpu_runtime = pp.Machine(**{**gpu.__dict__, "llama_cuda": False})
+    assert all(s.vram_mb == 0 for s in pp.stages(LLAMA_8B, pp.Choices(import_kind="imported"), cpu_runtime)
+               if s.stage != "train")
