@@ -197,7 +197,7 @@ if [ -n "$OFFLINE" ]; then
   [ -n "$LLAMA_WHEEL" ] || die "the wheelhouse has no built llama-cpp-python wheel"
 elif [ -z "$LLAMA_WHEEL" ] || [ "$FORCE" = 1 ]; then
   if [ "$LLAMA_BACKEND" = cuda ]; then
-    step "building the llama.cpp runtime with CUDA $RUNTIME_CUDA from source (long: about 10 minutes per card on 16 cores, once)"
+    step "building the llama.cpp runtime with CUDA $RUNTIME_CUDA from source (about 2.5 CPU-hours per card: some 10 minutes on 16 cores; once)"
   else
     step "building the llama.cpp runtime from source (about 5 minutes, once)"
   fi

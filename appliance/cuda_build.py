@@ -240,8 +240,8 @@ def check_archs(archs: list[int], version: tuple[int, int]) -> None:
         if arch < oldest:
             raise CudaBuildError(f"CUDA {version[0]}.{version[1]} no longer compiles for sm_{arch}"
                                  + (f" ({ARCH_NAMES[arch]})" if arch in ARCH_NAMES else ""),
-                                 "Build with a CUDA 12 toolkit (--cuda 12.8) for cards this old, or leave the card "
-                                 "out of --arch.")
+                                 "Install a CUDA 12 toolkit and build with --cuda 12.8 for cards this old, or leave "
+                                 "the card out of --arch.")
         needs = NEWEST_NEEDS.get(arch)
         if needs and version < needs:
             raise CudaBuildError(f"sm_{arch} needs CUDA {needs[0]}.{needs[1]} or newer and the toolkit is "
@@ -250,27 +250,28 @@ def check_archs(archs: list[int], version: tuple[int, int]) -> None:
 
 
 def wheel_requirements(release: tuple[int, int]) -> list[str]:
-    """The registry's wheels that make a CUDA toolkit for llama.cpp (compiler, runtime, cuBLAS, headers)."""
+    """The registry's wheels that make a CUDA toolkit for llama.cpp (compiler, runtime, cuBLAS, headers). From
+    CUDA 13 on they hold the whole compiler; CUDA 12's nvcc wheel holds ptxas alone (for JIT compilers)."""
     major, minor = release
-    if major == 12:
-        names = ["nvidia-cuda-nvcc-cu12", "nvidia-cuda-runtime-cu12", "nvidia-cuda-cccl-cu12", "nvidia-cublas-cu12"]
-    elif major >= 13:
-        names = ["nvidia-cuda-nvcc", "nvidia-cuda-runtime", "nvidia-cuda-crt", "nvidia-nvvm", "nvidia-cuda-cccl",
-                 "nvidia-cublas"]
-    else:
-        raise CudaBuildError(f"CUDA {major}.{minor} has no compiler wheels in the registry",
-                             "Install a CUDA 12 or 13 toolkit, or give --cuda 12.8 or newer.")
+    if major < 13:
+        raise CudaBuildError(f"the registry has no CUDA {major}.{minor} compiler: its nvidia-cuda-nvcc-cu{major} "
+                             "wheel holds ptxas alone, not nvcc",
+                             f"Install the CUDA {major}.{minor} toolkit (nvcc and cuBLAS) on this machine, or build "
+                             "for CUDA 13 (--cuda 13.0, with torch's CUDA 13 build), whose compiler wheels are "
+                             "complete.")
+    names = ["nvidia-cuda-nvcc", "nvidia-cuda-runtime", "nvidia-cuda-crt", "nvidia-nvvm", "nvidia-cuda-cccl",
+             "nvidia-cublas"]
     return [f"{name}=={major}.{minor}.*" for name in names]
 
 
 def assemble_toolkit(site: Path) -> Path:
     """A toolkit tree that CMake and nvcc accept, from wheels installed with `pip install --target site`.
 
-    The CUDA 13 wheels share one tree (nvidia/cu13: bin, include, lib, nvvm); the CUDA 12 ones each have their
-    own (nvidia/cuda_nvcc, nvidia/cuda_runtime, ...) and are merged into site/cuda by links. Either way what a
-    packaged toolkit has and the wheels lack is added: lib64 and targets/<arch>-linux pointing at lib and
-    include (nvcc.profile searches there), and the unversioned library names (libcublas.so) that the linker
-    and FindCUDAToolkit look for."""
+    The CUDA 13 wheels share one tree (nvidia/cu13: bin, include, lib, nvvm); wheels that each have their own
+    (nvidia/cuda_nvcc, nvidia/cuda_runtime, ..., as CUDA 12's do) are merged into site/cuda by links. Either way
+    what a packaged toolkit has and the wheels lack is added: lib64 and targets/<arch>-linux pointing at lib
+    and include (nvcc.profile searches there), and the unversioned library names (libcublas.so) that the
+    linker and FindCUDAToolkit look for."""
     nvidia = site / "nvidia"
     trees = sorted(p for p in nvidia.iterdir() if p.is_dir() and (p / "bin" / "nvcc").is_file()) \
         if nvidia.is_dir() else []
@@ -378,17 +379,21 @@ def plan(arch_option: str | None, cuda_option: str | None, toolkit_dir: Path | N
         release = wanted or driver_cuda()
         if release is None:
             raise CudaBuildError(f"{system}, and no CUDA release to fetch a compiler for",
-                                 "Install a CUDA toolkit, or give --cuda 12.8 (or 13.0) to take nvcc from the "
-                                 "registry's wheels.")
+                                 "Install a CUDA toolkit, or give --cuda 13.0 to take nvcc from the registry's "
+                                 "wheels.")
         if offline and find_links is None:
             raise CudaBuildError(f"{system}, and an offline install cannot fetch one",
                                  "Make the wheelhouse with --gpu on a connected machine: it carries the CUDA build.")
         into = toolkit_dir or Path.home() / ".cache" / "appliance"
+        try:
+            wheel_requirements(release)  # a release whose compiler the registry does not have
+        except CudaBuildError as exc:
+            raise CudaBuildError(f"{system}, and {exc.args[0]}", exc.args[1]) from exc
         if fetch:
             nvcc = install_toolkit(release, into, find_links)
         else:
             site = into / f"cuda-{release[0]}.{release[1]}"
-            root = site / "nvidia" / f"cu{release[0]}" if release[0] >= 13 else site / "cuda"
+            root = site / "nvidia" / f"cu{release[0]}"
             nvcc = Nvcc(root / "bin" / "nvcc", release, f"the registry's CUDA {release[0]}.{release[1]} wheels "
                         f"(to be installed into {site})")
     check_archs(archs, nvcc.version)

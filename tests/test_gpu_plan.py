@@ -70,12 +70,13 @@ def test_cards_a_cuda_release_cannot_build_are_refused_with_the_release_that_can
 
 
 def test_the_compiler_wheels_of_each_cuda_release() -> None:
-    assert cuda_build.wheel_requirements((12, 8)) == [
-        "nvidia-cuda-nvcc-cu12==12.8.*", "nvidia-cuda-runtime-cu12==12.8.*", "nvidia-cuda-cccl-cu12==12.8.*",
-        "nvidia-cublas-cu12==12.8.*"]
-    assert "nvidia-nvvm==13.0.*" in cuda_build.wheel_requirements((13, 0))
-    with pytest.raises(cuda_build.CudaBuildError, match="no compiler wheels"):
-        cuda_build.wheel_requirements((11, 8))
+    assert cuda_build.wheel_requirements((13, 0)) == [
+        "nvidia-cuda-nvcc==13.0.*", "nvidia-cuda-runtime==13.0.*", "nvidia-cuda-crt==13.0.*", "nvidia-nvvm==13.0.*",
+        "nvidia-cuda-cccl==13.0.*", "nvidia-cublas==13.0.*"]
+    # CUDA 12's nvcc wheel holds ptxas alone: a CUDA 12 build needs the system's toolkit
+    with pytest.raises(cuda_build.CudaBuildError, match="holds ptxas alone, not nvcc") as info:
+        cuda_build.wheel_requirements((12, 8))
+    assert "--cuda 13.0" in info.value.args[1]
 
 
 def _file(path: Path, text: str = "", mode: int = 0o644) -> None:
@@ -103,9 +104,9 @@ def test_wheels_of_cuda_13_are_assembled_into_a_toolkit_cmake_accepts(tmp_path: 
     assert cuda_build.assemble_toolkit(tmp_path) == root  # again: nothing to add
 
 
-def test_wheels_of_cuda_12_are_merged_into_one_toolkit(tmp_path: Path) -> None:
-    """The CUDA 12 wheels each have a tree of their own (nvidia/cuda_nvcc, nvidia/cublas, ...), two of them with
-    an include folder: they are merged by links into one root."""
+def test_wheels_with_a_tree_each_are_merged_into_one_toolkit(tmp_path: Path) -> None:
+    """Wheels that each have a tree of their own (nvidia/cuda_nvcc, nvidia/cublas, ..., the layout before CUDA 13),
+    two of them with an include folder, are merged by links into one root."""
     nvidia = tmp_path / "nvidia"
     _file(nvidia / "cuda_nvcc" / "bin" / "nvcc", "#!/bin/sh\n", 0o755)
     _file(nvidia / "cuda_nvcc" / "include" / "crt" / "host_config.h")
