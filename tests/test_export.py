@@ -56,9 +56,13 @@ def test_every_file_passes_the_gate(exported: Exported) -> None:
                                                            "stops")), entry
     assert {c.name: c.status for c in report.files[0].checks}["greedy parity"] == "pass"
     assert not list(run_dir.glob(".gguf-staging-*")) and not list(gguf.glob(".*.partial"))
-    artifacts = [e for e in ev.read_all(run_dir / ev.EVENTS_FILE) if isinstance(e, ev.Artifact)]
+    events = ev.read_all(run_dir / ev.EVENTS_FILE)
+    artifacts = [e for e in events if isinstance(e, ev.Artifact)]
     assert sorted(Path(a.path).name for a in artifacts if a.kind == "gguf") == sorted(
         Path(f.path).name for f in result.files)
+    # where llama.cpp ran the gate's files is said (here the runtime is the CPU build)
+    placement = [e.message for e in events if isinstance(e, ev.Log) and "runs the gate's files" in e.message]
+    assert placement and "the llama.cpp runtime was built for the CPU" in placement[-1]
 
 
 def test_merged_model_is_peft_merge_tensor_for_tensor(exported: Exported) -> None:

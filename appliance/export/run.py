@@ -17,7 +17,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from appliance import faults, gguf_meta, manifest, pipeline_plan, planner, quants, templating, toolchain
+from appliance import faults, gguf_meta, manifest, offload, pipeline_plan, planner, quants, templating, toolchain
 from appliance.config import ExportConfig
 from appliance.errors import StoreError
 from appliance.events import Emitter
@@ -204,6 +204,8 @@ def _verify(staging: Path, produced: dict[str, tuple[Path, float]], merged_dir: 
     emit.log(f"perplexity is measured on {len(ppl_rows)} of {len(rows)} validation rows "
              f"({sum(len(ids) for ids, _ in ppl_rows):,} tokens)")
     n_ctx = _context(tokenizer, prompts, ppl_rows, merged_dir)
+    emit.log(f"llama.cpp runs the gate's files with {n_ctx} tokens of context: "
+             f"{offload.for_gguf(produced[reference_quant][0], n_ctx).reason}")
     reference = gate.build_reference(produced[reference_quant][0], merged_dir, tokenizer, contract, prompts, ppl_rows,
                                      n_ctx)
     emit.log(f"greedy parity: {len(reference.continuations)} prompts, "
