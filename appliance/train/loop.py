@@ -432,10 +432,12 @@ def _save_final(model: Any, tokenizer: Any, run: Run, weights: dict[str, Any] | 
 
 
 def _peak_mb(device: Any) -> float:
+    """The job's peak memory where it trains: on a GPU what torch's caching allocator reserved at most (what
+    the card lent it, which the plan predicts less the CUDA context), else the process's peak RSS."""
     import torch
 
     if device.type == "cuda":
-        return round(float(torch.cuda.max_memory_allocated(device)) / 2**20, 1)
+        return round(float(torch.cuda.max_memory_reserved(device)) / 2**20, 1)
     from appliance.hardware import peak_rss_mb
 
     return peak_rss_mb()

@@ -1,6 +1,7 @@
 """GPU benchmark: Unsloth QLoRA against transformers + peft + bitsandbytes QLoRA.
 
     python bench/gpu/qlora_compare.py [--steps 30] [--batch-size 4] [--seq-len 1024]
+    python bench/gpu/qlora_compare.py --child hf MODEL_DIR --batches FILE [--steps 30]   (bench/gpu/check.py)
 
 A 1B-class Llama (Llama-3.2-1B shapes, random weights: speed does not depend on their values)
 in 4-bit NF4 with double quantisation, LoRA rank 16 on every linear layer, bf16 compute, the
@@ -18,6 +19,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 CONFIG = {"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16, "num_attention_heads": 32,
           "num_key_value_heads": 8, "vocab_size": 128256, "max_position_embeddings": 8192, "rms_norm_eps": 1e-5,
@@ -35,7 +37,30 @@ def make_model(folder: Path) -> None:
     model.save_pretrained(folder, safe_serialization=True)
 
 
-def child(backend: str, folder: Path, steps: int, batch: int, seq: int) -> None:
+def token_batches(batch: int, seq: int, vocab: int, path: Path | None) -> tuple[list[dict[str, Any]], list[int]]:
+    """The batches to train on and the real tokens of each: random full-length rows, or those of a file of
+    batches of {input_ids, labels} rows (the appliance's own, written by bench/gpu/check.py), right-padded."""
+    import torch
+
+    if path is None:
+        generator = torch.Generator().manual_seed(0)
+        ids = [torch.randint(3, vocab, (batch, seq), generator=generator) for _ in range(4)]
+        return [{"input_ids": i, "attention_mask": torch.ones_like(i), "labels": i} for i in ids], [batch * seq] * 4
+    batches, real = [], []
+    for rows in json.loads(path.read_text(encoding="utf-8")):
+        width = max(len(r["input_ids"]) for r in rows)
+        ids = torch.zeros((len(rows), width), dtype=torch.long)
+        labels = torch.full((len(rows), width), -100, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, row in enumerate(rows):
+            n = len(row["input_ids"])
+            ids[i, :n], labels[i, :n], mask[i, :n] = torch.tensor(row["input_ids"]), torch.tensor(row["labels"]), 1
+        batches.append({"input_ids": ids, "attention_mask": mask, "labels": labels})
+        real.append(int(mask.sum()))
+    return batches, real
+
+
+def child(backend: str, folder: Path, steps: int, batch: int, seq: int, batches_file: Path | None = None) -> None:
     import torch
 
     if backend == "unsloth":
@@ -57,23 +82,23 @@ def child(backend: str, folder: Path, steps: int, batch: int, seq: int) -> None:
         model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, target_modules=TARGETS, task_type="CAUSAL_LM"))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
-    generator = torch.Generator().manual_seed(0)
-    batches = [torch.randint(3, CONFIG["vocab_size"], (batch, seq), generator=generator) for _ in range(4)]
+    batches, real = token_batches(batch, seq, CONFIG["vocab_size"], batches_file)
     model.train()
     torch.cuda.reset_peak_memory_stats()
+    tokens = 0
     for step in range(steps + 2):
         if step == 2:  # two warm-up steps (kernel autotuning, allocator)
             torch.cuda.synchronize()
             started = time.perf_counter()
-        ids = batches[step % len(batches)].cuda()
-        loss = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids).loss
+        tokens += real[step % len(batches)] if step >= 2 else 0
+        loss = model(**{k: v.cuda() for k, v in batches[step % len(batches)].items()}).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     torch.cuda.synchronize()
     seconds = time.perf_counter() - started
-    print(json.dumps({"tokens_per_s": steps * batch * seq / seconds, "peak_vram_mb":
-                      torch.cuda.max_memory_allocated() / 2**20, "loss": float(loss)}))
+    print(json.dumps({"tokens_per_s": tokens / seconds, "peak_vram_mb":
+                      torch.cuda.max_memory_reserved() / 2**20, "loss": float(loss)}))
 
 
 def main() -> None:
@@ -81,10 +106,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=1024)
+    parser.add_argument("--batches", type=Path, help="train on these batches (a JSON list of lists of "
+                        "{input_ids, labels}) instead of random ones")
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        child(args.child[0], Path(args.child[1]), args.steps, args.batch_size, args.seq_len)
+        child(args.child[0], Path(args.child[1]), args.steps, args.batch_size, args.seq_len, args.batches)
         return
     import torch
 
