@@ -1,12 +1,15 @@
 """Run every benchmark under bench/ that this machine can run and write BENCHMARKS.md.
 
     .venv/bin/python bench/run_all.py [--only NAME,...] [--out BENCHMARKS.md] [--timeout 3600]
+    .venv/bin/python bench/run_all.py --from-file gpu_check=PATH    (a table that came back from a GPU machine)
 
 Each benchmark runs in its own process, one after the other (never two at once, so they do not
 share the cores), with its default settings. GPU benchmarks are skipped without a CUDA GPU and say
 so. BENCHMARKS.md gets, for each: what it measures, the peer it is compared with, the command that
 reproduces it, how long it took, and the table it printed; at the top, the machine they ran on.
 A benchmark that fails is reported with the end of its output, and the others still run.
+`--from-file NAME=PATH` records the table a benchmark wrote elsewhere (bench/gpu/check.sh on a lent GPU
+machine writes check.out.txt) as that benchmark's section, without running it; the other sections stay.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ class Bench:
     title: str
     peer: str
     gpu: bool = False
+    command: str = ""  # how to reproduce it, when not `.venv/bin/python SCRIPT`
 
 
 BENCHES = [
@@ -64,6 +68,11 @@ BENCHES = [
           "peft's merge_and_unload on the base loaded in bf16, then save_pretrained (what other tools do)"),
     Bench("qlora_compare", "bench/gpu/qlora_compare.py", "QLoRA on CUDA", "plain transformers + peft + bitsandbytes",
           gpu=True),
+    Bench("gpu_check", "bench/gpu/check.py", "GPU check: import, QLoRA (Unsloth and hf), kill -9 and resume, planner "
+          "vs peak VRAM, merge on the GPU, export and gate, decode on the GPU vs the CPU",
+          "plain transformers + peft + bitsandbytes QLoRA on the same batches; llama.cpp with no layers offloaded",
+          gpu=True, command="`bash bench/gpu/prepare_wheels.sh` here, then `bash bench/gpu/check.sh` on the GPU "
+          "machine"),
 ]
 
 
@@ -106,6 +115,20 @@ def run(bench: Bench, timeout: float) -> tuple[str, str, float]:
     return "ok", done.stdout.strip(), seconds
 
 
+def _from_files(pairs: list[str]) -> dict[str, Path]:
+    """NAME=PATH pairs of --from-file, checked: a known benchmark and a file that exists."""
+    known = {bench.name for bench in BENCHES}
+    found = {}
+    for pair in pairs:
+        name, _, path = pair.partition("=")
+        if name not in known or not path:
+            raise SystemExit(f"--from-file {pair!r}: expected NAME=PATH with NAME one of {', '.join(sorted(known))}")
+        if not Path(path).is_file():
+            raise SystemExit(f"--from-file {pair!r}: no file at {path}")
+        found[name] = Path(path)
+    return found
+
+
 def _sections(path: Path) -> dict[str, str]:
     """The sections of an earlier BENCHMARKS.md, by title."""
     if not path.is_file():
@@ -119,8 +142,11 @@ def main() -> None:
     parser.add_argument("--only", help="comma-separated benchmark names")
     parser.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds each benchmark may take")
+    parser.add_argument("--from-file", action="append", default=[], metavar="NAME=PATH",
+                        help="record the table in PATH as benchmark NAME's section instead of running it")
     args = parser.parse_args()
-    wanted = set(args.only.split(",")) if args.only else None
+    given = _from_files(args.from_file)
+    wanted = set(args.only.split(",")) | set(given) if args.only else (set(given) or None)
     gpu = has_gpu()
     kept = _sections(args.out)  # benchmarks not run this time keep their last section
     sections = []
@@ -129,8 +155,14 @@ def main() -> None:
             if bench.title in kept:
                 sections.append(kept[bench.title])
             continue
-        command = f".venv/bin/python {bench.script}"
-        head = f"## {bench.title}\n\nPeer: {bench.peer}. Reproduce: `{command}`.\n"
+        command = bench.command or f"`.venv/bin/python {bench.script}`"
+        head = f"## {bench.title}\n\nPeer: {bench.peer}. Reproduce: {command}.\n"
+        if bench.name in given:
+            stamp = datetime.now(UTC).strftime("%Y-%m-%d")
+            table = given[bench.name].read_text(encoding="utf-8").strip()
+            sections.append(f"{head}\nRecorded on {stamp} from {given[bench.name].name}, written where it ran (the "
+                            f"machine is its first line).\n\n```\n{table}\n```\n")
+            continue
         if bench.gpu and not gpu:
             print(f"skip {bench.name}: needs a CUDA GPU", file=sys.stderr)
             sections.append(kept.get(bench.title) or head + "\nSkipped: this machine has no CUDA GPU.\n")
