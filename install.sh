@@ -95,6 +95,7 @@ if [ "$DRY_RUN" = 1 ]; then
     echo "llama.cpp runtime: the wheelhouse's (${WHEELHOUSE_LLAMA_BACKEND:-cpu})"
   elif [ "$MODE" = gpu ]; then
     release="${CUDA_RELEASE:-$(torch_cuda)}"
+    [ -z "$release" ] && echo "(the runtime's CUDA release follows torch's CUDA build, known once torch is installed; until then the driver's or the system toolkit's is assumed)"
     if cuda_plan="$("$PYTHON" appliance/cuda_build.py plan --dry-run --base="$LLAMA_CMAKE_ARGS" --toolkit-dir "$CACHE" \
         ${CUDA_ARCH:+--arch "$CUDA_ARCH"} ${release:+--cuda "$release"} 2>&1)"; then
       echo "llama.cpp runtime: $(sed -n 2p <<<"$cuda_plan")"
@@ -187,7 +188,7 @@ elif [ "$MODE" = gpu ]; then
     LLAMA_WHEEL_DIR="$CACHE/wheels/cuda$RUNTIME_CUDA-sm${archs//;/_}"
     echo "llama.cpp runtime: $cuda_what"
   else
-    printf 'install.sh: cannot build the CUDA runtime of llama.cpp: %s\n  Building the CPU runtime instead; export checks, evaluation, chat and the endpoint will run on the CPU.\n' \
+    printf 'install.sh: cannot build the CUDA runtime of llama.cpp: %s\n  Building the CPU runtime instead; export checks, evaluation, chat and the endpoint will run on the CPU.\n  Once that is fixed, ./install.sh --gpu --force builds the CUDA runtime.\n' \
       "$(cat "$cuda_err")" >&2
   fi
   rm -f "$cuda_err"
@@ -203,7 +204,10 @@ elif [ -z "$LLAMA_WHEEL" ] || [ "$FORCE" = 1 ]; then
   fi
   mkdir -p "$LLAMA_WHEEL_DIR"
   rm -f "$LLAMA_WHEEL_DIR"/llama_cpp_python-*.whl
-  CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}" CMAKE_ARGS="$BUILD_ARGS" \
+  # one compiler per core, but no more than one per 4 GB of RAM (nvcc takes gigabytes on ggml-cuda's kernels)
+  jobs="$(nproc)" mem_jobs="$(awk '/^MemTotal:/ {print int($2 / 4194304)}' /proc/meminfo)"
+  [ "$mem_jobs" -ge 1 ] && [ "$mem_jobs" -lt "$jobs" ] && [ "$LLAMA_BACKEND" = cuda ] && jobs="$mem_jobs"
+  CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$jobs}" CMAKE_ARGS="$BUILD_ARGS" \
     "$PY" -m pip wheel --quiet --no-deps "$SDIST" -w "$LLAMA_WHEEL_DIR"
   LLAMA_WHEEL="$(ls "$LLAMA_WHEEL_DIR"/llama_cpp_python-"$LLAMA_CPP_PYTHON_VERSION"-*.whl | head -n 1)"
 fi

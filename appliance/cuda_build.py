@@ -1,7 +1,7 @@
 """The CUDA build of the llama.cpp runtime: for which GPUs, with which compiler, or why it cannot be made.
 
-install.sh runs this file with the system's Python before the virtual environment holds anything (so it uses
-the standard library alone), and `appliance doctor` and the tests import it:
+install.sh runs this file with the virtual environment's Python (the system's for --dry-run) before anything
+else is installed in it, so it uses the standard library alone; the tests import it:
 
     python3 appliance/cuda_build.py plan [--arch LIST] [--cuda X.Y] [--toolkit-dir DIR] [--offline]
 
@@ -137,7 +137,8 @@ def probe_archs(timeout_s: float = 20.0) -> tuple[list[int], str]:
     except (OSError, subprocess.TimeoutExpired) as exc:
         return [], f"nvidia-smi did not answer ({exc})"
     if done.returncode != 0:
-        return [], f"nvidia-smi failed: {(done.stderr or done.stdout).strip()[:200] or done.returncode}"
+        said = (done.stderr or done.stdout).strip()[:200] or f"status {done.returncode}"
+        return [], f"nvidia-smi could not report the cards' compute capability ({said}; older drivers cannot)"
     archs = archs_from_smi(done.stdout)
     return archs, "" if archs else "nvidia-smi lists no GPU"
 
@@ -192,11 +193,13 @@ def driver_library() -> Path | None:
     return None
 
 
+SYSTEM_LIBRARY_DIRS = (Path("/usr/lib/x86_64-linux-gnu"), Path("/usr/lib64"))  # where distributions put cuBLAS
+
+
 def has_cublas(root: Path) -> bool:
     """Whether cuBLAS (which ggml-cuda links) is beside the toolkit, or in the system's library folders where
     distributions put it."""
-    folders = [root / "lib64", root / "lib", *root.glob("targets/*/lib"), Path("/usr/lib/x86_64-linux-gnu"),
-               Path("/usr/lib64")]
+    folders = [root / "lib64", root / "lib", *root.glob("targets/*/lib"), *SYSTEM_LIBRARY_DIRS]
     return any((folder / "libcublas.so").exists() for folder in folders)
 
 
@@ -245,8 +248,9 @@ def check_archs(archs: list[int], version: tuple[int, int]) -> None:
         needs = NEWEST_NEEDS.get(arch)
         if needs and version < needs:
             raise CudaBuildError(f"sm_{arch} needs CUDA {needs[0]}.{needs[1]} or newer and the toolkit is "
-                                 f"{version[0]}.{version[1]}", f"Install CUDA {needs[0]}.{needs[1]}+ or give "
-                                 f"--cuda {needs[0]}.{needs[1]} to take the compiler from the registry's wheels.")
+                                 f"{version[0]}.{version[1]}", f"Install a CUDA {needs[0]}.{needs[1]}+ toolkit, or "
+                                 "build with CUDA 13 (--cuda 13.0, torch's CUDA 13 build), whose compiler comes "
+                                 "from the registry's wheels.")
 
 
 def wheel_requirements(release: tuple[int, int]) -> list[str]:
@@ -362,6 +366,10 @@ def plan(arch_option: str | None, cuda_option: str | None, toolkit_dir: Path | N
         archs = parse_archs(arch_option)
     else:
         archs, seen = probe_archs()
+        if not archs and seen.startswith("nvidia-smi could not"):
+            raise CudaBuildError(f"the cards to build for are not known: {seen}",
+                                 "Name their compute capabilities (nvidia-smi -q shows them, or the card's "
+                                 "specification): --cuda-arch 8.6.")
         if not archs:
             raise CudaBuildError(f"no NVIDIA GPU is visible here ({seen}), so there is no card to build the CUDA "
                                  "runtime for", "To build it for cards elsewhere (a wheelhouse for another machine), "
@@ -375,6 +383,12 @@ def plan(arch_option: str | None, cuda_option: str | None, toolkit_dir: Path | N
     if nvcc is not None and not has_cublas(nvcc.root):
         system = f"the CUDA toolkit here ({nvcc.root}, {nvcc.release}) has no cuBLAS, which ggml-cuda links"
         nvcc = None
+    if nvcc is not None:
+        try:
+            check_archs(archs, nvcc.version)
+        except CudaBuildError as exc:
+            system = f"the CUDA toolkit here ({nvcc.root}) cannot build for these cards: {exc.args[0]}"
+            nvcc = None
     if nvcc is None:
         release = wanted or driver_cuda()
         if release is None:
@@ -397,6 +411,12 @@ def plan(arch_option: str | None, cuda_option: str | None, toolkit_dir: Path | N
             nvcc = Nvcc(root / "bin" / "nvcc", release, f"the registry's CUDA {release[0]}.{release[1]} wheels "
                         f"(to be installed into {site})")
     check_archs(archs, nvcc.version)
+    driver = driver_cuda() if not arch_option else None  # for this machine's cards, its driver must run it
+    if driver is not None and driver[0] < nvcc.version[0]:
+        raise CudaBuildError(f"the NVIDIA driver here runs CUDA up to {driver[0]}.{driver[1]}, so a CUDA "
+                             f"{nvcc.release} runtime would not start on its cards",
+                             f"Update the driver to one for CUDA {nvcc.release}, or install torch's and the "
+                             f"runtime's CUDA {driver[0]} builds (--cuda {driver[0]}.{driver[1]}).")
     build = BuildPlan(archs, nvcc, base_args)
     if not has_driver_stub(nvcc.root):
         build.driver = driver_library()

@@ -189,8 +189,8 @@ def _runtime_gpu(facts: dict[str, object]) -> Check:
         if gpus:
             return Check(name="llama.cpp GPU", status="warn", detail=f"backends {', '.join(backends) or 'none'}: "
                          f"the runtime was built for the CPU and this machine has {len(gpus)} NVIDIA GPU(s)",
-                         hint="Run ./install.sh --gpu to build it with CUDA; export checks, evaluation, chat and "
-                         "the endpoint then run on the GPU.")
+                         hint="Run ./install.sh --gpu --force to build it with CUDA (it says why where it cannot); "
+                         "export checks, evaluation, chat and the endpoint then run on the GPU.")
         return Check(name="llama.cpp GPU", status="ok", detail=f"backends {', '.join(backends) or 'none'} (no GPU)")
     try:
         devices = [d for d in toolchain.runtime_devices() if d.kind in ("gpu", "igpu")]

@@ -10,15 +10,20 @@ planned but not yet taken (its `planned_peak_mb` less what it holds now): a mode
 What one offloaded layer costs: its weights at the file's precision plus its share of the KV cache (llama.cpp
 keeps each layer's cache on that layer's device). The output layer (the vocabulary projection) goes to the GPU
 only with all the layers; the token embeddings always stay in RAM.
+
+The GPUs are the ones the runtime itself sees (ggml's devices: CUDA_VISIBLE_DEVICES applies, and a driver too
+old for the runtime's CUDA shows none). With several, the model goes to the one with the most free memory alone
+(llama.cpp would otherwise spread it over all of them, the card a training uses too); the room kept for a
+training is taken off that card's free memory, since which card a training uses is not known here.
 """
 
 from __future__ import annotations
 
-import json
+import os
 import re
 import shutil
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,16 +37,28 @@ BATCH = 512  # the batch llama.cpp evaluates a prompt in; its logits are float32
 SHARE = 0.95  # of the free memory an offload plans to take
 
 
+SPLIT_MODE_NONE = 0  # llama.cpp's LLAMA_SPLIT_MODE_NONE: the whole model on main_gpu
+
+
 @dataclass(frozen=True)
 class Offload:
     n_gpu_layers: int  # llama.cpp's setting: 0 all on the CPU, -1 every layer and the output
     layers: int  # of the model's
     vram_mb: float  # planned on the GPU
     reason: str  # in words, for the job's log and the doctor
+    cpu_share: float = 1.0  # of the file's weights (and of the KV cache) that stays in RAM
+    main_gpu: int | None = None  # the runtime's GPU it goes to, when it sees several
 
     @property
     def on_gpu(self) -> bool:
         return self.n_gpu_layers != 0
+
+    def llama_settings(self) -> dict[str, int]:
+        """The keyword arguments of llama_cpp.Llama (and of its server's model settings) that place the model."""
+        settings = {"n_gpu_layers": self.n_gpu_layers}
+        if self.main_gpu is not None and self.on_gpu:
+            settings.update(split_mode=SPLIT_MODE_NONE, main_gpu=self.main_gpu)
+        return settings
 
 
 def plan(config: dict[str, Any], file_mb: float, context: int, gpu_free_mb: float | None, has_cuda: bool,
@@ -68,7 +85,8 @@ def plan(config: dict[str, Any], file_mb: float, context: int, gpu_free_mb: floa
     whole = fixed + layers * (layer_mb + kv_layer_mb) + output_mb
     room = (f"{gib(gpu_free_mb)} free" + (f", {gib(reserve_mb)} of it kept for {reserved_by}" if reserve_mb else ""))
     if whole <= budget:
-        return Offload(-1, layers, whole, f"all {layers} layers on the GPU ({gib(whole)} planned, {room})")
+        share = max(0.0, 1 - (layers * layer_mb + output_mb) / file_mb) if file_mb else 0.0
+        return Offload(-1, layers, whole, f"all {layers} layers on the GPU ({gib(whole)} planned, {room})", share)
     fitting = int((budget - fixed) // (layer_mb + kv_layer_mb)) if budget > fixed else 0
     fitting = max(0, min(layers - 1, fitting))
     if fitting == 0:
@@ -76,7 +94,8 @@ def plan(config: dict[str, Any], file_mb: float, context: int, gpu_free_mb: floa
                                        f"{gib(fixed)} ({room}; the whole model needs {gib(whole)})")
     used = fixed + fitting * (layer_mb + kv_layer_mb)
     return Offload(fitting, layers, used, f"{fitting} of {layers} layers on the GPU, the rest on the CPU "
-                                          f"({gib(used)} planned, {room}; the whole model needs {gib(whole)})")
+                                          f"({gib(used)} planned, {room}; the whole model needs {gib(whole)})",
+                   1 - fitting / layers)
 
 
 def gib(mb: float) -> str:
@@ -84,22 +103,33 @@ def gib(mb: float) -> str:
 
 
 def for_gguf(path: Path, context: int) -> Offload:
-    """`plan` for a GGUF file on this machine: its header, the runtime's backends, the GPU's free memory and the
-    training jobs running on it."""
+    """`plan` for a GGUF file on this machine: its header, the runtime's backends and GPUs with their free memory,
+    and the training jobs running on them."""
     from appliance import gguf_meta, pipeline_plan, toolchain
-    from appliance.hardware import nvidia_gpus
+    from appliance.errors import ApplianceError
 
-    has_cuda = "CUDA" in toolchain.runtime_backends()
     try:
         config = pipeline_plan.config_from_gguf(path)
     except gguf_meta.GGUFError:
         return Offload(0, 0, 0.0, f"on the CPU: {path.name}'s header does not give the model's shape to plan with")
-    if not has_cuda:
+    if "CUDA" not in toolchain.runtime_backends():
         return plan(config, 0.0, context, None, False)
-    gpus = [g for g in nvidia_gpus() if g.memory_free_mb is not None]
-    free = float(max(g.memory_free_mb or 0 for g in gpus)) if gpus else None
+    try:
+        devices = [d for d in toolchain.runtime_devices() if d.kind in ("gpu", "igpu")]
+    except ApplianceError as exc:
+        devices, why = [], exc.message
+    else:
+        why = "the NVIDIA driver may be older than the runtime's CUDA release: appliance doctor says"
+    if not devices:
+        return Offload(0, int(pipeline_plan.text_config(config)["num_hidden_layers"]), 0.0,
+                       f"on the CPU: the llama.cpp runtime has CUDA but sees no GPU ({why})")
     reserve, who = training_reserve(gpu_processes())
-    return plan(config, path.stat().st_size / MB, context, free, True, reserve, who)
+    best = max(range(len(devices)), key=lambda i: devices[i].free_mb)
+    placed = plan(config, path.stat().st_size / MB, context, float(devices[best].free_mb), True, reserve, who)
+    if len(devices) == 1:
+        return placed
+    return replace(placed, main_gpu=best, reason=f"{placed.reason}; on GPU {best} ({devices[best].description}) "
+                                                 f"alone, the one of {len(devices)} with the most free memory")
 
 
 # -- room for a training job on the same card ------------------------------------------------------
@@ -130,39 +160,41 @@ def parse_gpu_processes(output: str) -> dict[int, float]:
 def training_reserve(processes: dict[int, float]) -> tuple[float, str]:
     """What training jobs on the GPU have planned but not yet taken (MiB), and which runs they are.
 
-    A job is recognised by the lock of its run that it holds (events.LOCK_FILE), its plan by the last
-    `planned_peak_mb` metric in that run's events: the plan counts the job's peak, which it reaches only
-    at its longest batch, so the memory it holds now is not all it will hold."""
+    A GPU process is a training job when it holds a run's lock (events.LOCK_FILE) and that run's job record
+    says its current job is a training with that process's id (an export or evaluation of the same run holds
+    the same lock); its plan is the `planned_peak_mb` metric of that job's events. The plan counts the job's
+    peak, which it reaches only at its longest batch, so the memory it holds now is not all it will hold. The
+    process asking is never counted (a job placing its own model)."""
     from appliance import events
     from appliance.fsutil import fds_of
+    from appliance.run import job_record
 
     total, runs = 0.0, []
     for pid, used_mb in processes.items():
+        if pid == os.getpid():
+            continue
         lock = next((p for p in fds_of(pid) if p.endswith("/" + events.LOCK_FILE)), None)
         if lock is None:
             continue
-        planned = planned_peak_mb(Path(lock).parent / events.EVENTS_FILE)
+        folder = Path(lock).parent
+        record = job_record(folder)
+        if record is None or record.stage != "train" or record.pid != pid:
+            continue
+        planned = planned_peak_mb(folder / events.EVENTS_FILE, record.offset)
         if planned is None or planned <= used_mb:
             continue
         total += planned - used_mb
-        runs.append(Path(lock).parent.name)
+        runs.append(folder.name)
     return total, ("the training of " + ", ".join(runs)) if runs else ""
 
 
-def planned_peak_mb(events_path: Path) -> float | None:
-    """The last memory plan a job wrote into its events (the train stage's `planned_peak_mb` metric)."""
+def planned_peak_mb(events_path: Path, offset: int = 0) -> float | None:
+    """The last memory plan a job wrote into its events from `offset` on (the train stage's `planned_peak_mb`)."""
+    from appliance import events
+
     try:
-        lines = events_path.read_text(encoding="utf-8").splitlines()
+        found = events.read_all(events_path, offset)
     except OSError:
         return None
-    for line in reversed(lines):
-        if '"planned_peak_mb"' not in line:
-            continue
-        try:
-            event = json.loads(line)
-        except ValueError:
-            continue
-        value = event.get("value") if isinstance(event, dict) and event.get("name") == "planned_peak_mb" else None
-        if isinstance(value, int | float):
-            return float(value)
-    return None
+    plans = [e.value for e in found if isinstance(e, events.Metric) and e.name == "planned_peak_mb"]
+    return float(plans[-1]) if plans else None

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -144,9 +145,11 @@ def test_the_systems_compiler_is_used_for_the_cards_asked_for(tmp_path: Path) ->
                         env={"CUDACXX": str(_fake_toolkit(tmp_path / "cuda13", "13.0")), "PATH": "/nonexistent"})
 
 
-def test_a_toolkit_without_cublas_or_of_another_release_is_not_taken(tmp_path: Path) -> None:
+def test_a_toolkit_without_cublas_or_of_another_release_is_not_taken(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     """ggml-cuda links cuBLAS, and one process should load one CUDA: a partial toolkit, or one of another major
     release than torch's, makes the build take the registry's wheels (refused here: offline)."""
+    monkeypatch.setattr(cuda_build, "SYSTEM_LIBRARY_DIRS", ())  # no distribution's cuBLAS either
     partial = _fake_toolkit(tmp_path / "partial", "13.0", cublas=False)
     with pytest.raises(cuda_build.CudaBuildError, match=r"has no cuBLAS.*offline install cannot fetch") as info:
         cuda_build.plan("8.6", "13.0", tmp_path / "cache", offline=True, base_args=[],
@@ -180,8 +183,20 @@ def test_the_build_plan_runs_with_the_systems_python_alone_and_says_why_not(tmp_
     assert "no NVIDIA GPU is visible here" in refused.stderr and "--arch 8.6,8.9" in refused.stderr
 
 
-def test_install_gpu_on_a_host_without_a_gpu_says_why_and_installs_the_cpu_stack() -> None:
-    env = {**os.environ, "PATH": "/usr/bin:/bin"}  # no nvidia-smi, as on this machine
+def _path_without_nvidia_smi(folder: Path) -> str:
+    """A PATH with every program of this machine's but nvidia-smi (a host without the NVIDIA driver)."""
+    folder.mkdir()
+    for directory in os.environ.get("PATH", "").split(os.pathsep):
+        if not os.path.isdir(directory):
+            continue
+        for name in os.listdir(directory):
+            if name != "nvidia-smi" and not (folder / name).exists():
+                (folder / name).symlink_to(Path(directory) / name)
+    return str(folder)
+
+
+def test_install_gpu_on_a_host_without_a_gpu_says_why_and_installs_the_cpu_stack(tmp_path: Path) -> None:
+    env = {**os.environ, "PATH": _path_without_nvidia_smi(tmp_path / "bin")}
     done = subprocess.run([str(ROOT / "install.sh"), "--gpu", "--dry-run"], capture_output=True, text=True,
                           env=env, cwd=ROOT, check=False, timeout=120)
     assert done.returncode == 0, done.stderr
@@ -302,26 +317,84 @@ def test_a_model_that_fits_goes_whole_to_the_gpu_and_one_that_does_not_in_part()
 
 
 def test_room_is_kept_for_a_training_job_running_on_the_same_card(tmp_path: Path) -> None:
-    """A training job is recognised by the lock of its run that it holds; what it planned and does not hold yet
-    is kept free. Here this test process plays the job: it holds a run's lock and that run planned 14 GiB."""
+    """A GPU process is a training job when it holds a run's lock and the run's job record names it as the
+    training: what that job planned and does not hold yet is kept free. An export or evaluation of the same run
+    (same lock, another stage), and the process asking, are not trainings. A child process plays the job here."""
     from appliance import events as ev
-    from appliance import jobs
+    from appliance.records import JobRecord
+    from appliance.run import write_job_record
 
     run = tmp_path / "runs" / "r1"
     run.mkdir(parents=True)
     with ev.EventWriter(run / ev.EVENTS_FILE) as write:
-        write(ev.Metric(name="planned_peak_mb", value=9_000.0))
+        write(ev.Metric(name="planned_peak_mb", value=30_000.0))  # an earlier training of the run
+    offset = (run / ev.EVENTS_FILE).stat().st_size
+    with ev.EventWriter(run / ev.EVENTS_FILE) as write:
         write(ev.Log(message="memory plan: about 14 GiB"))
         write(ev.Metric(name="planned_peak_mb", value=14_336.0))
         write(ev.Metric(name="loss", value=1.0, step=1))
-    assert offload.planned_peak_mb(run / ev.EVENTS_FILE) == 14_336.0
-    smi = f"12345, 300 MiB\n{os.getpid()}, 6144 MiB\n"
-    processes = offload.parse_gpu_processes(smi)
-    assert processes == {12345: 300.0, os.getpid(): 6144.0}
-    assert offload.training_reserve(processes) == (0.0, "")  # the lock is not held yet
-    with (run / jobs.LOCK_FILE).open("w"):
+    assert offload.planned_peak_mb(run / ev.EVENTS_FILE, offset) == 14_336.0
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nlock = open(sys.argv[1], 'a')\n"
+                               "print('holding', flush=True)\ntime.sleep(120)", str(run / ev.LOCK_FILE)],
+                              stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == b"holding\n"
+        smi = f"12345, 300 MiB\n{holder.pid}, 6144 MiB\n"
+        processes = offload.parse_gpu_processes(smi)
+        assert processes == {12345: 300.0, holder.pid: 6144.0}
+        assert offload.training_reserve(processes) == (0.0, "")  # no job record names it yet
+        write_job_record(run, JobRecord(stage="train", pid=holder.pid, offset=offset))
         assert offload.training_reserve(processes) == (14_336.0 - 6144.0, "the training of r1")
-        assert offload.training_reserve({os.getpid(): 20_000.0}) == (0.0, "")  # holds more than it planned
+        assert offload.training_reserve({holder.pid: 20_000.0}) == (0.0, "")  # it holds more than it planned
+        assert offload.training_reserve({os.getpid(): 0.0}) == (0.0, "")  # the process asking
+        write_job_record(run, JobRecord(stage="export", pid=holder.pid, offset=offset))
+        assert offload.training_reserve(processes) == (0.0, "")  # the run's export holds the same lock
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_with_several_gpus_the_model_goes_to_one_card_alone() -> None:
+    placed = offload.Offload(-1, 32, 6000.0, "all 32 layers on the GPU", 0.06, main_gpu=1)
+    assert placed.llama_settings() == {"n_gpu_layers": -1, "split_mode": offload.SPLIT_MODE_NONE, "main_gpu": 1}
+    assert offload.Offload(-1, 32, 6000.0, "one GPU").llama_settings() == {"n_gpu_layers": -1}
+    assert offload.Offload(0, 32, 0.0, "CPU", main_gpu=1).llama_settings() == {"n_gpu_layers": 0}
+
+
+def _fake_nvidia_smi(folder: Path, caps: str, driver: str) -> str:
+    """nvidia-smi answering as a driver for CUDA `driver` with cards of compute capabilities `caps` would (no GPU
+    here: the driver is faked), first on a PATH of this machine's other programs."""
+    _file(folder / "nvidia-smi", "#!/bin/sh\ncase \"$1\" in\n  --query-gpu=compute_cap) printf '"
+          + "\\n".join(caps.split(",")) + "\\n' ;;\n"
+          f"  *) echo '| NVIDIA-SMI 580.00   Driver Version: 580.00   CUDA Version: {driver} |' ;;\nesac\n", 0o755)
+    return f"{folder}{os.pathsep}{os.environ.get('PATH', '')}"
+
+
+def test_this_machines_cards_and_driver_decide_the_build_with_nvidia_smi_faked(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PATH", _fake_nvidia_smi(tmp_path / "smi", "8.9,8.6", "12.4"))
+    assert cuda_build.probe_archs() == ([86, 89], "") and cuda_build.driver_cuda() == (12, 4)
+    old = _fake_toolkit(tmp_path / "cuda12", "12.8")
+    build = cuda_build.plan(None, None, tmp_path / "cache", offline=True, base_args=[], env={"CUDACXX": str(old)})
+    assert build.archs == [86, 89] and build.nvcc.release == "12.8"  # a 12.4 driver runs 12.x
+    new = _fake_toolkit(tmp_path / "cuda13", "13.0")
+    with pytest.raises(cuda_build.CudaBuildError, match=r"driver here runs CUDA up to 12.4, so a CUDA 13.0 runtime"):
+        cuda_build.plan(None, None, tmp_path / "cache", offline=True, base_args=[], env={"CUDACXX": str(new)})
+    # for cards elsewhere (--arch) this machine's driver does not matter
+    assert cuda_build.plan("8.6", None, tmp_path / "cache", offline=True, base_args=[],
+                           env={"CUDACXX": str(new)}).nvcc.release == "13.0"
+
+
+def test_a_card_newer_than_the_systems_toolkit_takes_the_registrys_compiler_with_nvidia_smi_faked(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PATH", _fake_nvidia_smi(tmp_path / "smi", "12.0", "13.0"))
+    old = _fake_toolkit(tmp_path / "cuda124", "12.4")
+    build = cuda_build.plan(None, None, tmp_path / "cache", offline=False, base_args=[], fetch=False,
+                            env={"CUDACXX": str(old)})
+    assert build.nvcc.release == "13.0" and "registry's CUDA 13.0 wheels" in build.describe()
+    assert build.architectures() == "120a-real"
+    with pytest.raises(cuda_build.CudaBuildError, match=r"cannot build for these cards: sm_120 needs CUDA 12.8"):
+        cuda_build.plan(None, None, tmp_path / "cache", offline=True, base_args=[], env={"CUDACXX": str(old)})
 
 
 def test_every_llama_cpp_user_here_runs_on_the_cpu_and_says_why() -> None:
@@ -331,6 +404,8 @@ def test_every_llama_cpp_user_here_runs_on_the_cpu_and_says_why() -> None:
 
     from appliance import doctor, toolchain
 
+    if "CUDA" in toolchain.runtime_backends():
+        pytest.skip("this machine's llama.cpp runtime is a CUDA build")
     assert toolchain.runtime_backends() == ["CPU"] and toolchain.runtime_cuda() is None
     assert toolchain.preload_cuda() == []
     assert [d.kind for d in toolchain.runtime_devices()] == ["cpu"]

@@ -122,7 +122,7 @@ class GGUFTarget:
         self.runtime = f"llama.cpp, {path.name}" + (f", {placed.reason}" if placed.on_gpu else "")
         threads = os.cpu_count() or 1
         self.llm = Llama(str(path), n_ctx=n_ctx, n_batch=min(n_ctx, 512), verbose=False, seed=0,
-                         n_threads=threads, n_threads_batch=threads, n_gpu_layers=placed.n_gpu_layers)
+                         n_threads=threads, n_threads_batch=threads, **placed.llama_settings())
 
     def _feed(self, tokens: list[int]) -> None:
         """Make the cache hold exactly `tokens`, evaluating only what differs from what it holds."""

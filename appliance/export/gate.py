@@ -153,7 +153,7 @@ def loaded(path: Path, n_ctx: int, lora: Path | None = None) -> Iterator[Any]:
     placed = offload.for_gguf(path, n_ctx)
     llm = Llama(str(path), n_ctx=n_ctx, n_batch=min(n_ctx, 512), logits_all=True, verbose=False, seed=0,
                 n_threads=threads, n_threads_batch=threads, lora_path=str(lora) if lora else None,
-                n_gpu_layers=placed.n_gpu_layers)
+                **placed.llama_settings())
     try:
         yield llm
     finally:

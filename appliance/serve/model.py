@@ -161,9 +161,10 @@ def context_length(path: Path) -> int:
     return min(trained, DEFAULT_CONTEXT)
 
 
-def check_memory(path: Path, n_ctx: int) -> None:
+def check_memory(path: Path, n_ctx: int, cpu_share: float = 1.0) -> None:
     """Refuse to load a model whose file and KV cache do not fit in the memory available (llama.cpp maps the file;
-    pages that do not stay in memory are read from disk at every token)."""
+    pages that do not stay in memory are read from disk at every token). `cpu_share`: what of them stays in RAM
+    when layers go to a GPU (`offload`)."""
     from appliance import pipeline_plan as pp
     from appliance.gguf_meta import GGUFError
 
@@ -171,7 +172,7 @@ def check_memory(path: Path, n_ctx: int) -> None:
         kv = pp.kv_bytes_per_token(pp.config_from_gguf(path)) * n_ctx / 2**20
     except GGUFError:
         kv = 0.0  # a header without the model's shape: the file alone is planned
-    need = pp.LLAMA_RUNTIME_MB + path.stat().st_size / 2**20 + kv
+    need = pp.LLAMA_RUNTIME_MB + (path.stat().st_size / 2**20 + kv) * cpu_share
     pp.check_memory(need, pp.available_memory_mb(), f"serving {path.name} with {n_ctx} tokens of context",
                     "Serve with a smaller context (--ctx) or a smaller quantization (--quant).")
 
@@ -186,10 +187,10 @@ def load(model: ServedModel, n_ctx: int | None = None, threads: int | None = Non
 
     threads = threads or os.cpu_count() or 1
     n_ctx = n_ctx or context_length(model.path)
-    check_memory(model.path, n_ctx)
     placed = offload.for_gguf(model.path, n_ctx)
+    check_memory(model.path, n_ctx, placed.cpu_share)
     llm = Llama(str(model.path), n_ctx=n_ctx, n_threads=threads,
-                n_threads_batch=threads, verbose=False, n_gpu_layers=placed.n_gpu_layers)
+                n_threads_batch=threads, verbose=False, **placed.llama_settings())
     if model.contract is not None:
         llm.chat_handler = formatter(model, llm).to_chat_handler()
     return llm

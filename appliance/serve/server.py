@@ -422,7 +422,7 @@ def create_app(cfg: ServeConfig, model: ServedModel, audit: AuditLog) -> Guard:
                                                      root_path="", ssl_keyfile=None, ssl_certfile=None)
     model_settings = ModelSettings.model_construct(model=str(model.path), model_alias=model.name, n_ctx=n_ctx,
                                                    n_threads=threads, n_threads_batch=threads,
-                                                   n_gpu_layers=placed.n_gpu_layers,
+                                                   **placed.llama_settings(),
                                                    verbose=False)
     app = llama_server.create_app(server_settings=server_settings, model_settings=[model_settings])
     app.user_middleware = [m for m in app.user_middleware if m.cls is not CORSMiddleware]
