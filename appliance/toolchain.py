@@ -128,6 +128,11 @@ def preload_cuda() -> list[str]:
     if cuda_lib is None:
         return _preloaded
     wanted = {name: major for name, major in _needed_cuda(cuda_lib)}
+    if not wanted:  # names not found where they were looked for: the release install.sh recorded
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            recorded = json.loads((toolchain_dir() / TOOLCHAIN_FILE).read_text(encoding="utf-8")).get("runtime_cuda")
+            if recorded:
+                wanted = dict.fromkeys(CUDA_LIBRARIES, str(recorded).split(".")[0])
     for name in CUDA_LIBRARIES:
         if name not in wanted:
             continue

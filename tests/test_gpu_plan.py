@@ -431,3 +431,12 @@ def test_the_pipeline_plan_puts_llama_cpp_stages_on_a_gpu_when_the_runtime_has_c
     cpu_runtime = pp.Machine(**{**gpu.__dict__, "llama_cuda": False})
     assert all(s.vram_mb == 0 for s in pp.stages(LLAMA_8B, pp.Choices(import_kind="imported"), cpu_runtime)
                if s.stage != "train")
+
+
+def test_the_cuda_libraries_a_cuda_runtime_needs_are_read_from_its_dynamic_names(tmp_path: Path) -> None:
+    from appliance import toolchain
+
+    library = tmp_path / "libggml-cuda.so"
+    library.write_bytes(b"\x7fELF" + b"\0" * 64 + b"libcudart.so.13\0libcublas.so.13\0libcublasLt.so.13\0libc.so.6\0")
+    assert toolchain._needed_cuda(library) == [("cublas", "13"), ("cublasLt", "13"), ("cudart", "13")]
+    assert toolchain._needed_cuda(tmp_path / "missing.so") == []
