@@ -41,6 +41,7 @@ from appliance.errors import ApplianceError
 
 MB = 1024 * 1024
 RUNTIME_MB = {"cpu": 600.0, "cuda": 0.0}  # torch + transformers + peft in the process; CUDA counts VRAM only
+UNSLOTH_RAM_MB = 220.0  # what importing Unsloth and unsloth_zoo adds to a CPU job (measured: 170-202 MB over hf)
 CUDA_CONTEXT_MB = 500.0  # torch's CUDA context (lazily loaded kernels, cuBLAS workspace) on CUDA 12-13
 ALLOCATOR_OVERHEAD = 1.08  # torch's caching allocator: reserved over allocated at the peak
 NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)  # per quantized weight: 4 bits, an 8-bit absmax per 64, fp32 per 256 blocks
@@ -154,6 +155,8 @@ def plan_from_config(cfg: TrainConfig, config: dict[str, Any], parameters: int, 
         layer_act *= CHECKPOINTED_SHARE
     logits = tokens * min(1.0, trained_fraction) * vocab * 4 * LOGIT_COPIES
     runtime = CUDA_CONTEXT_MB if device == "cuda" else RUNTIME_MB.get(device, 0.0)
+    if device == "cpu" and backend == "unsloth":
+        runtime += UNSLOTH_RAM_MB
     world = cfg.world_size
     gathered = 0.0
     if cfg.sharding == "fsdp" and world > 1:

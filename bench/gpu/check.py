@@ -5,7 +5,8 @@
 
 On a lent machine with one NVIDIA GPU (python3 with torch+CUDA, transformers and peft; no unsloth,
 bitsandbytes, llama-cpp-python, nor the appliance's other dependencies), in this order, each step an
-`appliance ...` command (`python -m appliance`, APPLIANCE_HOME in the work folder, APPLIANCE_JOB_HOST=0):
+`appliance ...` command (`python -m appliance`, APPLIANCE_HOME in the work folder; jobs start as the appliance
+starts them: cold on a GPU machine, forked from the warm job host on the CPU):
 
  1. import the embedded default (`appliance models import default`), and a 1B-class Llama with random
     weights (Llama-3.2-1B shapes, this tokenizer's vocabulary; made with transformers on the GPU, never
@@ -123,7 +124,7 @@ class Check:
         return self.cfg.work / "store"
 
     def env(self, **extra: str) -> dict[str, str]:
-        env = {**os.environ, "APPLIANCE_HOME": str(self.store), "APPLIANCE_JOB_HOST": "0", "NO_COLOR": "1",
+        env = {**os.environ, "APPLIANCE_HOME": str(self.store), "NO_COLOR": "1",
                "COLUMNS": "200", "TOKENIZERS_PARALLELISM": "false", **extra}
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
         return env
