@@ -98,6 +98,22 @@ def _runtime_lib_dir() -> Path | None:
     return Path(next(iter(spec.submodule_search_locations))) / "lib"
 
 
+def _runtime_library(pattern: str) -> Path | None:
+    """The installed runtime's library matching `pattern` (libggml-cuda.so*), None when it has none."""
+    lib_dir = _runtime_lib_dir()
+    if lib_dir is None or not lib_dir.is_dir():
+        return None
+    return next(iter(sorted(lib_dir.glob(pattern))), None)
+
+
+def _recorded_cuda() -> str | None:
+    """The CUDA release install.sh recorded for the runtime it built (toolchain.json), None when it recorded none."""
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        recorded = json.loads((toolchain_dir() / TOOLCHAIN_FILE).read_text(encoding="utf-8")).get("runtime_cuda")
+        return str(recorded) if recorded else None
+    return None
+
+
 def runtime_backends() -> list[str]:
     """The ggml backends the installed runtime was built with (CPU, CUDA, ...), read from its libraries without
     loading them."""
@@ -123,16 +139,13 @@ def preload_cuda() -> list[str]:
     if _preloaded is not None:
         return _preloaded
     _preloaded = []
-    lib_dir = _runtime_lib_dir()
-    cuda_lib = next(iter(sorted(lib_dir.glob("libggml-cuda.so*"))), None) if lib_dir and lib_dir.is_dir() else None
+    cuda_lib = _runtime_library("libggml-cuda.so*")
     if cuda_lib is None:
         return _preloaded
     wanted = {name: major for name, major in _needed_cuda(cuda_lib)}
-    if not wanted:  # names not found where they were looked for: the release install.sh recorded
-        with contextlib.suppress(OSError, ValueError, AttributeError):
-            recorded = json.loads((toolchain_dir() / TOOLCHAIN_FILE).read_text(encoding="utf-8")).get("runtime_cuda")
-            if recorded:
-                wanted = dict.fromkeys(CUDA_LIBRARIES, str(recorded).split(".")[0])
+    recorded = _recorded_cuda()
+    if not wanted and recorded:  # names not found where they were looked for: the release install.sh recorded
+        wanted = dict.fromkeys(CUDA_LIBRARIES, recorded.split(".")[0])
     for name in CUDA_LIBRARIES:
         if name not in wanted:
             continue
@@ -186,8 +199,7 @@ DEVICE_KINDS = {0: "cpu", 1: "gpu", 2: "igpu", 3: "accel"}
 def runtime_devices() -> list[Device]:
     """The devices the installed runtime's ggml sees (the CPU, and each GPU a CUDA build can use), asked from its
     own library: what llama.cpp will offload to, whatever torch or nvidia-smi say."""
-    lib_dir = _runtime_lib_dir()
-    library = next(iter(sorted(lib_dir.glob("libggml.so*"))), None) if lib_dir and lib_dir.is_dir() else None
+    library = _runtime_library("libggml.so*")
     if library is None:
         raise ToolchainError("llama-cpp-python is not installed", REINSTALL_HINT)
     preload_cuda()
@@ -220,14 +232,12 @@ def runtime_devices() -> list[Device]:
 def runtime_cuda() -> str | None:
     """The CUDA release the runtime was built with ("13.0"; the major alone when install.sh did not record it),
     None for a runtime without CUDA."""
-    lib_dir = _runtime_lib_dir()
-    cuda_lib = next(iter(sorted(lib_dir.glob("libggml-cuda.so*"))), None) if lib_dir and lib_dir.is_dir() else None
+    cuda_lib = _runtime_library("libggml-cuda.so*")
     if cuda_lib is None:
         return None
-    with contextlib.suppress(OSError, ValueError, KeyError):
-        recorded = json.loads((toolchain_dir() / TOOLCHAIN_FILE).read_text(encoding="utf-8")).get("runtime_cuda")
-        if recorded:
-            return str(recorded)
+    recorded = _recorded_cuda()
+    if recorded:
+        return recorded
     majors = {major for name, major in _needed_cuda(cuda_lib) if name == "cudart"}
     return next(iter(majors), "unknown")
 
